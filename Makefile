@@ -1,0 +1,43 @@
+# mergejax: `make demo` and `make test` work on a fresh machine; each creates
+# .venv and installs the locked versions on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+WORKDIR ?= workdir
+# Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices.
+PYTEST_ARGS ?= -n 2 --durations=15
+
+.PHONY: demo test test-all bench lock clean
+
+$(INSTALLED): requirements/lock.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(INSTALLED)
+	$(PY) -m experiments.demo --workdir=$(WORKDIR)/demo
+
+test: $(INSTALLED)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(INSTALLED)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	@set -e; for b in experiments/benchmarks/*.py; do \
+	  case $$b in */__init__.py) continue;; esac; \
+	  m=$${b%.py}; echo "== $$m"; $(PY) -m $$(echo $$m | tr / .); done
+
+# Re-resolve the newest versions allowed by setup.cfg and write them to the lock.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -e '.[data,plot,test]'
+	{ echo "# Exact versions that \`make\` and CI install (Python 3.11, CPU jax)."; \
+	  echo "# Regenerate: make lock (from the ranges in setup.cfg, all extras but torch)."; \
+	  .venv-lock/bin/pip freeze --all | grep -viE '^(-e|mergejax)' | sort -f; } > requirements/lock.txt
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

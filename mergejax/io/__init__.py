@@ -1,0 +1,6 @@
+"""Reading and writing models: orbax checkpoints (importers join later)."""
+
+from mergejax.io.checkpoint import check_fits
+from mergejax.io.checkpoint import load_metadata
+from mergejax.io.checkpoint import restore
+from mergejax.io.checkpoint import save
