@@ -25,14 +25,16 @@ test: $(INSTALLED)
 test-all: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+BENCHMARKS := $(filter-out %/__init__.py,$(wildcard experiments/benchmarks/*.py))
 bench: $(INSTALLED)
-	@set -e; for b in experiments/benchmarks/*.py; do \
-	  case $$b in */__init__.py) continue;; esac; \
-	  m=$${b%.py}; echo "== $$m"; $(PY) -m $$(echo $$m | tr / .); done
+	@if [ -z "$(BENCHMARKS)" ]; then echo "no benchmarks in experiments/benchmarks/ yet"; fi
+	@set -e; for b in $(BENCHMARKS); do \
+	  m=$$(echo $${b%.py} | tr / .); echo "== $$m"; $(PY) -m $$m; done
 
 # Re-resolve the newest versions allowed by setup.cfg and write them to the lock.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip setuptools wheel
 	.venv-lock/bin/pip install --quiet -e '.[data,plot,test]'
 	{ echo "# Exact versions that \`make\` and CI install (Python 3.11, CPU jax)."; \
 	  echo "# Regenerate: make lock (from the ranges in setup.cfg, all extras but torch)."; \

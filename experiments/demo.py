@@ -1,0 +1,64 @@
+r"""`make demo`: train a pair of models on disjoint label halves and compare.
+
+    python -m experiments.demo --workdir=workdir/demo
+
+Trains (or reuses, from the work directory) two MLPs on digits, model A on
+classes 0-4 and model B on 5-9, then prints per-task and joint accuracy of A,
+B, their ensemble (mean of probabilities) and the naive average of their
+weights, and writes `<workdir>/demo.png` and `<workdir>/results.json`.
+"""
+
+import json
+import pathlib
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import evaluate
+from experiments import plots
+from experiments import train
+import mergejax as mj
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/digits_mlp_pair.py", "Pair config.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where models and results go.")
+
+
+def compare(model, tasks, va, vb) -> dict[str, dict[str, float]]:
+  """Scores of A, B, their ensemble and their weight average on every task."""
+  fa = evaluate.jit_logits(model.apply, va)
+  fb = evaluate.jit_logits(model.apply, vb)
+  average = mj.tree.lerp(va, vb, 0.5)
+  return {
+      "model A": evaluate.score_model(fa, tasks),
+      "model B": evaluate.score_model(fb, tasks),
+      "ensemble": evaluate.score_model(lambda x: evaluate.ensemble_logits([fa(x), fb(x)]), tasks),
+      "average": evaluate.score_model(evaluate.jit_logits(model.apply, average), tasks),
+  }
+
+
+def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
+  workdir = pathlib.Path(workdir)
+  start = time.perf_counter()
+  members, model, (va, vb), _ = train.train_pair(config, workdir)
+  rows = compare(model, [m.task for m in members], va, vb)
+  print(f"\n{config.model.name} on {config.dataset}, split {config.split.kind}"
+        f" ({', '.join(f'{m.name}: {m.task.name}' for m in members)})")
+  print(evaluate.format_table(rows))
+  plot = plots.bar_chart(rows, workdir / "demo.png", f"{config.model.name} on {config.dataset}: per-task accuracy")
+  (workdir / "results.json").write_text(json.dumps(rows, indent=1))
+  print(f"\nwrote {plot} and {workdir / 'results.json'} ({time.perf_counter() - start:.0f} s)")
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

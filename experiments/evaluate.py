@@ -1,0 +1,87 @@
+"""Accuracy of models, ensembles and merges, per task of a split.
+
+A task is scored *task-aware*: the prediction is the argmax over the task's own
+classes, as in the model-merging literature's per-task accuracy for models
+whose head spans every class. `joint` accuracy is the argmax over all classes.
+Inputs are scored in fixed-size chunks; the last chunk is padded and masked, so
+every test set compiles once.
+"""
+
+from collections.abc import Callable, Sequence
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def logits_in_chunks(logits_fn: LogitsFn, x: np.ndarray, chunk: int = 512) -> np.ndarray:
+  """`logits_fn` over x: f32[n, ...] in padded chunks; returns f32[n, classes]."""
+  n = len(x)
+  size = min(chunk, n)
+  out = []
+  for start in range(0, n, size):
+    part = x[start:start + size]
+    pad = size - len(part)
+    if pad:
+      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+    out.append(np.asarray(logits_fn(part))[: size - pad])
+  return np.concatenate(out)
+
+
+def task_accuracy(logits: np.ndarray, y: np.ndarray, classes: Sequence[int] | None) -> float:
+  """Accuracy of logits: f32[n, C] against global labels y: int[n].
+
+  With `classes`, only those logit columns compete (task-aware accuracy).
+  """
+  if classes is None:
+    return float(np.mean(np.argmax(logits, -1) == y))
+  classes = np.asarray(classes)
+  pred = classes[np.argmax(logits[:, classes], -1)]
+  return float(np.mean(pred == y))
+
+
+def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
+  """Log of the mean of the members' softmax probabilities."""
+  probs = np.mean([jax.nn.softmax(z, -1) for z in logits], axis=0)
+  return np.log(np.maximum(probs, 1e-30))
+
+
+def jit_logits(apply_fn: Callable, variables) -> LogitsFn:
+  """`x -> apply_fn(variables, x)` compiled once per input shape (eval mode)."""
+  return jax.jit(functools.partial(apply_fn, variables))
+
+
+def score_model(logits_fn: LogitsFn, tasks) -> dict[str, float]:
+  """Per-task accuracy of one model (or ensemble, or merge) and joint accuracy.
+
+  Args:
+    logits_fn: x -> f32[n, num_classes], over the global label space.
+    tasks: the split's tasks (`mergejax.data.Task`), each with its test set
+      and classes.
+
+  Returns:
+    `{task.name: task-aware accuracy, ..., "joint": accuracy over the tasks'
+    test sets together, with every class competing}`.
+  """
+  out = {}
+  all_logits, all_labels = [], []
+  for task in tasks:
+    logits = logits_in_chunks(logits_fn, task.x_test)
+    out[task.name] = task_accuracy(logits, task.y_test, task.classes)
+    all_logits.append(logits)
+    all_labels.append(task.y_test)
+  out["joint"] = task_accuracy(np.concatenate(all_logits), np.concatenate(all_labels), None)
+  return out
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+  """A text table: one row per method, one column per score, in percent."""
+  columns = list(next(iter(rows.values())))
+  width = max(len(name) for name in rows) + 2
+  lines = ["method".ljust(width) + "".join(f"{c:>10}" for c in columns)]
+  for name, row in rows.items():
+    lines.append(name.ljust(width) + "".join(f"{100 * row[c]:>9.1f}%" for c in columns))
+  return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""Figures of experiment results (matplotlib, headless)."""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+
+def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title: str) -> pathlib.Path:
+  """Grouped bars: one group per score column, one bar per method (row)."""
+  columns = list(next(iter(rows.values())))
+  x = np.arange(len(columns))
+  width = 0.8 / len(rows)
+  fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(columns), 3.6))
+  for i, (name, row) in enumerate(rows.items()):
+    values = [100 * row[c] for c in columns]
+    bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, label=name)
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+  ax.set_xticks(x, columns)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(0, 105)
+  ax.set_title(title)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
