@@ -21,12 +21,6 @@ from experiments import plots
 from experiments import train
 import mergejax as mj
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/digits_mlp_pair.py", "Pair config.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where models and results go.")
-
-
 def compare(model, tasks, va, vb) -> dict[str, dict[str, float]]:
   """Scores of A, B, their ensemble and their weight average on every task."""
   fa = evaluate.jit_logits(model.apply, va)
@@ -57,8 +51,12 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file(
+      "config", "experiments/configs/digits_mlp_pair.py", "Pair config.", lock_config=True
+  )
+  flags.DEFINE_string("workdir", "workdir/demo", "Where models and results go.")
   app.run(main)

@@ -81,7 +81,11 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
   """A text table: one row per method, one column per score, in percent."""
   columns = list(next(iter(rows.values())))
   width = max(len(name) for name in rows) + 2
-  lines = ["method".ljust(width) + "".join(f"{c:>10}" for c in columns)]
+  sizes = [max(9, len(c) + 2) for c in columns]
+  lines = ["method".ljust(width) + "".join(f"{c:>{n}}" for c, n in zip(columns, sizes))]
   for name, row in rows.items():
-    lines.append(name.ljust(width) + "".join(f"{100 * row[c]:>9.1f}%" for c in columns))
+    lines.append(
+        name.ljust(width)
+        + "".join(f"{100 * row[c]:>{n - 1}.1f}%" for c, n in zip(columns, sizes))
+    )
   return "\n".join(lines)

@@ -37,10 +37,6 @@ from mergejax import data
 from mergejax import io
 from mergejax import models
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, models and metrics.")
-
-
 @dataclasses.dataclass(frozen=True)
 class Member:
   """One model of a pair: its name, task and seed."""
@@ -222,11 +218,11 @@ def train_pair(config, workdir: str | pathlib.Path) -> tuple[list[Member], Any, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  train_pair(_CONFIG.value, _WORKDIR.value)
+  train_pair(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, models and metrics.")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
