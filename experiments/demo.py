@@ -21,16 +21,26 @@ from experiments import plots
 from experiments import train
 import mergejax as mj
 
-def compare(model, tasks, va, vb) -> dict[str, dict[str, float]]:
-  """Scores of A, B, their ensemble and their weight average on every task."""
+def compare(model, members, va, vb) -> dict[str, dict[str, float]]:
+  """Scores of A, B, their ensemble and their weight average on every task.
+
+  Columns are named after the member trained on the task (`task a`), and
+  `joint`.
+  """
+  tasks = [m.task for m in members]
+  column = {m.task.name: f"task {m.name}" for m in members}
   fa = evaluate.jit_logits(model.apply, va)
   fb = evaluate.jit_logits(model.apply, vb)
   average = mj.tree.lerp(va, vb, 0.5)
+  logits_fns = {
+      "model A": fa,
+      "model B": fb,
+      "ensemble": lambda x: evaluate.ensemble_logits([fa(x), fb(x)]),
+      "average": evaluate.jit_logits(model.apply, average),
+  }
   return {
-      "model A": evaluate.score_model(fa, tasks),
-      "model B": evaluate.score_model(fb, tasks),
-      "ensemble": evaluate.score_model(lambda x: evaluate.ensemble_logits([fa(x), fb(x)]), tasks),
-      "average": evaluate.score_model(evaluate.jit_logits(model.apply, average), tasks),
+      name: {column.get(k, k): v for k, v in evaluate.score_model(fn, tasks).items()}
+      for name, fn in logits_fns.items()
   }
 
 
@@ -38,7 +48,7 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
   members, model, (va, vb), _ = train.train_pair(config, workdir)
-  rows = compare(model, [m.task for m in members], va, vb)
+  rows = compare(model, members, va, vb)
   print(f"\n{config.model.name} on {config.dataset}, split {config.split.kind}"
         f" ({', '.join(f'{m.name}: {m.task.name}' for m in members)})")
   print(evaluate.format_table(rows))

@@ -14,7 +14,7 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title
   columns = list(next(iter(rows.values())))
   x = np.arange(len(columns))
   width = 0.8 / len(rows)
-  fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(columns), 3.6))
+  fig, ax = plt.subplots(figsize=(2.6 + 1.8 * len(columns), 3.6))
   for i, (name, row) in enumerate(rows.items()):
     values = [100 * row[c] for c in columns]
     bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, label=name)
@@ -23,7 +23,7 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 105)
   ax.set_title(title)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=120)

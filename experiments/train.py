@@ -17,7 +17,6 @@ keys, dataset, split, model config, task count) is checked before any training.
 from collections.abc import Iterator
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from typing import Any
@@ -64,6 +63,11 @@ def prepare(config) -> tuple[list[Member], Any]:
         f"config.members names {len(config.members)} models but split"
         f" {config.split.kind!r} makes {len(tasks)} tasks"
     )
+  if not 0 <= config.warmup_steps < config.num_steps:
+    raise ValueError(f"warmup_steps {config.warmup_steps} not in [0, num_steps={config.num_steps})")
+  smallest = min(len(t.x_train) for t in tasks)
+  if not 1 <= config.batch_size <= smallest:
+    raise ValueError(f"batch_size {config.batch_size} not in [1, {smallest}] (the smallest task)")
   cfg = model_config(config)
   if cfg.get("num_classes", dataset.num_classes) != dataset.num_classes:
     raise ValueError(
@@ -114,10 +118,9 @@ def make_train_step(model, optimizer):
 
 def train_batches(config, task, seed: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """The member's deterministic stream of full batches, from `start_step` on."""
-  epochs = math.ceil(config.num_steps * config.batch_size / len(task.x_train)) + 1
   stream = data.batches(
       task.x_train, task.y_train, batch_size=config.batch_size, seed=seed,
-      epochs=epochs, drop_remainder=True,
+      epochs=None, drop_remainder=True,
   )
   for _ in range(start_step):
     next(stream)

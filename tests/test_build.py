@@ -18,6 +18,7 @@ def _targets() -> dict[str, list[dict]]:
 
   scope = {rule: recorder(rule) for rule in RULES}
   scope["load"] = lambda *args: None
+  scope["package"] = lambda **kwargs: None
   scope["glob"] = lambda *args, **kwargs: (_ for _ in ()).throw(
       AssertionError("list sources explicitly; glob hides missing targets"))
   exec(compile((ROOT / "BUILD").read_text(), "BUILD", "exec"), scope)  # pylint: disable=exec-used

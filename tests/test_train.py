@@ -72,7 +72,7 @@ def test_resumes_from_checkpoint_to_the_same_model(tmp_path, monkeypatch):
 
 
 def test_reuses_a_finished_model(tmp_path, monkeypatch):
-  config = _config(num_steps=20)
+  config = _config(num_steps=20, warmup_steps=5)
   _, _, first, _ = train.train_pair(config, tmp_path)
   monkeypatch.setattr(train, "make_train_step", None)  # training again would fail
   _, _, again, _ = train.train_pair(config, tmp_path)
@@ -85,6 +85,8 @@ def test_reuses_a_finished_model(tmp_path, monkeypatch):
     [
         ({"dataset": "cifar"}, "cifar"),
         ({"members": ("a", "b", "c")}, "3 models but split 'disjoint_labels' makes 2 tasks"),
+        ({"batch_size": 5000}, "batch_size 5000 not in"),
+        ({"warmup_steps": 1000}, "warmup_steps 1000 not in"),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, overrides, message):
