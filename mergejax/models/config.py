@@ -1,0 +1,78 @@
+"""What every zoo model's configuration provides, and the checks they share.
+
+A zoo model is two things: a Flax module whose fields are concrete widths, and
+a frozen config dataclass holding what a user chooses (`features`, `blocks`,
+`num_heads`, ...). The config names the model's permutation groups with their
+original sizes (`groups()`), and makes the module for any widths of those
+groups (`module(widths)`); `mergejax.models.build` puts the two together with a
+`MergeLayout`.
+"""
+
+import abc
+from collections.abc import Mapping, Sequence
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+
+from mergejax.models import heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(abc.ABC):
+  """Base of the zoo's configs; subclasses add fields with defaults.
+
+  Attributes:
+    num_classes: one head (an int) or one head per task (a sequence of ints).
+  """
+
+  name: ClassVar[str]
+  num_classes: int | Sequence[int] = 10
+
+  def __post_init__(self):
+    self._set("num_classes", heads.check_num_classes(self.num_classes))
+
+  def _set(self, field: str, value: Any) -> None:
+    """Stores a normalised field value (the dataclass is frozen)."""
+    object.__setattr__(self, field, value)
+
+  @abc.abstractmethod
+  def groups(self) -> dict[str, int]:
+    """Group name -> original size, in forward order."""
+
+  def fixed_groups(self) -> frozenset[str]:
+    """Groups a merged model must never widen (attention head_dim)."""
+    return frozenset()
+
+  @abc.abstractmethod
+  def module(self, widths: Mapping[str, int]) -> nn.Module:
+    """The model with each group at `widths[group]` units."""
+
+
+def positive_int(field: str, value: Any) -> int:
+  """`value` if it is a positive int, else a ValueError naming `field`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{field} must be a positive int, got {value!r}")
+  return value
+
+
+def positive_ints(field: str, value: Any, length: int | None = None) -> tuple[int, ...]:
+  """A sequence of positive ints as a tuple; with `length`, of that length.
+
+  Raises:
+    ValueError: naming `field`, if `value` is not such a sequence.
+  """
+  if isinstance(value, str) or not isinstance(value, Sequence):
+    raise ValueError(f"{field} must be a sequence of positive ints, got {value!r}")
+  values = tuple(positive_int(f"{field}[{i}]", v) for i, v in enumerate(value))
+  if length is not None and len(values) != length:
+    raise ValueError(f"{field} has {len(values)} entries, expected {length}: {values}")
+  return values
+
+
+def per_layer(field: str, value: Any, depth: int) -> tuple[int, ...]:
+  """One positive int for every layer, or a sequence of `depth` of them."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return (positive_int(field, value),) * depth
+  return positive_ints(field, value, depth)
+

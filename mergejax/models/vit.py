@@ -1,0 +1,142 @@
+"""A small Vision Transformer (Dosovitskiy et al. 2021), pre-LayerNorm.
+
+Non-overlapping patches are embedded by a strided convolution, a class token is
+prepended, learned position embeddings are added, and `depth` encoder blocks
+(LayerNorm, multi-head self-attention, residual; LayerNorm, GELU MLP, residual)
+are followed by a final LayerNorm; the head(s) read the class token. Every
+block has its own head count (`num_heads` may be a per-block sequence) and MLP
+width; all heads have `head_dim` units.
+
+Groups:
+  `embed`: the residual stream (patch embedding, class token, position
+    embeddings, every LayerNorm, attention and MLP input and output);
+  `block{i}.heads`: block i's attention heads, permuted as whole heads;
+  `block{i}.qk_dim`, `block{i}.vo_dim`: the units within each head of the
+    queries and keys, and of the values and the output projection; a merged
+    model never widens these (only head counts grow);
+  `block{i}.mlp`: block i's MLP hidden units.
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mergejax.models import config
+from mergejax.models import heads
+from mergejax.models import layers
+
+
+class EncoderBlock(nn.Module):
+  """x: f32[batch, tokens, embed] -> f32[batch, tokens, embed]."""
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    embed = x.shape[-1]
+    y = nn.LayerNorm(epsilon=1e-6, name="ln_attn")(x)
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=self.num_heads * self.head_dim,
+        out_features=embed, name="attention",
+    )(y)
+    y = nn.LayerNorm(epsilon=1e-6, name="ln_mlp")(x)
+    y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(y), approximate=False)
+    return x + nn.Dense(embed, name="mlp_out")(y)
+
+
+class ViT(nn.Module):
+  """x: f32[batch, h, w, c] -> logits f32[batch, num_classes].
+
+  Attributes:
+    patch_size: side of the square patches; it divides h and w.
+    embed_dim: the residual stream's width.
+    num_heads: each block's head count.
+    head_dim: the units of every head.
+    mlp_dims: each block's MLP hidden width.
+    num_classes: an int (head `head`) or a tuple (heads `head_0`, ...).
+  """
+
+  patch_size: int
+  embed_dim: int
+  num_heads: tuple[int, ...]
+  head_dim: int
+  mlp_dims: tuple[int, ...]
+  num_classes: heads.NumClasses
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    del train  # No dropout: train and eval compute the same function.
+    layers.check_image("vit", x)
+    p = self.patch_size
+    if x.shape[1] % p or x.shape[2] % p:
+      raise ValueError(f"vit: patch_size {p} does not divide the {x.shape[1]}x{x.shape[2]} input")
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
+    x = x.reshape(x.shape[0], -1, self.embed_dim)
+    cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dim))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.embed_dim)), x], axis=1)
+    x = x + self.param(
+        "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], self.embed_dim)
+    )
+    for i, (h, mlp_dim) in enumerate(zip(self.num_heads, self.mlp_dims)):
+      x = EncoderBlock(num_heads=h, head_dim=self.head_dim, mlp_dim=mlp_dim, name=f"block{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
+    return heads.task_heads(x[:, 0], self.num_classes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig(config.ModelConfig):
+  """`models.build("vit", depth=4, num_heads=(4, 4, 2, 2), ...)`.
+
+  Attributes:
+    patch_size: side of the square patches.
+    embed_dim: the residual stream's width.
+    depth: the number of encoder blocks.
+    num_heads: one head count for every block, or one per block.
+    head_dim: the units of every head.
+    mlp_dim: one MLP hidden width for every block, or one per block.
+  """
+
+  name = "vit"
+  patch_size: int = 4
+  embed_dim: int = 64
+  depth: int = 4
+  num_heads: int | Sequence[int] = 4
+  head_dim: int = 16
+  mlp_dim: int | Sequence[int] = 128
+
+  def __post_init__(self):
+    super().__post_init__()
+    for field in ("patch_size", "embed_dim", "depth", "head_dim"):
+      config.positive_int(field, getattr(self, field))
+    self._set("num_heads", config.per_layer("num_heads", self.num_heads, self.depth))
+    self._set("mlp_dim", config.per_layer("mlp_dim", self.mlp_dim, self.depth))
+
+  def groups(self) -> dict[str, int]:
+    out = {"embed": self.embed_dim}
+    for i, (h, mlp_dim) in enumerate(zip(self.num_heads, self.mlp_dim)):
+      out.update({
+          f"block{i}.heads": h,
+          f"block{i}.qk_dim": self.head_dim,
+          f"block{i}.vo_dim": self.head_dim,
+          f"block{i}.mlp": mlp_dim,
+      })
+    return out
+
+  def fixed_groups(self) -> frozenset[str]:
+    return frozenset(g for g in self.groups() if g.endswith(("qk_dim", "vo_dim")))
+
+  def module(self, widths: Mapping[str, int]) -> ViT:
+    blocks = range(self.depth)
+    return ViT(
+        patch_size=self.patch_size,
+        embed_dim=widths["embed"],
+        num_heads=tuple(widths[f"block{i}.heads"] for i in blocks),
+        head_dim=self.head_dim,
+        mlp_dims=tuple(widths[f"block{i}.mlp"] for i in blocks),
+        num_classes=self.num_classes,
+    )
