@@ -175,8 +175,9 @@ def train_member(config, model, member: Member, workdir: pathlib.Path) -> tuple[
           (config.num_steps - step) / rate,
       )
     if step % config.checkpoint_every == 0:
+      # A copy: the save is asynchronous and `losses` keeps growing meanwhile.
       manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), losses=ocp.args.JsonSave(losses)))
+          state=ocp.args.StandardSave(state), losses=ocp.args.JsonSave(list(losses))))
   manager.wait_until_finished()
 
   variables = {k: v for k, v in state.items() if k in ("params", "batch_stats")}

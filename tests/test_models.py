@@ -89,16 +89,16 @@ WIDTH_SETTINGS = [
      _vgg_count(DIGITS, (8, "M", 16), (32,), True)),
     ("vgg", dict(features=(4, 6, "M", 8, "M"), dense=(), batch_norm=False), DIGITS,
      _vgg_count(DIGITS, (4, 6, "M", 8, "M"), (), False)),
-    ("resnet20", dict(width_multiplier=0.25), DIGITS,
-     _resnet_count(DIGITS, (4, 8, 16), (3, 3, 3), "cifar", False)),
+    ("resnet20", dict(width_multiplier=0.25, blocks=(2, 1, 1)), DIGITS,
+     _resnet_count(DIGITS, (4, 8, 16), (2, 1, 1), "cifar", False)),
     ("resnet20", dict(stage_widths=(4, 6), blocks=(1, 2)), DIGITS,
      _resnet_count(DIGITS, (4, 6), (1, 2), "cifar", False)),
-    ("resnet18", dict(stage_widths=(4, 8, 8, 8), num_classes=10), RGB,
-     _resnet_count(RGB, (4, 8, 8, 8), (2, 2, 2, 2), "imagenet", False)),
+    ("resnet18", dict(stage_widths=(4, 8, 8, 8), blocks=(2, 1, 1, 1), num_classes=10), RGB,
+     _resnet_count(RGB, (4, 8, 8, 8), (2, 1, 1, 1), "imagenet", False)),
     ("resnet18", dict(stage_widths=(4, 6), blocks=(1, 1), num_classes=10), RGB,
      _resnet_count(RGB, (4, 6), (1, 1), "imagenet", False)),
-    ("resnet50", dict(width_multiplier=1 / 32, num_classes=10), RGB,
-     _resnet_count(RGB, (2, 4, 8, 16), (3, 4, 6, 3), "imagenet", True)),
+    ("resnet50", dict(width_multiplier=1 / 32, blocks=(1, 2, 1, 1), num_classes=10), RGB,
+     _resnet_count(RGB, (2, 4, 8, 16), (1, 2, 1, 1), "imagenet", True)),
     ("resnet50", dict(stage_widths=(4, 4), blocks=(1, 2), num_classes=10), RGB,
      _resnet_count(RGB, (4, 4), (1, 2), "imagenet", True)),
     ("vit", dict(patch_size=2, embed_dim=16, depth=2, num_heads=2, head_dim=4, mlp_dim=32),
@@ -112,8 +112,26 @@ BATCH_NORM = {"vgg", "resnet20", "resnet18", "resnet50"}
 
 
 def _init(model, input_shape, batch=2, seed=0):
-  x = jax.random.normal(jax.random.key(seed + 1), (batch, *input_shape))
-  return jax.jit(model.init)(jax.random.key(seed), x), x
+  """Random variables of `model`'s shapes, and a batch of inputs.
+
+  NumPy fills the leaves (scaled by fan-in; BatchNorm statistics at mean 0,
+  variance 1): `model.init` compiles its random initialisers, which would
+  dominate these tests' time without testing the zoo.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), x)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if name == "['var']":
+      return np.ones(leaf.shape, np.float32)
+    if name == "['mean']":
+      return np.zeros(leaf.shape, np.float32)
+    fan_in = math.prod(leaf.shape[:-1]) or 1
+    return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes), x
 
 
 @pytest.mark.parametrize("name,config,input_shape,expected", WIDTH_SETTINGS)
@@ -134,7 +152,7 @@ def test_forward_backward_and_parameter_count(name, config, input_shape, expecte
 
   value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
   assert np.isfinite(value)
-  logits = model.apply(variables, x)
+  logits = jax.jit(model.apply)(variables, x)
   assert logits.shape == (4, config.get("num_classes", 10))
   # Every parameter takes part in the function: none has an all-zero gradient.
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -243,9 +261,8 @@ def test_identity_layout_is_the_original_model(name):
   original = models.build(name, **config)
   assert models.build(name, identity, **config) == original
   variables, x = _init(original, input_shape)
-  np.testing.assert_array_equal(
-      models.build(name, identity, **config).apply(variables, x), original.apply(variables, x)
-  )
+  rebuilt = models.build(name, identity, **config)
+  np.testing.assert_array_equal(jax.jit(rebuilt.apply)(variables, x), jax.jit(original.apply)(variables, x))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -253,7 +270,7 @@ def test_one_head_per_task(name):
   config, input_shape = SMALL[name]
   model = models.build(name, **{**config, "num_classes": (3, 4, 2)})
   variables, x = _init(model, input_shape, batch=5)
-  outputs = model.apply(variables, x)
+  outputs = jax.jit(model.apply)(variables, x)
   assert isinstance(outputs, tuple)
   assert [o.shape for o in outputs] == [(5, 3), (5, 4), (5, 2)]
   assert {"head_0", "head_1", "head_2"} <= set(variables["params"])
@@ -263,7 +280,7 @@ def test_one_head_per_task(name):
   params = {k: v for k, v in variables["params"].items() if not k.startswith("head_")}
   params["head"] = variables["params"]["head_1"]
   np.testing.assert_allclose(
-      single.apply({**variables, "params": params}, x), outputs[1], rtol=1e-6, atol=1e-6
+      jax.jit(single.apply)({**variables, "params": params}, x), outputs[1], rtol=1e-6, atol=1e-6
   )
 
 
@@ -271,19 +288,21 @@ def test_one_head_per_task(name):
 def test_batch_stats_update_in_training_and_serve_in_eval(name):
   config, input_shape = SMALL[name]
   model = models.build(name, **config)
-  variables, x = _init(model, input_shape, batch=8)
+  x = np.random.default_rng(0).standard_normal((8, *input_shape), dtype=np.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   stats = variables["batch_stats"]
   means = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats)
            if jax.tree_util.keystr(path).endswith("['mean']")]
   assert means and all(np.all(m == 0) for m in means)
-  _, updates = model.apply(variables, x + 3.0, train=True, mutable=["batch_stats"])
+  train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  _, updates = train(variables, x + 3.0)
   assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(stats)
   for before, after in zip(jax.tree.leaves(stats), jax.tree.leaves(updates["batch_stats"])):
     assert not np.allclose(before, after)
   # Eval mode uses the running statistics: an example's output does not
   # depend on the rest of its batch.
-  full = model.apply(variables, x)
-  np.testing.assert_allclose(model.apply(variables, x[:1]), full[:1], rtol=1e-5, atol=1e-5)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(variables, x[:1]), apply(variables, x)[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_models_without_batch_norm_have_no_batch_stats():

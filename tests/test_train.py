@@ -32,7 +32,7 @@ def test_mlp_on_digits_half_reaches_95_percent_and_loss_decreases(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
   # Different seeds and tasks give different models.
   assert not np.allclose(
-      variables[0]["params"]["Dense_0"]["kernel"], variables[1]["params"]["Dense_0"]["kernel"]
+      variables[0]["params"]["hidden_0"]["kernel"], variables[1]["params"]["hidden_0"]["kernel"]
   )
   # Outputs on disk: a restorable model with metadata, and metrics.
   meta = mj.io.load_metadata(tmp_path / "a" / "model")
