@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import evaluate
+from experiments import logs
 from experiments import plots
 from experiments import train
 import mergejax as mj
@@ -61,6 +62,7 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

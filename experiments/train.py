@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import evaluate
+from experiments import logs
 from mergejax import data
 from mergejax import io
 from mergejax import models
@@ -222,6 +223,7 @@ def train_pair(config, workdir: str | pathlib.Path) -> tuple[list[Member], Any, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
   train_pair(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
