@@ -113,3 +113,18 @@ def test_unknown_config_key_on_the_command_line_is_an_error(tmp_path):
   assert result.returncode != 0
   assert "learnig_rate" in result.stderr
   assert not (tmp_path / "work").exists()
+
+
+def test_trains_a_batch_norm_model_and_keeps_its_statistics(tmp_path):
+  config = _config(num_steps=12, warmup_steps=2, log_every=4, checkpoint_every=100)
+  config.model.name = "resnet20"
+  config.model.config = {"stage_widths": (4, 4, 4), "blocks": (1, 1, 1)}
+  members, model, variables, _ = train.train_pair(config, tmp_path)
+  initial = train.init_variables(model, members[0].seed, members[0].task.x_train)
+  trained = variables[0]["batch_stats"]
+  assert jax.tree.structure(trained) == jax.tree.structure(initial["batch_stats"])
+  for before, after in zip(jax.tree.leaves(initial["batch_stats"]), jax.tree.leaves(trained)):
+    assert not np.allclose(before, after)  # running statistics were updated
+  restored = mj.io.restore(tmp_path / "a" / "model", like=variables[0])
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(variables[0])):
+    np.testing.assert_array_equal(x, y)

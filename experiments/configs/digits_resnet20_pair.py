@@ -10,5 +10,5 @@ from experiments.configs import common
 def get_config():
   return common.pair_config(
       dataset="digits", split="disjoint_labels", model="resnet20",
-      model_config={"width_multiplier": 2}, num_steps=1500,
+      model_config={"width_multiplier": 2}, num_steps=500,
   )

@@ -19,3 +19,15 @@ def check_image(model: str, x: jax.Array) -> None:
     raise ValueError(
         f"{model} expects images f32[batch, height, width, channels], got shape {x.shape}"
     )
+
+
+def flatten_dense_relu(x: jax.Array, widths: tuple[int, ...], prefix: str) -> jax.Array:
+  """Flattens `x: f32[batch, ...]`, then Dense + ReLU layers `{prefix}_{i}`.
+
+  Returns:
+    f32[batch, widths[-1]] (or the flattened input when `widths` is empty).
+  """
+  x = x.reshape(x.shape[0], -1)
+  for i, width in enumerate(widths):
+    x = nn.relu(nn.Dense(width, name=f"{prefix}_{i}")(x))
+  return x

@@ -11,6 +11,7 @@ import jax
 
 from mergejax.models import config
 from mergejax.models import heads
+from mergejax.models import layers
 
 
 class MLP(nn.Module):
@@ -27,9 +28,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
     del train  # No layer behaves differently in training.
-    x = x.reshape(x.shape[0], -1)
-    for i, width in enumerate(self.features):
-      x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
+    x = layers.flatten_dense_relu(x, self.features, "hidden")
     return heads.task_heads(x, self.num_classes)
 
 

@@ -57,9 +57,7 @@ class VGG(nn.Module):
         x = layers.batch_norm(train, f"bn_{conv}")(x)
       x = nn.relu(x)
       conv += 1
-    x = x.reshape(x.shape[0], -1)
-    for i, width in enumerate(self.dense):
-      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+    x = layers.flatten_dense_relu(x, self.dense, "dense")
     return heads.task_heads(x, self.num_classes)
 
 
