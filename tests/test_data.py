@@ -457,3 +457,15 @@ def test_batches_reject_bad_arguments_at_the_call(kwargs, match):
   args = {"x": np.arange(10), "y": np.arange(10), "batch_size": 4, **kwargs}
   with pytest.raises(ValueError, match=match):
     data.batches(**args)  # No iteration: the call itself raises.
+
+
+def test_replicas_are_the_whole_dataset():
+  ds = data.load("gaussian_mixture")
+  tasks = data.split(ds, "replicas", count=3)
+  assert [t.name for t in tasks] == [f"{ds.name}/replicas/{i}" for i in range(3)]
+  for t in tasks:
+    np.testing.assert_array_equal(t.x_train, ds.x_train)
+    np.testing.assert_array_equal(t.y_test, ds.y_test)
+    assert t.classes == tuple(range(ds.num_classes))
+  with pytest.raises(ValueError, match="count must be a positive int"):
+    data.split(ds, "replicas", count=0)

@@ -13,9 +13,11 @@ Kinds, as in the model-merging literature:
 - `"domains"`: disjoint random parts of the train set, one per transform (see
   `transforms`), each transformed with a copy of the whole test set: one label
   space seen through different domains.
+- `"replicas"`: `count` copies of the whole dataset, for models that differ
+  only in their seed (Git Re-Basin's setting).
 
 Labels stay global (`Task.local` maps them to a task's own `0..k-1`). Train
-sets of the tasks of one split never share an example. A split is
+sets of the tasks of one split never share an example, except for replicas. A split is
 deterministic given its seed; options are checked before any work.
 """
 
@@ -125,7 +127,21 @@ def domains(
   return tuple(tasks)
 
 
-SPLITS = {"disjoint_labels": disjoint_labels, "imbalanced": imbalanced, "domains": domains}
+def replicas(ds: Dataset, *, count: int = 2) -> tuple[Task, ...]:
+  """`count` tasks that are each the whole dataset, named `f"{ds.name}/replicas/{i}"`."""
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise ValueError(f"replicas: count must be a positive int, got {count!r}")
+  everything = np.ones(len(ds.y_train), bool), np.ones(len(ds.y_test), bool)
+  return tuple(
+      _task(ds, f"{ds.name}/replicas/{i}", *everything, tuple(range(ds.num_classes)))
+      for i in range(count)
+  )
+
+
+SPLITS = {
+    "disjoint_labels": disjoint_labels, "imbalanced": imbalanced, "domains": domains,
+    "replicas": replicas,
+}
 
 
 def split(ds: Dataset, kind: str, *, seed: int = 0, **options: Any) -> tuple[Task, ...]:
@@ -133,7 +149,7 @@ def split(ds: Dataset, kind: str, *, seed: int = 0, **options: Any) -> tuple[Tas
 
   Args:
     ds: the dataset.
-    kind: `"disjoint_labels"`, `"imbalanced"` or `"domains"`.
+    kind: `"disjoint_labels"`, `"imbalanced"`, `"domains"` or `"replicas"`.
     seed: the split's seed (unused by `"disjoint_labels"`, which draws nothing).
     **options: the kind's options: `classes` (disjoint_labels), `p`
       (imbalanced), `transforms` (domains).
