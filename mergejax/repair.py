@@ -1,0 +1,207 @@
+"""Repairing merged models' statistics: batch-norm reset and REPAIR.
+
+An average of two aligned networks has units whose statistics collapse
+(variance shrinks); Jordan et al. 2023 ("REPAIR") restore them.
+
+    merged = mj.repair.reset_batch_norm(train_apply, merged, batches)
+    merged = mj.repair.repair(spec, model.apply, va, vb_aligned, merged, batches)
+
+`reset_batch_norm` recomputes BatchNorm running statistics as exact averages
+over the data; `repair` is for networks without BatchNorm: every unit a kernel
+writes (a Dense or convolution output in a permutation group) is rescaled so
+its mean and standard deviation on the data are the interpolation of the
+originals' ones.
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import spec as spec_lib
+from mergejax import trace
+from mergejax import tree
+
+PyTree = Any
+
+
+def _inputs(batches) -> Iterable[Any]:
+  for batch in (batches() if callable(batches) else batches):
+    yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def reset_batch_norm(
+    train_apply: Callable[[PyTree, Any], tuple[Any, dict]],
+    variables: PyTree,
+    batches: Iterable[Any],
+) -> PyTree:
+  """BatchNorm running statistics recomputed as exact averages over `batches`.
+
+  Works with any running-average update `new = m * old + (1 - m) * batch` (Flax
+  linen's BatchNorm): each batch's own statistics are recovered exactly from
+  two calls, with the old statistics at 0 and at 1. Means are averaged over
+  the batches weighted by size; a `var` beside a `mean` is combined with the
+  spread of the batch means (Chan), so the result is the variance over all the
+  data as BatchNorm computes it (biased).
+
+  Args:
+    train_apply: `(variables, x) -> (out, {"batch_stats": new})`, e.g.
+      `lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])`.
+    variables: with a `batch_stats` collection.
+    batches: inputs (DESIGN.md, batches); a ragged last batch costs one
+      compilation (its statistics cannot be masked).
+
+  Returns:
+    `variables` with `batch_stats` replaced.
+  """
+  if "batch_stats" not in variables:
+    raise ValueError("reset_batch_norm: variables have no batch_stats collection")
+
+  @jax.jit
+  def batch_statistics(variables, x):
+    stats = variables["batch_stats"]
+    at = lambda c: train_apply({**variables, "batch_stats": jax.tree.map(lambda s: jnp.full_like(s, c), stats)}, x)[1]["batch_stats"]
+    new0, new1 = at(0.0), at(1.0)
+    momentum = jax.tree.map(lambda a, b: b - a, new0, new1)
+    return jax.tree.map(lambda n0, m: n0 / jnp.maximum(1 - m, 1e-12), new0, momentum)
+
+  count, sums = 0, None
+  for x in _inputs(batches):
+    n = x.shape[0]
+    s = batch_statistics(variables, x)
+    weighted = _with_squared_means(s, n)
+    sums = weighted if sums is None else jax.tree.map(jnp.add, sums, weighted)
+    count += n
+  if sums is None:
+    raise ValueError("reset_batch_norm: batches is empty")
+  return {**variables, "batch_stats": _from_squared_means(jax.tree.map(lambda s: s / count, sums))}
+
+
+def _with_squared_means(stats: dict, n: int) -> dict:
+  """Per BatchNorm: n * mean, and n * (var + mean^2) for its var."""
+  if "mean" in stats and "var" in stats and not isinstance(stats["mean"], dict):
+    return {**{k: n * v for k, v in stats.items()}, "var": n * (stats["var"] + stats["mean"] ** 2)}
+  return {k: _with_squared_means(v, n) if isinstance(v, dict) else n * v for k, v in stats.items()}
+
+
+def _from_squared_means(stats: dict) -> dict:
+  if "mean" in stats and "var" in stats and not isinstance(stats["mean"], dict):
+    return {**stats, "var": jnp.maximum(stats["var"] - stats["mean"] ** 2, 0.0)}
+  return {k: _from_squared_means(v) if isinstance(v, dict) else v for k, v in stats.items()}
+
+
+def repair(
+    spec: spec_lib.PermutationSpec,
+    apply_fn: Callable[[PyTree, Any], Any],
+    va: PyTree,
+    vb: PyTree,
+    merged: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    t: float = 0.5,
+    eps: float = 1e-5,
+) -> PyTree:
+  """REPAIR (Jordan et al. 2023) for networks without BatchNorm.
+
+  For each kernel whose single output axis is a permutation group (a Dense or
+  convolution writing hidden units), in forward order: measure each output
+  unit's mean and standard deviation (kernel output plus its sibling `bias`)
+  on the data in model A, model B (aligned to A) and the merged model, then
+  scale the kernel's output units by `sigma_target / sigma_merged` and set the
+  bias so the mean is `mu_target`, where target = (1 - t) A + t B. Later
+  layers are measured after earlier ones are repaired (one pass per layer).
+
+  Args:
+    spec: the permutation groups of the architecture.
+    apply_fn: `apply_fn(variables, x)` in eval mode.
+    va: model A's variables.
+    vb: model B's variables, aligned to A.
+    merged: the merged variables, e.g. `tree.lerp(va, vb, t)`.
+    batches: inputs; a callable returning a fresh iterator (several passes).
+    t: the interpolation weight of B.
+    eps: added to variances.
+
+  Returns:
+    The repaired merged variables.
+  """
+  tree.check_same_shapes(va, vb)
+  tree.check_same_shapes(va, merged)
+  if not callable(batches):
+    batches = list(batches)
+  written = {(r.path, r.axis) for refs in spec.groups.values() for r in refs if r.factor is None}
+  targets = {}
+  uses = _uses_in_order(apply_fn, va, next(iter(_inputs(batches))))
+  layers = [(path, out_axis, k_axis) for path, (out_axis, k_axis) in uses if (path, k_axis) in written]
+  stats_a = _unit_stats(apply_fn, va, batches, layers, eps)
+  stats_b = _unit_stats(apply_fn, vb, batches, layers, eps)
+  for i, layer in enumerate(layers):
+    (ma, sa), (mb, sb) = stats_a[i], stats_b[i]
+    targets[layer] = ((1 - t) * ma + t * mb, (1 - t) * sa + t * sb)
+  for i, layer in enumerate(layers):
+    mean, std = _unit_stats(apply_fn, merged, batches, [layer], eps)[0]
+    merged = _rescale(merged, layer, mean, std, *targets[layer])
+  return merged
+
+
+def _uses_in_order(apply_fn, variables, x) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
+  """Kernels used once with one produced axis: (path, (output axis, kernel axis))."""
+  found = {}
+
+  def probe(v, x):
+    found.update(trace.kernel_uses(apply_fn)(v, x)[1])
+    return 0
+
+  jax.eval_shape(probe, variables, x)
+  return [(path, uses[0].output_axes[0]) for path, uses in found.items()
+          if len(uses) == 1 and len(uses[0].output_axes) == 1]
+
+
+def _unit_stats(apply_fn, variables, batches, layers, eps) -> list[tuple[jax.Array, jax.Array]]:
+  """Per layer: mean and std of each output unit (bias included) over the data."""
+
+  @jax.jit
+  def sums(variables, x):
+    _, uses = trace.kernel_uses(apply_fn)(variables, x)
+    out = []
+    leaves = _by_path(variables)
+    for path, out_axis, _ in layers:
+      y = jnp.moveaxis(uses[path][0].output, out_axis, -1)
+      bias = leaves.get(path[:-1] + ("bias",))
+      y = y + bias if bias is not None and bias.shape == y.shape[-1:] else y
+      y = y.reshape(-1, y.shape[-1])
+      out.append((y.shape[0], y.sum(0), (y * y).sum(0)))
+    return out
+
+  totals = None
+  for x in _inputs(batches):
+    s = sums(variables, x)
+    totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
+  result = []
+  for n, s1, s2 in totals:
+    mean = s1 / n
+    result.append((mean, jnp.sqrt(jnp.maximum(s2 / n - mean**2, 0.0) + eps)))
+  return result
+
+
+def _by_path(variables) -> dict:
+  return {tuple(tree.key_name(k) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+
+
+def _rescale(variables, layer, mean, std, target_mean, target_std):
+  path, _, k_axis = layer
+  scale = target_std / std
+  leaves = _by_path(variables)
+  kernel = leaves[path]
+  shape = [1] * kernel.ndim
+  shape[k_axis] = -1
+  updates = {path: kernel * scale.reshape(shape)}
+  bias_path = path[:-1] + ("bias",)
+  if bias_path in leaves:
+    updates[bias_path] = (leaves[bias_path] - mean) * scale + target_mean
+  elif not np.allclose(np.asarray(mean * scale), np.asarray(target_mean), atol=1e-3):
+    raise ValueError(f"repair: {tree.path_str(path)} has no sibling bias to restore its mean")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  return jax.tree_util.tree_unflatten(
+      treedef, [updates.get(tuple(tree.key_name(k) for k in p), v) for p, v in flat])

@@ -1,0 +1,67 @@
+"""Tests for mergejax.repair: batch-norm reset and REPAIR against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mergejax import models
+from mergejax import repair
+from mergejax import trace
+from mergejax import tree
+from test_models import _init
+
+
+def test_reset_batch_norm_gives_the_statistics_of_all_the_data():
+  model = models.build("vgg", features=(3,), dense=(), num_classes=2)
+  variables, _ = _init(model, (4, 4, 2))
+  rng = np.random.default_rng(0)
+  batches = [rng.standard_normal((n, 4, 4, 2)).astype(np.float32) + 2 for n in (8, 8, 5)]
+
+  def train_apply(v, x):
+    return model.apply(v, x, train=True, mutable=["batch_stats"])
+
+  reset = repair.reset_batch_norm(train_apply, variables, batches)
+  x = np.concatenate(batches)
+  kernel = np.asarray(variables["params"]["conv_0"]["kernel"])
+  conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = np.asarray(conv, np.float64).reshape(-1, 3)
+  np.testing.assert_allclose(reset["batch_stats"]["bn_0"]["mean"], conv.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(reset["batch_stats"]["bn_0"]["var"], conv.var(0), rtol=1e-4, atol=1e-5)
+  assert jax.tree.structure(reset) == jax.tree.structure(variables)
+  with pytest.raises(ValueError, match="no batch_stats"):
+    repair.reset_batch_norm(train_apply, {"params": variables["params"]}, batches)
+
+
+def _unit_moments(model, variables, x, layer):
+  _, uses = trace.kernel_uses(model.apply)(variables, x)
+  p = variables["params"][layer]
+  y = np.asarray(uses[("params", layer, "kernel")][0].output) + np.asarray(p["bias"])
+  return y.mean(0), y.std(0)
+
+
+def test_repair_restores_interpolated_unit_statistics():
+  model = models.build("mlp", features=(6, 5), num_classes=3)
+  va, x = _init(model, (4,), batch=64, seed=0)
+  vb, _ = _init(model, (4,), batch=64, seed=1)
+  spec = trace.permutation_spec(model.apply, va, x)
+  merged = tree.lerp(va, vb, 0.3)
+  fixed = repair.repair(spec, model.apply, va, vb, merged, [x], t=0.3)
+  for layer in ("hidden_0", "hidden_1"):
+    ma, sa = _unit_moments(model, va, x, layer)
+    mb, sb = _unit_moments(model, vb, x, layer)
+    m, s = _unit_moments(model, fixed, x, layer)
+    np.testing.assert_allclose(m, 0.7 * ma + 0.3 * mb, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(s, 0.7 * sa + 0.3 * sb, rtol=1e-3, atol=1e-3)
+  # The head is an output, not a group: left alone.
+  np.testing.assert_array_equal(fixed["params"]["head"]["kernel"], merged["params"]["head"]["kernel"])
+
+
+def test_repair_of_a_model_with_itself_changes_nothing():
+  model = models.build("mlp", features=(6,), num_classes=3)
+  va, x = _init(model, (4,), batch=32)
+  spec = trace.permutation_spec(model.apply, va, x)
+  fixed = repair.repair(spec, model.apply, va, va, va, [x])
+  for a, b in zip(jax.tree.leaves(fixed), jax.tree.leaves(va)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
