@@ -31,7 +31,7 @@ AxisRef's path and axis, in the variables' flattening order.
 
 from collections.abc import Callable, Sequence
 import math
-from typing import Any
+from typing import Any, NamedTuple
 import warnings
 
 import jax
@@ -506,23 +506,73 @@ def capture(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple
   """
 
   def captured(variables: PyTree, *args: Any):
-    closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *args)
-    leaves = jax.tree.leaves(variables)
-    provenance = _paths(variables) + [None] * len(jax.tree.leaves(args))
-    feats: dict[tuple[str, ...], list] = {}
-    outs = _evaluate(closed.jaxpr, closed.consts, leaves + jax.tree.leaves(args), provenance, feats)
-    inputs = {k: v[0] if len(v) == 1 else tuple(v) for k, v in feats.items()}
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), inputs
+    out, uses = kernel_uses(apply_fn)(variables, *args)
+    feats = {k: v[0].input if len(v) == 1 else tuple(u.input for u in v) for k, v in uses.items()}
+    return out, feats
 
   return captured
 
 
+class KernelUse(NamedTuple):
+  """One use of a kernel: what it read and produced, and how its axes met them.
+
+  Attributes:
+    input: the other operand (the layer's input).
+    output: the operation's result.
+    input_axes: `(input axis, kernel axis)` pairs that were contracted.
+    output_axes: `(output axis, kernel axis)` pairs the kernel's free axes
+      became.
+  """
+
+  input: Any
+  output: Any
+  input_axes: tuple[tuple[int, int], ...]
+  output_axes: tuple[tuple[int, int], ...]
+
+
+def kernel_uses(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]]]]:
+  """Like `capture`, with every use of a kernel and the axes it contracted.
+
+  Returns:
+    `(variables, *args) -> (out, uses)`, `uses[path]` a list of KernelUse in
+    call order; the axis pairs are static Python ints.
+  """
+
+  def run(variables: PyTree, *args: Any):
+    closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *args)
+    provenance = _paths(variables) + [None] * len(jax.tree.leaves(args))
+    uses: dict[tuple[str, ...], list[KernelUse]] = {}
+    values = jax.tree.leaves(variables) + jax.tree.leaves(args)
+    outs = _evaluate(closed.jaxpr, closed.consts, values, provenance, uses)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), uses
+
+  return run
+
+
 _PASS_THROUGH = frozenset(["convert_element_type", "copy", "copy_p"])
-_KERNEL_OPS = frozenset(["dot_general", "conv_general_dilated"])
 
 
-def _evaluate(jaxpr, consts, args, provenance, feats) -> list:
-  """Evaluates a jaxpr, recording kernels' inputs; recurses into calls."""
+def _kernel_axes(eqn, kernel_is_lhs: bool) -> tuple[tuple, tuple]:
+  """(input axis, kernel axis) contracted and (output axis, kernel axis) pairs."""
+  p = eqn.params
+  if eqn.primitive.name == "conv_general_dilated":
+    dn = p["dimension_numbers"]
+    return ((dn.lhs_spec[1], dn.rhs_spec[1]),), ((dn.out_spec[1], dn.rhs_spec[0]),)
+  (lc, rc), (lb, rb) = p["dimension_numbers"]
+  ranks = [len(v.aval.shape) for v in eqn.invars]
+  lhs_free = [d for d in range(ranks[0]) if d not in lc and d not in lb]
+  rhs_free = [d for d in range(ranks[1]) if d not in rc and d not in rb]
+  if kernel_is_lhs:
+    contracted = tuple(zip(rc, lc))
+    out = tuple((len(lb) + i, d) for i, d in enumerate(lhs_free))
+  else:
+    contracted = tuple(zip(lc, rc))
+    out = tuple((len(lb) + len(lhs_free) + i, d) for i, d in enumerate(rhs_free))
+  return contracted, out
+
+
+def _evaluate(jaxpr, consts, args, provenance, uses) -> list:
+  """Evaluates a jaxpr, recording kernels' uses; recurses into calls."""
   env, origin = {}, {}
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
@@ -539,15 +589,18 @@ def _evaluate(jaxpr, consts, args, provenance, feats) -> list:
       inner = eqn.params[CALLS[name]]
       inner_jaxpr = getattr(inner, "jaxpr", inner)
       n = len(inner_jaxpr.invars)
-      outs = _evaluate(inner_jaxpr, getattr(inner, "consts", []), values[-n:], sources[-n:], feats)
+      outs = _evaluate(inner_jaxpr, getattr(inner, "consts", []), values[-n:], sources[-n:], uses)
     else:
-      if name in _KERNEL_OPS:
-        kernel, data = (sources[1], values[0]) if sources[1] and not sources[0] else (sources[0], values[1])
-        if kernel is not None and not (sources[0] and sources[1]):
-          feats.setdefault(kernel, []).append(data)
       with eqn.ctx.manager:
         outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
       outs = outs if eqn.primitive.multiple_results else [outs]
+      kernel_is_lhs = name == "dot_general" and bool(sources[0])
+      if (name == "dot_general" and bool(sources[0]) != bool(sources[1])) or (
+          name == "conv_general_dilated" and sources[1] and not sources[0]):
+        contracted, produced = _kernel_axes(eqn, kernel_is_lhs)
+        kernel = sources[0] if kernel_is_lhs else sources[1]
+        data = values[1] if kernel_is_lhs else values[0]
+        uses.setdefault(kernel, []).append(KernelUse(data, outs[0], contracted, produced))
       if name in _PASS_THROUGH and sources[0]:
         origin[eqn.outvars[0]] = sources[0]
     env.update(zip(eqn.outvars, outs))
