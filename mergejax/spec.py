@@ -20,6 +20,11 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+import jax
+import numpy as np
+
+from mergejax import tree
+
 
 class AxisRef(NamedTuple):
   """One axis of one variable, as a member of a permutation group.
@@ -59,9 +64,107 @@ class PermutationSpec:
     object.__setattr__(
         self,
         "groups",
-        {g: tuple(AxisRef(tuple(r[0]), int(r[1]), *r[2:]) for r in refs)
+        {g: tuple(_canonical(AxisRef(tuple(r[0]), int(r[1]), *r[2:])) for r in refs)
          for g, refs in self.groups.items()},
     )
+    object.__setattr__(self, "sizes", dict(self.sizes))
+
+  def to_json(self) -> dict[str, Any]:
+    """`{"groups": {name: [[path, axis, factor], ...]}, "sizes": {name: n}}`."""
+    return {
+        "groups": {g: [[list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
+                       for r in refs] for g, refs in self.groups.items()},
+        "sizes": dict(self.sizes),
+    }
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> "PermutationSpec":
+    groups = {
+        g: [AxisRef(tuple(path), axis, None if f is None else (tuple(f[0]), f[1])) for path, axis, f in refs]
+        for g, refs in data["groups"].items()
+    }
+    return cls(groups, {g: int(n) for g, n in data["sizes"].items()})
+
+
+def _canonical(ref: AxisRef) -> AxisRef:
+  """The factor as `(outer, n, inner)` without 1s; None when it is the whole axis.
+
+  So `((4, 4, 32), 2)` becomes `((16, 32), 1)` and `((1, 8), 1)` becomes None:
+  specs written by hand and traced compare equal.
+  """
+  if ref.factor is None:
+    return ref
+  shape, index = tuple(int(d) for d in ref.factor[0]), int(ref.factor[1])
+  if not 0 <= index < len(shape):
+    raise ValueError(f"{'/'.join(ref.path)} axis {ref.axis}: factor index {index} outside {shape}")
+  outer, n, inner = math.prod(shape[:index]), shape[index], math.prod(shape[index + 1:])
+  if outer == 1 and inner == 1:
+    return AxisRef(ref.path, ref.axis, None)
+  view = tuple(d for d in (outer, n, inner) if d != 1)
+  return AxisRef(ref.path, ref.axis, (view, 0 if outer == 1 else 1))
+
+
+def _claim(ref: AxisRef, size: int) -> tuple[int, int, int]:
+  """The units `ref` permutes as (outer, n, inner) of its axis of `size`."""
+  if ref.factor is None:
+    return (1, size, 1)
+  view, index = ref.factor
+  outer = math.prod(view[:index])
+  return (outer, view[index], size // (outer * view[index]))
+
+
+def check_spec(spec: PermutationSpec, variables: Any) -> None:
+  """Raises ValueError unless `spec` fits `variables`.
+
+  Every AxisRef names an existing leaf and axis of the right size (a factored
+  one: a view whose product is the axis size and whose component has the
+  group's size), and no axis (or component of one) is claimed twice.
+  """
+  shapes = {
+      tuple(tree.key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+  }
+  claims: dict[tuple[tuple[str, ...], int], list[tuple[str, tuple[int, int, int]]]] = {}
+  for g, refs in spec.groups.items():
+    n = spec.sizes[g]
+    for ref in refs:
+      where = f"{'/'.join(ref.path)} axis {ref.axis}"
+      if ref.path not in shapes:
+        raise ValueError(f"group {g!r}: no variable {'/'.join(ref.path)}")
+      shape = shapes[ref.path]
+      if not 0 <= ref.axis < len(shape):
+        raise ValueError(f"group {g!r}: {where} out of range for shape {shape}")
+      size = shape[ref.axis]
+      if ref.factor is None and size != n:
+        raise ValueError(f"{where}: size {size}, group {g!r} has {n}")
+      if ref.factor is not None:
+        view, index = ref.factor
+        if math.prod(view) != size or view[index] != n:
+          raise ValueError(f"{where}: factor {ref.factor} does not view size {size} with {n} units of group {g!r}")
+      claim = _claim(ref, size)
+      for other, seen in claims.get((ref.path, ref.axis), []):
+        if not _compatible(claim, seen):
+          raise ValueError(f"{where} is claimed by groups {other!r} and {g!r}")
+      claims.setdefault((ref.path, ref.axis), []).append((g, claim))
+
+
+def _compatible(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+  """Two claims on one axis permute disjoint, nested components of it."""
+  (oa, na, ia), (ob, nb, ib) = a, b
+  if (oa, na, ia) == (ob, nb, ib):
+    return False
+  # a's block (na * ia) ends where b's component starts, or the reverse.
+  return ia == nb * ib or ib == na * ia
+
+
+def permutation_to_json(perm: Mapping[str, Any]) -> dict[str, list[int]]:
+  """`{group: [ints]}`, in the permutation's group order."""
+  return {g: [int(i) for i in np.asarray(p)] for g, p in perm.items()}
+
+
+def permutation_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `permutation_to_json`: `{group: int32[n]}`."""
+  return {g: np.asarray(p, np.int32) for g, p in data.items()}
 
 
 class GroupLayout(NamedTuple):

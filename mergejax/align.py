@@ -1,0 +1,455 @@
+"""Aligning models by permutation: weight, activation and straight-through matching.
+
+    spec = mj.permutation_spec(model.apply, va, x)
+    res = mj.weight_matching(spec, va, vb, key=key)
+    vb_aligned = mj.apply_permutation(spec, res.perm, vb)   # same function as vb
+
+Every method returns a `MatchResult(perm, objective_trace, pair_scores)`:
+`perm[g]` (int32[n]) maps model B's unit `perm[g][i]` onto model A's unit i
+(DESIGN.md, Permutations), `pair_scores[g]` (f32[n]) scores each matched pair
+(partial matching merges the best-scored ones), and `objective_trace` records
+the objective the method maximises, one entry per sweep or step. Given a
+sequence of models as `vb`, each is aligned to the reference `va` and a list of
+results comes back.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mergejax import lap as lap_lib
+from mergejax import permute
+from mergejax import spec as spec_lib
+from mergejax import stats
+from mergejax import trace
+from mergejax import tree
+
+PyTree = Any
+Perm = dict[str, jax.Array]
+
+
+class MatchResult(NamedTuple):
+  """What a matching returns.
+
+  Attributes:
+    perm: group -> int32[n], B's unit perm[g][i] goes to A's unit i.
+    objective_trace: f32[steps], the objective after each sweep (weight
+      matching), the summed correlation (activation matching), or the loss per
+      step (straight-through matching).
+    pair_scores: group -> f32[n], the similarity of each matched pair.
+  """
+
+  perm: Perm
+  objective_trace: jax.Array
+  pair_scores: dict[str, jax.Array]
+
+
+def _check_models(spec: spec_lib.PermutationSpec, va: PyTree, vb: PyTree) -> None:
+  tree.check_same_structure(va, vb)
+  tree.check_same_shapes(va, vb)
+  spec_lib.check_spec(spec, va)
+
+
+def _leaves_by_path(variables: PyTree) -> dict[tuple[str, ...], Any]:
+  return {tuple(tree.key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+
+
+def _permuted_leaves(spec: spec_lib.PermutationSpec, perm: Perm, leaves: dict) -> dict:
+  """Every leaf of `leaves` (keyed by path) permuted by all the groups."""
+  out = dict(leaves)
+  for g, refs in spec.groups.items():
+    for ref in refs:
+      out[ref.path] = permute.take_units(out[ref.path], perm[g], ref)
+  return out
+
+
+def unit_rows(x: jax.Array, ref: spec_lib.AxisRef) -> jax.Array:
+  """The units of `ref`'s axis as rows: f32[n, everything else]."""
+  axis = ref.axis
+  if ref.factor is not None:
+    view, index = ref.factor
+    x = x.reshape(x.shape[:axis] + tuple(view) + x.shape[axis + 1:])
+    axis += index
+  return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _identity(spec: spec_lib.PermutationSpec) -> Perm:
+  return {g: jnp.arange(n, dtype=jnp.int32) for g, n in spec.sizes.items()}
+
+
+def _many(fn: Callable[..., MatchResult]) -> Callable[..., Any]:
+  """Lets `vb` be one model or a sequence of models aligned to `va`."""
+
+  @functools.wraps(fn)
+  def wrapper(spec, *args, **kwargs):
+    *lead, va, vb = args
+    if isinstance(vb, Sequence) and not isinstance(vb, str) and vb and _is_model_list(va, vb):
+      return [fn(spec, *lead, va, one, **kwargs) for one in vb]
+    return fn(spec, *args, **kwargs)
+
+  return wrapper
+
+
+def _is_model_list(va: PyTree, vb: Sequence) -> bool:
+  return jax.tree.structure(vb[0]) == jax.tree.structure(va)
+
+
+class _WeightCosts:
+  """Per-group similarity of A's units to B's, given the other groups' perms."""
+
+  def __init__(self, spec: spec_lib.PermutationSpec):
+    self.spec = spec
+    self.names = list(spec.groups)
+    by_path: dict[tuple[str, ...], list[tuple[str, spec_lib.AxisRef]]] = {}
+    for g, refs in spec.groups.items():
+      for ref in refs:
+        by_path.setdefault(ref.path, []).append((g, ref))
+    self.by_path = by_path
+
+  def cost(self, g: str, perm: Perm, a: dict, b: dict) -> jax.Array:
+    """f32[n, n]: sum over g's axes of <A's unit i, B's unit j>, B's other axes permuted."""
+    n = self.spec.sizes[g]
+    total = jnp.zeros((n, n), jnp.float32)
+    for ref in self.spec.groups[g]:
+      others: dict[str, list[spec_lib.AxisRef]] = {}
+      for h, r in self.by_path[ref.path]:
+        if r != ref:
+          others.setdefault(h, []).append(r)
+      leaf_b = b[ref.path]
+      for h, rs in others.items():
+        for r in rs:
+          leaf_b = permute.take_units(leaf_b, perm[h], r)
+      rows_a = unit_rows(jnp.asarray(a[ref.path], jnp.float32), ref)
+      rows_b = unit_rows(jnp.asarray(leaf_b, jnp.float32), ref)
+      total += jnp.dot(rows_a, rows_b.T, precision=jax.lax.Precision.HIGHEST)
+    return total
+
+
+@_many
+def weight_matching(
+    spec: spec_lib.PermutationSpec,
+    va: PyTree,
+    vb: PyTree,
+    *,
+    key: jax.Array | None = None,
+    max_sweeps: int = 100,
+    init_perm: Mapping[str, Any] | None = None,
+    lap_method: str = "auto",
+    tol: float = 1e-7,
+) -> MatchResult:
+  """Git Re-Basin's weight matching: coordinate descent over groups.
+
+  Each sweep visits every group in a random order and solves a linear
+  assignment for it, maximising `sum_leaves <va, permuted vb>` with the other
+  groups' permutations held; sweeps stop when the objective no longer grows by
+  more than `tol` (relative) or after `max_sweeps`. The whole loop is one
+  compiled program: a sweep is a `fori_loop` over a `lax.switch` on groups.
+
+  Args:
+    spec: the permutation groups (e.g. `permutation_spec(...)`).
+    va: the reference model's variables.
+    vb: the model to align (or a sequence of models, each aligned to `va`).
+    key: the order of groups in each sweep; default key 0.
+    max_sweeps: the most sweeps.
+    init_perm: the starting permutations (default identity).
+    lap_method: `mergejax.lap`'s method.
+    tol: relative objective improvement below which the sweeps stop.
+
+  Returns:
+    MatchResult; `objective_trace[s]` is the objective after sweep s.
+  """
+  _check_models(spec, va, vb)
+  key = jax.random.key(0) if key is None else key
+  perm0 = _identity(spec) if init_perm is None else dict(init_perm)
+  perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
+  run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
+  perm, trace_, sweeps = run(key, perm0, va, vb)
+  costs = _WeightCosts(spec)
+  a, b = _leaves_by_path(va), _leaves_by_path(vb)
+  scores = _pair_scores(costs, perm, a, b)
+  return MatchResult(perm, trace_[: int(sweeps)], scores)
+
+
+def _pair_scores(costs: _WeightCosts, perm: Perm, a: dict, b: dict) -> dict[str, jax.Array]:
+  @jax.jit
+  def scores(perm, a, b):
+    out = {}
+    for g in costs.names:
+      c = costs.cost(g, perm, a, b)
+      out[g] = c[jnp.arange(c.shape[0]), perm[g]]
+    return out
+
+  return scores(perm, a, b)
+
+
+def _spec_key(spec: spec_lib.PermutationSpec) -> tuple:
+  """A hashable stand-in for a spec, so compiled loops are reused."""
+  return tuple((g, spec.sizes[g], tuple(refs)) for g, refs in spec.groups.items())
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: float):
+  spec = spec_lib.PermutationSpec({g: refs for g, _, refs in key}, {g: n for g, n, _ in key})
+  costs = _WeightCosts(spec)
+  names = costs.names
+
+  def objective(perm, a, b):
+    total = jnp.float32(0)
+    vb_p = _permuted_leaves(spec, perm, b)
+    for path, leaf in a.items():
+      total += jnp.vdot(jnp.asarray(leaf, jnp.float32), jnp.asarray(vb_p[path], jnp.float32))
+    return total
+
+  def branch(g):
+    def update(args):
+      perm, a, b = args
+      c = costs.cost(g, perm, a, b)
+      return {**perm, g: lap_lib.lap(c, maximize=True, method=lap_method).astype(jnp.int32)}
+    return update
+
+  branches = [branch(g) for g in names]
+
+  @jax.jit
+  def run(key, perm, va, vb):
+    a, b = _leaves_by_path(va), _leaves_by_path(vb)
+
+    def sweep(state):
+      s, perm, prev, obj, key, history = state
+      key, sub = jax.random.split(key)
+      order = jax.random.permutation(sub, len(names))
+
+      def visit(k, perm):
+        return jax.lax.switch(order[k], branches, (perm, a, b))
+
+      perm = jax.lax.fori_loop(0, len(names), visit, perm)
+      new = objective(perm, a, b)
+      return s + 1, perm, obj, new, key, history.at[s].set(new)
+
+    def keep_going(state):
+      s, _, prev, obj, _, _ = state
+      return (s < max_sweeps) & ((s < 2) | (obj - prev > tol * jnp.abs(prev)))
+
+    start = objective(perm, a, b)
+    history = jnp.zeros(max_sweeps, jnp.float32)
+    state = (jnp.int32(0), perm, -jnp.inf, start, key, history)
+    s, perm, _, _, _, history = jax.lax.while_loop(keep_going, sweep, state)
+    return perm, history, s
+
+  return run
+
+
+class _Feature(NamedTuple):
+  """Where a group's units appear in a kernel's input (or output).
+
+  `summed` are the data's other axes that belong to groups: model B's units
+  along them are permuted, so they are summed out (a sum is invariant to
+  permutation) rather than kept as sample positions. With a factored axis the
+  view's other components are summed out likewise.
+  """
+
+  group: str
+  path: tuple[str, ...]
+  use: int
+  axis: int
+  factor: tuple[tuple[int, ...], int] | None
+  is_output: bool
+  summed: tuple[int, ...]
+
+
+def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Feature]:
+  """Each group's features: kernels' inputs along its axes, else their outputs."""
+  by_axis: dict[tuple, list[tuple[str, Any]]] = {}
+  for g, rs in spec.groups.items():
+    for r in rs:
+      by_axis.setdefault((r.path, r.axis), []).append((g, r.factor))
+  plan = {g: ([], []) for g in spec.groups}
+  for path, kernel_uses in uses.items():
+    for k, use in enumerate(kernel_uses):
+      for is_output, pairs in ((False, use.input_axes), (True, use.output_axes)):
+        grouped = [d for d, ka in pairs if (path, ka) in by_axis]
+        for data_axis, kernel_axis in pairs:
+          summed = tuple(d for d in grouped if d != data_axis)
+          for g, factor in by_axis.get((path, kernel_axis), []):
+            plan[g][is_output].append(_Feature(g, path, k, data_axis, factor, is_output, summed))
+  return [f for g in spec.groups for f in (plan[g][0] or plan[g][1])]
+
+
+def _feature_rows(x: jax.Array, feature: _Feature) -> jax.Array:
+  """f32[batch, positions, n]: the group's units last, other axes positions."""
+  x = jnp.asarray(x, jnp.float32)
+  axis = feature.axis - sum(d < feature.axis for d in feature.summed)
+  x = jnp.moveaxis(x.sum(axis=feature.summed), axis, -1)
+  if feature.factor is not None:
+    view, index = feature.factor
+    x = jnp.moveaxis(x.reshape(x.shape[:-1] + tuple(view)), x.ndim - 1 + index, -1)
+    x = x.sum(axis=tuple(range(x.ndim - len(view), x.ndim - 1)))
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+@_many
+def activation_matching(
+    spec: spec_lib.PermutationSpec,
+    apply_fn: Callable[..., Any],
+    va: PyTree,
+    vb: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    lap_method: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> MatchResult:
+  """Git Re-Basin's activation matching, from streamed cross-correlations.
+
+  A group's features are the inputs of every kernel that contracts one of the
+  group's axes (all the layers reading a residual stream, say), captured from
+  both models on the same batches; groups no kernel reads (the query/key
+  head_dim of Flax attention) use the kernels' outputs instead. Their
+  cross-correlations, summed over the group's features, are accumulated in one
+  sharded pass (`mergejax.stats`), and each group is one linear assignment.
+
+  Args:
+    spec: the permutation groups.
+    apply_fn: `apply_fn(variables, x)`, e.g. a Flax `model.apply` in eval mode.
+    va: the reference model's variables.
+    vb: the model to align (or a sequence of models).
+    batches: inputs (DESIGN.md, batches).
+    lap_method: `mergejax.lap`'s method.
+    mesh: devices to shard the pass over (default: all local devices).
+    progress: log the pass's progress.
+
+  Returns:
+    MatchResult; `objective_trace` holds one entry, the summed correlation of
+    the matched pairs over all groups; `pair_scores[g]` each pair's
+    correlation (summed over the group's features).
+  """
+  _check_models(spec, va, vb)
+  example, batches = _peek(batches)
+  plan = _plan_for(spec, apply_fn, va, example)
+  missing = sorted(set(spec.groups) - {f.group for f in plan})
+  if missing:
+    raise ValueError(f"activation_matching: no kernel reads or writes groups {missing}")
+
+  def features(variables, x):
+    _, found = trace.kernel_uses(apply_fn)(variables, x)
+    return [_feature_rows((found[f.path][f.use].output if f.is_output else found[f.path][f.use].input), f)
+            for f in plan]
+
+  moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
+  corr = {g: jnp.zeros((spec.sizes[g],) * 2, jnp.float32) for g in spec.groups}
+  for f, m in zip(plan, moments):
+    corr[f.group] = corr[f.group] + m.correlation
+  perm = {g: lap_lib.lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}
+  scores = {g: corr[g][jnp.arange(spec.sizes[g]), perm[g]] for g in spec.groups}
+  total = sum(s.sum() for s in scores.values())
+  return MatchResult(perm, jnp.reshape(total, (1,)), scores)
+
+
+def _peek(batches) -> tuple[Any, Any]:
+  """The first batch's input, and batches to iterate from the start again."""
+  if callable(batches):
+    first = next(iter(batches()), None)
+  else:
+    iterator = iter(batches)
+    first = next(iterator, None)
+    batches = itertools.chain([first], iterator) if iterator is batches else batches
+  if first is None:
+    raise ValueError("batches is empty")
+  return (first[0] if isinstance(first, (tuple, list)) else first), batches
+
+
+def _plan_for(spec, apply_fn, variables, example) -> list[_Feature]:
+  """The feature plan, from one abstract trace of the kernels' uses."""
+  found = {}
+
+  def probe(v, x):
+    _, uses = trace.kernel_uses(apply_fn)(v, x)
+    found.update(uses)
+    return 0
+
+  jax.eval_shape(probe, variables, example)
+  return _feature_plan(spec, found)
+
+
+@_many
+def ste_matching(
+    spec: spec_lib.PermutationSpec,
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    va: PyTree,
+    vb: PyTree,
+    batches: Iterable[Any],
+    *,
+    num_steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    key: jax.Array | None = None,
+    lap_method: str = "auto",
+) -> MatchResult:
+  """Git Re-Basin's straight-through estimator.
+
+  Learns weights W (initialised to `va`) such that the midpoint of `va` and
+  `vb` permuted to match W has a low loss: each step weight-matches `vb` to W
+  (warm-started from the last step's permutation), and the gradient of
+  `loss_fn(0.5 * (va + P(vb)))` with respect to the projection P(vb) updates W
+  (straight through the projection).
+
+  Args:
+    spec: the permutation groups.
+    loss_fn: `loss_fn(variables, batch) -> f32[]`, e.g. cross-entropy.
+    va: the reference model's variables.
+    vb: the model to align (or a sequence of models).
+    batches: batches for `loss_fn`, cycled for `num_steps` steps.
+    num_steps: optimisation steps.
+    optimizer: default `optax.adam(1e-3)`.
+    key: the group order of the inner weight matching.
+    lap_method: `mergejax.lap`'s method.
+
+  Returns:
+    MatchResult; `objective_trace` is the loss at each step.
+  """
+  _check_models(spec, va, vb)
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+  optimizer = optax.adam(1e-3) if optimizer is None else optimizer
+  key = jax.random.key(0) if key is None else key
+  match = _weight_matching_loop(_spec_key(spec), 20, lap_method, 1e-7)
+
+  @jax.jit
+  def step(w, opt_state, perm, key, batch):
+    perm, _, _ = match(key, perm, w, vb)
+    projected = permute.apply_permutation(spec, perm, vb)
+
+    def loss(w):
+      straight = jax.tree.map(lambda p, w: w + jax.lax.stop_gradient(p - w), projected, w)
+      return loss_fn(tree.lerp(va, straight, 0.5), batch)
+
+    value, grads = jax.value_and_grad(loss)(w)
+    updates, opt_state = optimizer.update(grads, opt_state, w)
+    return optax.apply_updates(w, updates), opt_state, perm, value
+
+  w = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), va)
+  opt_state = optimizer.init(w)
+  perm = _identity(spec)
+  losses = []
+  stream = _cycle(batches)
+  for _ in range(num_steps):
+    key, sub = jax.random.split(key)
+    w, opt_state, perm, value = step(w, opt_state, perm, sub, next(stream))
+    losses.append(value)
+  scores = _pair_scores(_WeightCosts(spec), perm, _leaves_by_path(va), _leaves_by_path(vb))
+  return MatchResult(perm, jnp.stack(losses), scores)
+
+
+def _cycle(batches):
+  while True:
+    empty = True
+    for batch in (batches() if callable(batches) else batches):
+      empty = False
+      yield batch
+    if empty:
+      raise ValueError("ste_matching: batches is empty")

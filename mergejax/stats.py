@@ -1,0 +1,226 @@
+"""Streaming statistics over data, merged across batches and devices.
+
+    stat = cross_moments(features)          # features(variables, x) -> [f32[..., d], ...]
+    result = accumulate(stat, (va, vb), batches)
+
+An accumulator is `Accumulator(init, update, finalize)`, the shape of an optax
+transformation: `init(variables, x) -> state` (x for shapes only),
+`update(state, variables, x, mask, axis_name=None) -> state` and
+`finalize(state) -> result`, all pure and jittable. `mask: bool[batch]` marks
+the real rows of a padded batch; with `axis_name`, `update` merges the
+batch's contribution over that mapped axis with `psum`, so it also composes
+with a user's own `shard_map` or `pmap`.
+
+Moments merge by Chan's parallel update of (count, mean, co-moment), between
+batches and between devices, never as E[xy] - E[x]E[y] (which cancels
+catastrophically for features far from zero).
+
+`accumulate` runs one pass: every batch is padded to the first batch's size
+(rounded up to a multiple of the device count) and masked, so the update
+compiles once, and is split over the devices of a 1-D mesh by
+`jax.shard_map`.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Accumulator(NamedTuple):
+  init: Callable[..., PyTree]
+  update: Callable[..., PyTree]
+  finalize: Callable[[PyTree], Any]
+
+
+class CrossMoments(NamedTuple):
+  """Moments of paired features a: f32[d_a], b: f32[d_b] (population: / count).
+
+  Attributes:
+    count: the number of feature rows (examples times positions).
+    mean_a, mean_b: f32[d_a], f32[d_b].
+    cov_aa, cov_bb, cov_ab: f32[d_a, d_a], f32[d_b, d_b], f32[d_a, d_b].
+    correlation: f32[d_a, d_b], cov_ab / outer(std_a, std_b), with 1e-12
+      added to each variance.
+  """
+
+  count: jax.Array
+  mean_a: jax.Array
+  mean_b: jax.Array
+  cov_aa: jax.Array
+  cov_bb: jax.Array
+  cov_ab: jax.Array
+  correlation: jax.Array
+
+
+def _rows(f: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """f32[batch, ..., d] -> (f32[rows, d], f32[rows] weights from the mask)."""
+  f = jnp.asarray(f, jnp.float32)
+  per_example = int(np.prod(f.shape[1:-1], dtype=np.int64))
+  w = jnp.repeat(mask.astype(jnp.float32), per_example)
+  return f.reshape(-1, f.shape[-1]), w
+
+
+def _batch_moments(xs: Sequence[jax.Array], w: jax.Array, axis_name: str | None):
+  """(count, means, co-moments of every pair i <= j) of one (sharded) batch."""
+  n = w.sum()
+  sums = [jnp.einsum("r,rd->d", w, x, precision=HIGHEST) for x in xs]
+  if axis_name is not None:
+    n, sums = jax.lax.psum((n, sums), axis_name)
+  safe = jnp.maximum(n, 1.0)
+  means = [s / safe for s in sums]
+  centred = [x - m for x, m in zip(xs, means)]
+  co = {(i, j): jnp.einsum("r,rd,re->de", w, centred[i], centred[j], precision=HIGHEST)
+        for i in range(len(xs)) for j in range(i, len(xs))}
+  if axis_name is not None:
+    co = jax.lax.psum(co, axis_name)
+  return n, means, co
+
+
+def _merge(state, batch):
+  """Chan's update of (count, means, co-moments) by a batch's."""
+  n1, m1, c1 = state
+  n2, m2, c2 = batch
+  n = n1 + n2
+  frac = jnp.where(n > 0, n2 / jnp.maximum(n, 1.0), 0.0)
+  deltas = [b - a for a, b in zip(m1, m2)]
+  means = [a + d * frac for a, d in zip(m1, deltas)]
+  weight = jnp.where(n > 0, n1 * n2 / jnp.maximum(n, 1.0), 0.0)
+  co = {k: c1[k] + c2[k] + weight * jnp.outer(deltas[k[0]], deltas[k[1]]) for k in c1}
+  return n, means, co
+
+
+def _paired(xs_fn: Callable[..., list], num: int) -> Accumulator:
+  """Moments of `num` feature sets per leaf, from xs_fn(variables, x) -> leaves of lists."""
+
+  def init(variables, x):
+    shapes = jax.eval_shape(xs_fn, variables, x)
+    return [(jnp.float32(0), [jnp.zeros(s.shape[-1]) for s in leaf],
+             {(i, j): jnp.zeros((leaf[i].shape[-1], leaf[j].shape[-1]))
+              for i in range(num) for j in range(i, num)})
+            for leaf in shapes]
+
+  def update(state, variables, x, mask, axis_name=None):
+    out = []
+    for s, leaf in zip(state, xs_fn(variables, x)):
+      rows = [_rows(f, mask) for f in leaf]
+      out.append(_merge(s, _batch_moments([r for r, _ in rows], rows[0][1], axis_name)))
+    return out
+
+  return init, update
+
+
+def moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Accumulator:
+  """Per feature f32[..., d] of `feature_fn(variables, x)` (a list): count, mean, covariance."""
+
+  def xs_fn(variables, x):
+    return [[f] for f in feature_fn(variables, x)]
+
+  init, update = _paired(xs_fn, 1)
+
+  def finalize(state):
+    return [{"count": n, "mean": m[0], "cov": c[(0, 0)] / jnp.maximum(n, 1.0)} for n, m, c in state]
+
+  return Accumulator(init, update, finalize)
+
+
+def cross_moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Accumulator:
+  """Moments of two models' features on the same inputs; variables is `(va, vb)`.
+
+  Returns (from `finalize`) a list of CrossMoments, one per feature of
+  `feature_fn(variables, x)` (a list of f32[..., d]).
+  """
+
+  def xs_fn(pair, x):
+    va, vb = pair
+    return [[a, b] for a, b in zip(feature_fn(va, x), feature_fn(vb, x))]
+
+  init, update = _paired(xs_fn, 2)
+
+  def finalize(state):
+    out = []
+    for n, (ma, mb), c in state:
+      n_ = jnp.maximum(n, 1.0)
+      aa, bb, ab = c[(0, 0)] / n_, c[(1, 1)] / n_, c[(0, 1)] / n_
+      std_a, std_b = jnp.sqrt(jnp.diag(aa) + 1e-12), jnp.sqrt(jnp.diag(bb) + 1e-12)
+      out.append(CrossMoments(n, ma, mb, aa, bb, ab, ab / jnp.outer(std_a, std_b)))
+    return out
+
+  return Accumulator(init, update, finalize)
+
+
+def _inputs(batches) -> Iterable[Any]:
+  for batch in (batches() if callable(batches) else batches):
+    yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def accumulate(
+    stat: Accumulator,
+    variables: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> Any:
+  """One pass of `stat` over `batches`, sharded over the devices of `mesh`.
+
+  Args:
+    stat: an Accumulator.
+    variables: passed to every update (replicated).
+    batches: inputs, or tuples whose first element is the input, or a callable
+      returning a fresh iterable (DESIGN.md, batches).
+    mesh: a 1-D mesh whose axis is named "data"; default all local devices.
+    progress: log batches/s at most every 10 s.
+
+  Returns:
+    `stat.finalize` of the accumulated state, on the first local device.
+
+  Raises:
+    ValueError: for no batches, or a batch larger than the first or of another
+      input shape.
+  """
+  if mesh is None:
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+  (axis,) = mesh.axis_names
+  devices = mesh.devices.size
+  spec = jax.sharding.PartitionSpec
+  it = iter(_inputs(batches))
+  first = next(it, None)
+  if first is None:
+    raise ValueError("accumulate: batches is empty")
+  first = np.asarray(first)
+  size = -(-first.shape[0] // devices) * devices
+
+  update = jax.jit(jax.shard_map(
+      lambda s, v, x, m: stat.update(s, v, x, m, axis_name=axis), mesh=mesh,
+      in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
+  state = jax.jit(stat.init)(variables, first)
+  start, last_log, count = time.perf_counter(), time.perf_counter(), 0
+  for x in _chain(first, it):
+    x = np.asarray(x)
+    if x.shape[1:] != first.shape[1:] or x.shape[0] > first.shape[0]:
+      raise ValueError(
+          f"accumulate: batch {count} has shape {x.shape}; batches must be at most the first's"
+          f" {first.shape}, with the same input shape")
+    pad = size - x.shape[0]
+    mask = np.arange(size) < x.shape[0]
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    state = update(state, variables, x, mask)
+    count += 1
+    if progress and time.perf_counter() - last_log > 10:
+      jax.block_until_ready(state)
+      last_log = time.perf_counter()
+      logging.info("accumulate: %d batches, %.1f batches/s", count, count / (last_log - start))
+  return jax.device_put(stat.finalize(state), jax.local_devices()[0])
+
+
+def _chain(first, rest):
+  yield first
+  yield from rest
