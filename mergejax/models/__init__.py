@@ -23,3 +23,4 @@ from mergejax.models.zoo import check_layout
 from mergejax.models.zoo import config
 from mergejax.models.zoo import groups
 from mergejax.models.zoo import names
+from mergejax.models.zoo import permutation_spec

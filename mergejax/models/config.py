@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 
+from mergejax import spec as spec_lib
 from mergejax.models import heads
 
 
@@ -47,6 +48,56 @@ class ModelConfig(abc.ABC):
   @abc.abstractmethod
   def module(self, widths: Mapping[str, int]) -> nn.Module:
     """The model with each group at `widths[group]` units."""
+
+  @abc.abstractmethod
+  def permutation_spec(self, variables: Any) -> spec_lib.PermutationSpec:
+    """The model's permutation groups written by hand (names as `groups()`).
+
+    Args:
+      variables: the model's variables or their shapes (`jax.eval_shape`),
+        for what the config cannot know (the spatial size at a flatten).
+    """
+
+
+class SpecBuilder:
+  """Collects AxisRefs group by group, in the zoo's layer conventions.
+
+  Dense kernels are (in, out), convolution kernels HWIO, BatchNorm has scale
+  and bias in `params` and mean and var in `batch_stats`.
+  """
+
+  def __init__(self, sizes: Mapping[str, int]):
+    self.sizes = dict(sizes)
+    self.refs: dict[str, list[spec_lib.AxisRef]] = {g: [] for g in sizes}
+
+  def add(self, group: str | None, path: Sequence[str], axis: int, factor=None) -> None:
+    if group is not None:
+      self.refs[group].append(spec_lib.AxisRef(tuple(path), axis, factor))
+
+  def dense(self, name: Sequence[str], g_in: str | None, g_out: str | None, *, in_factor=None,
+            bias: bool = True, kernel_axes: tuple[int, int] = (0, 1)) -> None:
+    self.add(g_in, ("params", *name, "kernel"), kernel_axes[0], in_factor)
+    self.add(g_out, ("params", *name, "kernel"), kernel_axes[1])
+    if bias:
+      self.add(g_out, ("params", *name, "bias"), 0)
+
+  def conv(self, name: Sequence[str], g_in: str | None, g_out: str, *, bias: bool) -> None:
+    self.dense(name, g_in, g_out, bias=bias, kernel_axes=(2, 3))
+
+  def norm(self, name: Sequence[str], group: str, *, running: bool) -> None:
+    for leaf in ("scale", "bias"):
+      self.add(group, ("params", *name, leaf), 0)
+    if running:
+      for leaf in ("mean", "var"):
+        self.add(group, ("batch_stats", *name, leaf), 0)
+
+  def heads(self, num_classes, group: str, in_factor=None) -> None:
+    names = ["head"] if isinstance(num_classes, int) else [f"head_{t}" for t in range(len(num_classes))]
+    for name in names:
+      self.add(group, ("params", name, "kernel"), 0, in_factor)
+
+  def build(self) -> spec_lib.PermutationSpec:
+    return spec_lib.PermutationSpec(self.refs, self.sizes)
 
 
 def positive_int(field: str, value: Any) -> int:

@@ -9,6 +9,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
+from mergejax import spec
 from mergejax.models import config
 from mergejax.models import heads
 from mergejax.models import layers
@@ -48,3 +49,12 @@ class MLPConfig(config.ModelConfig):
 
   def module(self, widths: Mapping[str, int]) -> MLP:
     return MLP(features=tuple(widths[g] for g in self.groups()), num_classes=self.num_classes)
+
+  def permutation_spec(self, variables) -> spec.PermutationSpec:
+    del variables  # The groups follow from the config alone.
+    b = config.SpecBuilder(self.groups())
+    names = list(self.groups())
+    for i, g in enumerate(names):
+      b.dense([g], names[i - 1] if i else None, g)
+    b.heads(self.num_classes, names[-1])
+    return b.build()

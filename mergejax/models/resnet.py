@@ -159,6 +159,29 @@ class ResNetConfig(config.ModelConfig):
         out.update({f"stage{s}.block{b}.conv{j}": width for j in range(inner)})
     return out
 
+  def permutation_spec(self, variables) -> spec.PermutationSpec:
+    del variables  # The groups follow from the config alone.
+    b = config.SpecBuilder(self.groups())
+    inner = 1 if self.expansion == 1 else 2
+    stream = "stem" if self._projections()[0] else "stage0"
+    b.conv(["stem_conv"], None, stream, bias=False)
+    b.norm(["stem_bn"], stream, running=True)
+    for s, blocks in enumerate(self.blocks):
+      for blk in range(blocks):
+        name = f"stage{s}_block{blk}"
+        outs = [f"stage{s}.block{blk}.conv{j}" for j in range(inner)] + [f"stage{s}"]
+        previous = stream
+        for j, g in enumerate(outs):
+          b.conv([name, f"conv{j}"], previous, g, bias=False)
+          b.norm([name, f"bn{j}"], g, running=True)
+          previous = g
+        if blk == 0 and self._projections()[s]:
+          b.conv([name, "proj_conv"], stream, f"stage{s}", bias=False)
+          b.norm([name, "proj_bn"], f"stage{s}", running=True)
+        stream = f"stage{s}"
+    b.heads(self.num_classes, stream)
+    return b.build()
+
   def module(self, widths: Mapping[str, int]) -> ResNet:
     inner = 1 if self.expansion == 1 else 2
     stages = range(len(self.blocks))

@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
+from mergejax import spec
 from mergejax.models import config
 from mergejax.models import heads
 from mergejax.models import layers
@@ -91,6 +92,25 @@ class VGGConfig(config.ModelConfig):
         **{f"conv_{i}": width for i, width in enumerate(convs)},
         **{f"dense_{i}": width for i, width in enumerate(self.dense)},
     }
+
+  def permutation_spec(self, variables) -> spec.PermutationSpec:
+    b = config.SpecBuilder(self.groups())
+    convs = [g for g in self.groups() if g.startswith("conv_")]
+    for i, g in enumerate(convs):
+      b.conv([g], convs[i - 1] if i else None, g, bias=not self.batch_norm)
+      if self.batch_norm:
+        b.norm([f"bn_{i}"], g, running=True)
+    # The flatten: dense_0 (or the heads) read (h * w, channels) of the last conv.
+    last, channels = convs[-1], self.groups()[convs[-1]]
+    first_reader = ("dense_0",) if self.dense else ("head" if isinstance(self.num_classes, int) else "head_0",)
+    flat = variables["params"][first_reader[0]]["kernel"].shape[0]
+    factor = ((flat // channels, channels), 1)
+    previous = last
+    for i in range(len(self.dense)):
+      b.dense([f"dense_{i}"], previous, f"dense_{i}", in_factor=factor if i == 0 else None)
+      previous = f"dense_{i}"
+    b.heads(self.num_classes, previous, in_factor=None if self.dense else factor)
+    return b.build()
 
   def module(self, widths: Mapping[str, int]) -> VGG:
     convs = iter(widths[f"conv_{i}"] for i in range(len(self.features) - self.features.count(POOL)))

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mergejax import spec
 from mergejax.models import config
 from mergejax.models import heads
 from mergejax.models import layers
@@ -129,6 +130,32 @@ class ViTConfig(config.ModelConfig):
 
   def fixed_groups(self) -> frozenset[str]:
     return frozenset(g for g in self.groups() if g.endswith(("qk_dim", "vo_dim")))
+
+  def permutation_spec(self, variables) -> spec.PermutationSpec:
+    del variables  # The groups follow from the config alone.
+    b = config.SpecBuilder(self.groups())
+    b.conv(["patch_embed"], None, "embed", bias=True)
+    b.add("embed", ("params", "cls_token"), 2)
+    b.add("embed", ("params", "pos_embedding"), 2)
+    for i in range(self.depth):
+      block, heads = f"block{i}", f"block{i}.heads"
+      b.norm([block, "ln_attn"], "embed", running=False)
+      for proj, within in (("query", "qk_dim"), ("key", "qk_dim"), ("value", "vo_dim")):
+        path = ("params", block, "attention", proj)
+        for axis, g in ((0, "embed"), (1, heads), (2, f"{block}.{within}")):
+          b.add(g, (*path, "kernel"), axis)
+        b.add(heads, (*path, "bias"), 0)
+        b.add(f"{block}.{within}", (*path, "bias"), 1)
+      out = ("params", block, "attention", "out")
+      for axis, g in ((0, heads), (1, f"{block}.vo_dim"), (2, "embed")):
+        b.add(g, (*out, "kernel"), axis)
+      b.add("embed", (*out, "bias"), 0)
+      b.norm([block, "ln_mlp"], "embed", running=False)
+      b.dense([block, "mlp_in"], "embed", f"{block}.mlp")
+      b.dense([block, "mlp_out"], f"{block}.mlp", "embed")
+    b.norm(["ln_final"], "embed", running=False)
+    b.heads(self.num_classes, "embed")
+    return b.build()
 
   def module(self, widths: Mapping[str, int]) -> ViT:
     blocks = range(self.depth)

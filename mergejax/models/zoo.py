@@ -57,6 +57,20 @@ def groups(name: str, **kwargs: Any) -> dict[str, int]:
   return config(name, **kwargs).groups()
 
 
+def permutation_spec(name: str, variables: Any, **kwargs: Any) -> spec.PermutationSpec:
+  """The hand-written permutation spec of model `name` (an override, and the
+  oracle the traced `mergejax.permutation_spec` is tested against).
+
+  Args:
+    name: one of `names()`.
+    variables: the model's variables, or their shapes from `jax.eval_shape`.
+    **kwargs: the model's configuration, as for `build`.
+  """
+  result = config(name, **kwargs).permutation_spec(variables)
+  spec.check_spec(result, variables)
+  return result
+
+
 def check_layout(cfg: config_lib.ModelConfig, layout: Mapping[str, Any]) -> spec.MergeLayout:
   """`layout` as a MergeLayout, if it fits the original model `cfg`.
 
