@@ -5,14 +5,32 @@
 The public API is what this module exports; see DESIGN.md for the contracts.
 """
 
+from mergejax import align
 from mergejax import data
 from mergejax import io
+from mergejax import lmc
 from mergejax import models
+from mergejax import permute
+from mergejax import repair
 from mergejax import spec
+from mergejax import stats
+from mergejax import trace
 from mergejax import tree
+from mergejax.align import activation_matching
+from mergejax.align import MatchResult
+from mergejax.align import ste_matching
+from mergejax.align import weight_matching
+from mergejax.lap import lap
+from mergejax.permute import apply_permutation
+from mergejax.permute import compose_permutations
+from mergejax.permute import invert_permutation
+from mergejax.permute import random_permutation
 from mergejax.spec import AxisRef
+from mergejax.spec import check_spec
 from mergejax.spec import GroupLayout
 from mergejax.spec import MergeLayout
 from mergejax.spec import PermutationSpec
+from mergejax.trace import capture
+from mergejax.trace import permutation_spec
 
 __version__ = "0.1.0.dev0"

@@ -201,7 +201,8 @@ def accumulate(
   update = jax.jit(jax.shard_map(
       lambda s, v, x, m: stat.update(s, v, x, m, axis_name=axis), mesh=mesh,
       in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
-  state = jax.jit(stat.init)(variables, first)
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+  state = jax.device_put(jax.jit(stat.init)(variables, first), replicated)
   start, last_log, count = time.perf_counter(), time.perf_counter(), 0
   for x in _chain(first, it):
     x = np.asarray(x)
