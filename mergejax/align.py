@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mergejax import lap as lap_lib
+from mergejax.lap import lap
 from mergejax import permute
 from mergejax import spec as spec_lib
 from mergejax import stats
@@ -211,7 +211,7 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
     def update(args):
       perm, a, b = args
       c = costs.cost(g, perm, a, b)
-      return {**perm, g: lap_lib.lap(c, maximize=True, method=lap_method).astype(jnp.int32)}
+      return {**perm, g: lap(c, maximize=True, method=lap_method).astype(jnp.int32)}
     return update
 
   branches = [branch(g) for g in names]
@@ -345,7 +345,7 @@ def activation_matching(
   corr = {g: jnp.zeros((spec.sizes[g],) * 2, jnp.float32) for g in spec.groups}
   for f, m in zip(plan, moments):
     corr[f.group] = corr[f.group] + m.correlation
-  perm = {g: lap_lib.lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}
+  perm = {g: lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}
   scores = {g: corr[g][jnp.arange(spec.sizes[g]), perm[g]] for g in spec.groups}
   total = sum(s.sum() for s in scores.values())
   return MatchResult(perm, jnp.reshape(total, (1,)), scores)

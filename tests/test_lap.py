@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from mergejax import lap
+from mergejax.lap import lap
 
 
 def _costs(kind: str, n: int, seed: int) -> np.ndarray:
@@ -43,7 +43,7 @@ def _assert_optimal(c, col, maximize):
 def test_optimal_jitted(method, kind, maximize):
   for n, seed in ((1, 0), (2, 1), (7, 2), (40, 3)):
     c = _costs(kind, n, seed)
-    col = jax.jit(lambda c: lap.lap(c, maximize=maximize, method=method))(c)
+    col = jax.jit(lambda c: lap(c, maximize=maximize, method=method))(c)
     assert col.dtype == np.int32
     _assert_optimal(c, col, maximize)
 
@@ -51,14 +51,14 @@ def test_optimal_jitted(method, kind, maximize):
 @hypothesis.given(st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_jax_solver_matches_scipy_on_random_integers(n, seed):
   c = np.random.default_rng(seed).integers(-5, 6, (n, n)).astype(np.float32)
-  _assert_optimal(c, lap.lap(c, method="jax"), True)
+  _assert_optimal(c, lap(c, method="jax"), True)
 
 
 @pytest.mark.parametrize("method", ["jax", "scipy"])
 def test_under_vmap_and_batched(method):
   costs = np.stack([_costs("uniform", 9, s) for s in range(4)])
-  cols = jax.jit(jax.vmap(lambda c: lap.lap(c, method=method)))(costs)
-  batched = lap.lap(costs, method=method)
+  cols = jax.jit(jax.vmap(lambda c: lap(c, method=method)))(costs)
+  batched = lap(costs, method=method)
   np.testing.assert_array_equal(cols, batched)
   for c, col in zip(costs, cols):
     _assert_optimal(c, col, True)
@@ -66,10 +66,10 @@ def test_under_vmap_and_batched(method):
 
 def test_bad_input_is_refused():
   with pytest.raises(ValueError, match=r"square .* got shape \(3, 4\)"):
-    lap.lap(np.zeros((3, 4)))
+    lap(np.zeros((3, 4)))
   with pytest.raises(ValueError, match="square"):
-    lap.lap(np.zeros(3))
+    lap(np.zeros(3))
   with pytest.raises(ValueError, match="NaN or Inf"):
-    lap.lap(np.array([[0.0, np.nan], [1.0, 2.0]]))
+    lap(np.array([[0.0, np.nan], [1.0, 2.0]]))
   with pytest.raises(ValueError, match="method must be one of"):
-    lap.lap(np.zeros((2, 2)), method="auction")
+    lap(np.zeros((2, 2)), method="auction")
