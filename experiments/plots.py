@@ -29,3 +29,24 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def curves(
+    t: np.ndarray, lines: dict[str, np.ndarray], path: str | pathlib.Path, title: str, ylabel: str
+) -> pathlib.Path:
+  """One line per name over t; names ending in "+ repair" are dashed."""
+  fig, ax = plt.subplots(figsize=(6.4, 3.8))
+  colors = {}
+  for name, values in lines.items():
+    base = name.removesuffix(" + repair")
+    color = colors.setdefault(base, f"C{len(colors)}")
+    ax.plot(t, values, "--" if name != base else "-", color=color, marker="o", ms=3, label=name)
+  ax.set_xlabel("t  (0: model A, 1: model B aligned to A)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
