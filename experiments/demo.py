@@ -4,8 +4,9 @@ r"""`make demo`: train a pair of models on disjoint label halves and compare.
 
 Trains (or reuses, from the work directory) two MLPs on digits, model A on
 classes 0-4 and model B on 5-9, then prints per-task and joint accuracy of A,
-B, their ensemble (mean of probabilities) and the naive average of their
-weights, and writes `<workdir>/demo.png` and `<workdir>/results.json`.
+B, their ensemble (mean of probabilities), the naive average of their weights,
+and their average after weight matching (B's units permuted onto A's, Git
+Re-Basin), and writes `<workdir>/demo.png` and `<workdir>/results.json`.
 """
 
 import json
@@ -23,7 +24,8 @@ from experiments import train
 import mergejax as mj
 
 def compare(model, members, va, vb) -> dict[str, dict[str, float]]:
-  """Scores of A, B, their ensemble and their weight average on every task.
+  """Scores of A, B, their ensemble, their weight average, and the average
+  after weight matching (B permuted onto A, Git Re-Basin) on every task.
 
   Columns are named after the member trained on the task (`task a`), and
   `joint`.
@@ -32,12 +34,14 @@ def compare(model, members, va, vb) -> dict[str, dict[str, float]]:
   column = {m.task.name: f"task {m.name}" for m in members}
   fa = evaluate.jit_logits(model.apply, va)
   fb = evaluate.jit_logits(model.apply, vb)
-  average = mj.tree.lerp(va, vb, 0.5)
+  spec = mj.permutation_spec(model.apply, va, tasks[0].x_train[:1])
+  aligned = mj.apply_permutation(spec, mj.weight_matching(spec, va, vb).perm, vb)
   logits_fns = {
       "model A": fa,
       "model B": fb,
       "ensemble": lambda x: evaluate.ensemble_logits([fa(x), fb(x)]),
-      "average": evaluate.jit_logits(model.apply, average),
+      "average": evaluate.jit_logits(model.apply, mj.tree.lerp(va, vb, 0.5)),
+      "aligned average": evaluate.jit_logits(model.apply, mj.tree.lerp(va, aligned, 0.5)),
   }
   return {
       name: {column.get(k, k): v for k, v in evaluate.score_model(fn, tasks).items()}

@@ -11,7 +11,7 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
   config.num_steps = 150
   rows = demo.run(config, tmp_path)
   printed = capsys.readouterr().out
-  assert list(rows) == ["model A", "model B", "ensemble", "average"]
+  assert list(rows) == ["model A", "model B", "ensemble", "average", "aligned average"]
   for name in rows:
     assert name in printed
   task_a, task_b = list(rows["model A"])[:2]
