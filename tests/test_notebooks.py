@@ -14,6 +14,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL_SETTINGS = {
     "quickstart.ipynb": "FEATURES = (32,)\nNUM_STEPS = 60\n",
+    "rebasin.ipynb": "DATASET = 'digits'\nWIDTH = 32\nNUM_STEPS = 100\nNUM_POINTS = 3\n",
+}
+# What each notebook prints when it runs through.
+PRINTS = {
+    "quickstart.ipynb": ("ensemble", "restored from"),
+    "rebasin.ipynb": ("naive", "weight matching", "train loss barrier"),
 }
 
 
@@ -44,4 +50,5 @@ def test_notebook_executes(name, tmp_path):
       out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
       for out in cell.get("outputs", []) if out.output_type == "stream"
   )
-  assert "ensemble" in printed and "restored from" in printed
+  for text in PRINTS[name]:
+    assert text in printed
