@@ -148,8 +148,9 @@ def weight_matching(
 
   Each sweep visits every group in a random order and solves a linear
   assignment for it, maximising `sum_leaves <va, permuted vb>` with the other
-  groups' permutations held; sweeps stop when the objective no longer grows by
-  more than `tol` (relative) or after `max_sweeps`. The whole loop is one
+  groups' permutations held; sweeps stop after a sweep that changes no
+  permutation (a fixed point, Git Re-Basin's criterion), when the objective no
+  longer grows by more than `tol` (relative), or after `max_sweeps`. The whole loop is one
   compiled program: a sweep is a `fori_loop` over a `lax.switch` on groups.
 
   Args:
@@ -221,25 +222,26 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
     a, b = _leaves_by_path(va), _leaves_by_path(vb)
 
     def sweep(state):
-      s, perm, prev, obj, key, history = state
+      s, perm, _, obj, key, history, _ = state
       key, sub = jax.random.split(key)
       order = jax.random.permutation(sub, len(names))
 
       def visit(k, perm):
         return jax.lax.switch(order[k], branches, (perm, a, b))
 
-      perm = jax.lax.fori_loop(0, len(names), visit, perm)
-      new = objective(perm, a, b)
-      return s + 1, perm, obj, new, key, history.at[s].set(new)
+      new_perm = jax.lax.fori_loop(0, len(names), visit, perm)
+      changed = jnp.any(jnp.stack([jnp.any(new_perm[g] != perm[g]) for g in names]))
+      new = objective(new_perm, a, b)
+      return s + 1, new_perm, obj, new, key, history.at[s].set(new), changed
 
     def keep_going(state):
-      s, _, prev, obj, _, _ = state
-      return (s < max_sweeps) & ((s < 2) | (obj - prev > tol * jnp.abs(prev)))
+      s, _, prev, obj, _, _, changed = state
+      return (s < max_sweeps) & changed & ((s < 2) | (obj - prev > tol * jnp.abs(prev)))
 
     start = objective(perm, a, b)
     history = jnp.zeros(max_sweeps, jnp.float32)
-    state = (jnp.int32(0), perm, -jnp.inf, start, key, history)
-    s, perm, _, _, _, history = jax.lax.while_loop(keep_going, sweep, state)
+    state = (jnp.int32(0), perm, -jnp.inf, start, key, history, jnp.bool_(True))
+    s, perm, _, _, _, history, _ = jax.lax.while_loop(keep_going, sweep, state)
     return perm, history, s
 
   return run
