@@ -13,12 +13,9 @@ import json
 import pathlib
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
 from experiments import evaluate
-from experiments import logs
+from experiments import cli
 from experiments import plots
 from experiments import train
 import mergejax as mj
@@ -63,16 +60,5 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file(
-      "config", "experiments/configs/digits_mlp_pair.py", "Pair config.", lock_config=True
-  )
-  flags.DEFINE_string("workdir", "workdir/demo", "Where models and results go.")
-  app.run(main)
+  cli.main(run, about="Pair", config="experiments/configs/digits_mlp_pair.py", workdir="workdir/demo")

@@ -9,6 +9,17 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 
+def _finish(fig, ax, title: str, path: str | pathlib.Path) -> pathlib.Path:
+  """Title, a legend outside the axes, and the PNG written."""
+  ax.set_title(title)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title: str) -> pathlib.Path:
   """Grouped bars: one group per score column, one bar per method (row)."""
   columns = list(next(iter(rows.values())))
@@ -22,13 +33,7 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title
   ax.set_xticks(x, columns)
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 105)
-  ax.set_title(title)
-  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, title, path)
 
 
 def curves(
@@ -43,10 +48,4 @@ def curves(
     ax.plot(t, values, "--" if name != base else "-", color=color, marker="o", ms=3, label=name)
   ax.set_xlabel("t  (0: model A, 1: model B aligned to A)")
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, title, path)

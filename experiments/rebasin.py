@@ -16,16 +16,13 @@ import json
 import pathlib
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import numpy as np
 import optax
-from ml_collections import config_flags
 
 from experiments import evaluate
-from experiments import logs
+from experiments import cli
 from experiments import plots
 from experiments import train
 import mergejax as mj
@@ -131,15 +128,5 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Re-basin config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for models and results.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.main(run, about="Re-basin")

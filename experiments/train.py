@@ -21,18 +21,15 @@ import pathlib
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from experiments import evaluate
-from experiments import logs
+from experiments import cli
 from mergejax import data
 from mergejax import io
 from mergejax import models
@@ -220,15 +217,5 @@ def train_pair(config, workdir: str | pathlib.Path) -> tuple[list[Member], Any, 
   return members, model, variables, metrics
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
-  train_pair(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, models and metrics.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.main(train_pair, about="Training")
