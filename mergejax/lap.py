@@ -11,8 +11,9 @@ the device. It is exact: potentials keep every reduced cost non-negative and
 every assigned pair's reduced cost zero, which certifies optimality (no
 epsilon). `method="scipy"` calls `scipy.optimize.linear_sum_assignment` on the
 host through `jax.pure_callback`. `method="auto"` chooses SciPy, which was
-faster on the CPUs measured (experiments/benchmarks/RESULTS.md); the JAX
-solver is for programs that must stay on an accelerator.
+faster on the CPUs measured (experiments/benchmarks/RESULTS.md), directly on
+concrete costs and through the callback under jit; the JAX solver is for
+programs that must stay on an accelerator.
 
 Costs must be square and finite. Concrete costs with NaN or Inf are refused;
 under jit they cannot be checked, and the result is then unspecified.
@@ -53,27 +54,29 @@ def lap(cost: jax.Array, maximize: bool = True, method: str = "auto") -> jax.Arr
     raise ValueError(f"lap: method must be one of {METHODS}, got {method!r}")
   _check(cost)
   cost = jnp.asarray(cost, jnp.float32)
-  solve = _scipy if method in ("auto", "scipy") else _hungarian
   batch = cost.shape[:-2]
   flat = cost.reshape((-1,) + cost.shape[-2:])
   signed = -flat if maximize else flat
   if method == "jax":
     out = jax.vmap(_hungarian)(signed)
-  else:
-    out = solve(signed)
+  elif isinstance(signed, jax.core.Tracer):
+    out = _scipy(signed)
+  else:  # Concrete costs: SciPy directly, without a callback's overhead.
+    out = jnp.asarray(_scipy_host(np.asarray(signed)))
   return out.reshape(batch + cost.shape[-1:])
 
 
+def _scipy_host(c: np.ndarray) -> np.ndarray:
+  """Minimising assignments of f32[..., n, n] with SciPy."""
+  c = np.asarray(c)
+  cols = [scipy.optimize.linear_sum_assignment(m)[1] for m in c.reshape((-1,) + c.shape[-2:])]
+  return np.stack(cols).reshape(c.shape[:-1]).astype(np.int32)
+
+
 def _scipy(costs: jax.Array) -> jax.Array:
-  """Minimising assignments of f32[b, n, n] on the host."""
-
-  def host(c):
-    c = np.asarray(c)
-    return np.stack([scipy.optimize.linear_sum_assignment(m)[1] for m in c.reshape((-1,) + c.shape[-2:])]
-                    ).reshape(c.shape[:-1]).astype(np.int32)
-
+  """Minimising assignments of f32[b, n, n] on the host, from inside jit."""
   out = jax.ShapeDtypeStruct(costs.shape[:-1], jnp.int32)
-  return jax.pure_callback(host, out, costs, vmap_method="expand_dims")
+  return jax.pure_callback(_scipy_host, out, costs, vmap_method="expand_dims")
 
 
 def _hungarian(cost: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ import math
 import warnings
 
 import flax.linen as nn
+import hypothesis
+from hypothesis import strategies as st
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -369,3 +371,12 @@ def test_linen_module_with_submodule_sharing_is_sound():
   variables = model.init(jax.random.key(0), x)
   spec = trace.permutation_spec(model.apply, variables, x)
   _assert_invariant(model.apply, variables, spec, x)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(st.integers(0, 2**31 - 1))
+def test_any_permutation_from_the_traced_spec_preserves_the_transformer(seed):
+  params = _transformer_params(seed=seed % 7)
+  x = np.random.default_rng(seed).standard_normal((2, 5, DIN)).astype(np.float32)
+  spec = trace.permutation_spec(_transformer, params, x)
+  _assert_invariant(_transformer, params, spec, x, seed=seed)
