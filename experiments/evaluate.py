@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 LogitsFn = Callable[[jax.Array], jax.Array]

@@ -1,7 +1,6 @@
 """Tests for mergejax.repair: batch-norm reset and REPAIR against NumPy."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
