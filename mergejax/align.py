@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mergejax.lap import lap
 from mergejax import permute
 from mergejax import spec as spec_lib
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree
+from mergejax.lap import lap
 
 PyTree = Any
 Perm = dict[str, jax.Array]
@@ -79,10 +79,6 @@ def unit_rows(x: jax.Array, ref: spec_lib.AxisRef) -> jax.Array:
   return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
-def _identity(spec: spec_lib.PermutationSpec) -> Perm:
-  return {g: jnp.arange(n, dtype=jnp.int32) for g, n in spec.sizes.items()}
-
-
 def _many(fn: Callable[..., MatchResult]) -> Callable[..., Any]:
   """Lets `vb` be one model or a sequence of models aligned to `va`."""
 
@@ -117,13 +113,9 @@ class _WeightCosts:
     n = self.spec.sizes[g]
     total = jnp.zeros((n, n), jnp.float32)
     for ref in self.spec.groups[g]:
-      others: dict[str, list[spec_lib.AxisRef]] = {}
+      leaf_b = b[ref.path]
       for h, r in self.by_path[ref.path]:
         if r != ref:
-          others.setdefault(h, []).append(r)
-      leaf_b = b[ref.path]
-      for h, rs in others.items():
-        for r in rs:
           leaf_b = permute.take_units(leaf_b, perm[h], r)
       rows_a = unit_rows(jnp.asarray(a[ref.path], jnp.float32), ref)
       rows_b = unit_rows(jnp.asarray(leaf_b, jnp.float32), ref)
@@ -167,7 +159,7 @@ def weight_matching(
   """
   _check_models(spec, va, vb)
   key = jax.random.key(0) if key is None else key
-  perm0 = _identity(spec) if init_perm is None else dict(init_perm)
+  perm0 = permute.identity_permutation(spec) if init_perm is None else dict(init_perm)
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
   run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
   perm, trace_, sweeps = run(key, perm0, va, vb)
@@ -435,7 +427,7 @@ def ste_matching(
 
   w = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), va)
   opt_state = optimizer.init(w)
-  perm = _identity(spec)
+  perm = permute.identity_permutation(spec)
   losses = []
   stream = _cycle(batches)
   for _ in range(num_steps):
