@@ -163,22 +163,25 @@ def weight_matching(
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
   run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
   perm, trace_, sweeps = run(key, perm0, va, vb)
-  costs = _WeightCosts(spec)
-  a, b = _leaves_by_path(va), _leaves_by_path(vb)
-  scores = _pair_scores(costs, perm, a, b)
+  scores = _pair_scores(_spec_key(spec))(perm, va, vb)
   return MatchResult(perm, trace_[: int(sweeps)], scores)
 
 
-def _pair_scores(costs: _WeightCosts, perm: Perm, a: dict, b: dict) -> dict[str, jax.Array]:
+@functools.lru_cache(maxsize=32)
+def _pair_scores(key: tuple) -> Callable[[Perm, PyTree, PyTree], dict[str, jax.Array]]:
+  """Compiled once per spec: each group's similarity of its matched pairs."""
+  costs = _WeightCosts(_spec_from_key(key))
+
   @jax.jit
-  def scores(perm, a, b):
+  def scores(perm, va, vb):
+    a, b = _leaves_by_path(va), _leaves_by_path(vb)
     out = {}
     for g in costs.names:
       c = costs.cost(g, perm, a, b)
       out[g] = c[jnp.arange(c.shape[0]), perm[g]]
     return out
 
-  return scores(perm, a, b)
+  return scores
 
 
 def _spec_key(spec: spec_lib.PermutationSpec) -> tuple:
@@ -186,9 +189,13 @@ def _spec_key(spec: spec_lib.PermutationSpec) -> tuple:
   return tuple((g, spec.sizes[g], tuple(refs)) for g, refs in spec.groups.items())
 
 
+def _spec_from_key(key: tuple) -> spec_lib.PermutationSpec:
+  return spec_lib.PermutationSpec({g: refs for g, _, refs in key}, {g: n for g, n, _ in key})
+
+
 @functools.lru_cache(maxsize=32)
 def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: float):
-  spec = spec_lib.PermutationSpec({g: refs for g, _, refs in key}, {g: n for g, n, _ in key})
+  spec = _spec_from_key(key)
   costs = _WeightCosts(spec)
   names = costs.names
 
@@ -434,7 +441,7 @@ def ste_matching(
     key, sub = jax.random.split(key)
     w, opt_state, perm, value = step(w, opt_state, perm, sub, next(stream))
     losses.append(value)
-  scores = _pair_scores(_WeightCosts(spec), perm, _leaves_by_path(va), _leaves_by_path(vb))
+  scores = _pair_scores(_spec_key(spec))(perm, va, vb)
   return MatchResult(perm, jnp.stack(losses), scores)
 
 
