@@ -55,11 +55,6 @@ def _check_models(spec: spec_lib.PermutationSpec, va: PyTree, vb: PyTree) -> Non
   spec_lib.check_spec(spec, va)
 
 
-def _leaves_by_path(variables: PyTree) -> dict[tuple[str, ...], Any]:
-  return {tuple(tree.key_name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
-
-
 def _permuted_leaves(spec: spec_lib.PermutationSpec, perm: Perm, leaves: dict) -> dict:
   """Every leaf of `leaves` (keyed by path) permuted by all the groups."""
   out = dict(leaves)
@@ -175,7 +170,7 @@ def _pair_scores(key: tuple) -> Callable[[Perm, PyTree, PyTree], dict[str, jax.A
 
   @jax.jit
   def scores(perm, va, vb):
-    a, b = _leaves_by_path(va), _leaves_by_path(vb)
+    a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
     out = {}
     for g in costs.names:
       c = costs.cost(g, perm, a, b)
@@ -223,7 +218,7 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
 
   @jax.jit
   def run(key, perm, va, vb):
-    a, b = _leaves_by_path(va), _leaves_by_path(vb)
+    a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
 
     def sweep(state):
       s, perm, _, obj, key, history, _ = state

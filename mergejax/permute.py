@@ -63,13 +63,12 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
   """
   spec_lib.check_spec(spec, variables)
   check_permutation(spec, perm)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  paths = [tuple(tree.key_name(k) for k in p) for p, _ in flat]
-  leaves = dict(zip(paths, (leaf for _, leaf in flat)))
+  leaves = tree.leaves_by_path(variables)
+  updates = {}
   for g, refs in spec.groups.items():
     for ref in refs:
-      leaves[ref.path] = take_units(leaves[ref.path], perm[g], ref)
-  return jax.tree_util.tree_unflatten(treedef, [leaves[p] for p in paths])
+      updates[ref.path] = take_units(updates.get(ref.path, leaves[ref.path]), perm[g], ref)
+  return tree.replace_leaves(variables, updates)
 
 
 def identity_permutation(spec: spec_lib.PermutationSpec) -> Perm:

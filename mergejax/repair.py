@@ -165,7 +165,7 @@ def _unit_stats(apply_fn, variables, batches, layers, eps) -> list[tuple[jax.Arr
   def sums(variables, x):
     _, uses = trace.kernel_uses(apply_fn)(variables, x)
     out = []
-    leaves = _by_path(variables)
+    leaves = tree.leaves_by_path(variables)
     for path, out_axis, _ in layers:
       y = jnp.moveaxis(uses[path][0].output, out_axis, -1)
       bias = leaves.get(path[:-1] + ("bias",))
@@ -185,14 +185,10 @@ def _unit_stats(apply_fn, variables, batches, layers, eps) -> list[tuple[jax.Arr
   return result
 
 
-def _by_path(variables) -> dict:
-  return {tuple(tree.key_name(k) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
-
-
 def _rescale(variables, layer, mean, std, target_mean, target_std):
   path, _, k_axis = layer
   scale = target_std / std
-  leaves = _by_path(variables)
+  leaves = tree.leaves_by_path(variables)
   kernel = leaves[path]
   shape = [1] * kernel.ndim
   shape[k_axis] = -1
@@ -202,6 +198,4 @@ def _rescale(variables, layer, mean, std, target_mean, target_std):
     updates[bias_path] = (leaves[bias_path] - mean) * scale + target_mean
   elif not np.allclose(np.asarray(mean * scale), np.asarray(target_mean), atol=1e-3):
     raise ValueError(f"repair: {tree.path_str(path)} has no sibling bias to restore its mean")
-  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  return jax.tree_util.tree_unflatten(
-      treedef, [updates.get(tuple(tree.key_name(k) for k in p), v) for p, v in flat])
+  return tree.replace_leaves(variables, updates)

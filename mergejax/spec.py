@@ -20,7 +20,6 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from mergejax import tree
@@ -120,10 +119,7 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
   one: a view whose product is the axis size and whose component has the
   group's size), and no axis (or component of one) is claimed twice.
   """
-  shapes = {
-      tuple(tree.key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
-      for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
-  }
+  shapes = {path: tuple(getattr(leaf, "shape", ())) for path, leaf in tree.leaves_by_path(variables).items()}
   claims: dict[tuple[tuple[str, ...], int], list[tuple[str, tuple[int, int, int]]]] = {}
   for g, refs in spec.groups.items():
     n = spec.sizes[g]

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 import warnings
 
 import jax
-from jax import tree_util
 from jax.extend import core as jex_core
 
 from mergejax import spec as spec_lib
@@ -281,7 +280,7 @@ class _Interpreter:
 
   rule_argmin = rule_argmax
 
-  def _cumulative(self, eqn, ins, out_shapes):
+  def _cumulative_op(self, eqn, ins, out_shapes):
     self.classes.fix([ins[0][eqn.params["axis"]]])
     return [ins[0]]
 
@@ -407,11 +406,11 @@ class _Interpreter:
 for _name in INVARIANT_REDUCTIONS:
   setattr(_Interpreter, f"rule_{_name}", lambda self, eqn, ins, outs: self._reduce(eqn, ins, outs, fix=False))
 for _name in CUMULATIVE:
-  setattr(_Interpreter, f"rule_{_name}", _Interpreter._cumulative)
+  setattr(_Interpreter, f"rule_{_name}", _Interpreter._cumulative_op)
 
 
 def _paths(tree_: PyTree) -> list[tuple[str, ...]]:
-  return [tuple(tree.key_name(k) for k in path) for path, _ in tree_util.tree_flatten_with_path(tree_)[0]]
+  return list(tree.leaves_by_path(tree_))
 
 
 def permutation_spec(

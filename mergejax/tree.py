@@ -9,7 +9,7 @@ expensive work starts rather than deep inside a `jax.tree.map`.
 This module imports nothing else of mergejax.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import functools
 from typing import Any
 
@@ -31,6 +31,23 @@ def key_name(key: Any) -> str:
 def path_str(path: Sequence[Any]) -> str:
   """A key path as `a/b/c`; the root is `<root>`."""
   return "/".join(key_name(k) for k in path) or "<root>"
+
+
+def key_path(path: Sequence[Any]) -> tuple[str, ...]:
+  """A key path as a tuple of key names, as `AxisRef.path` holds it."""
+  return tuple(key_name(k) for k in path)
+
+
+def leaves_by_path(tree: PyTree) -> dict[tuple[str, ...], Any]:
+  """`{key_path: leaf}` in flattening order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {key_path(p): leaf for p, leaf in flat}
+
+
+def replace_leaves(tree: PyTree, updates: Mapping[tuple[str, ...], Any]) -> PyTree:
+  """`tree` with the leaves at the key paths of `updates` replaced."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return jax.tree_util.tree_unflatten(treedef, [updates.get(key_path(p), leaf) for p, leaf in flat])
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:

@@ -32,8 +32,8 @@ _MAX_ITER = flags.DEFINE_integer("max_iter", 100, "Most iterations (sweeps) for 
 
 def rebasin_loop(spec, va, vb, seed: int, max_iter: int):
   """Git Re-Basin's weight matching loop on the host (float32 NumPy + SciPy)."""
-  a = {p: np.asarray(x, np.float32) for p, x in align._leaves_by_path(va).items()}
-  b = {p: np.asarray(x, np.float32) for p, x in align._leaves_by_path(vb).items()}
+  a = {p: np.asarray(x, np.float32) for p, x in mj.tree.leaves_by_path(va).items()}
+  b = {p: np.asarray(x, np.float32) for p, x in mj.tree.leaves_by_path(vb).items()}
   by_path = {}
   for g, refs in spec.groups.items():
     for r in refs:
