@@ -253,7 +253,9 @@ class _Feature(NamedTuple):
   `summed` are the data's other axes that belong to groups: model B's units
   along them are permuted, so they are summed out (a sum is invariant to
   permutation) rather than kept as sample positions. With a factored axis the
-  view's other components are summed out likewise.
+  view's other components are summed out likewise where another group
+  permutes them (`sum_view`: heads and head_dim), and are positions otherwise
+  (the spatial positions of a flatten).
   """
 
   group: str
@@ -263,6 +265,7 @@ class _Feature(NamedTuple):
   factor: tuple[tuple[int, ...], int] | None
   is_output: bool
   summed: tuple[int, ...]
+  sum_view: bool
 
 
 def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Feature]:
@@ -278,8 +281,10 @@ def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Featur
         grouped = [d for d, ka in pairs if (path, ka) in by_axis]
         for data_axis, kernel_axis in pairs:
           summed = tuple(d for d in grouped if d != data_axis)
-          for g, factor in by_axis.get((path, kernel_axis), []):
-            plan[g][is_output].append(_Feature(g, path, k, data_axis, factor, is_output, summed))
+          claims = by_axis.get((path, kernel_axis), [])
+          for g, factor in claims:
+            plan[g][is_output].append(
+                _Feature(g, path, k, data_axis, factor, is_output, summed, len(claims) > 1))
   return [f for g in spec.groups for f in (plan[g][0] or plan[g][1])]
 
 
@@ -291,7 +296,8 @@ def _feature_rows(x: jax.Array, feature: _Feature) -> jax.Array:
   if feature.factor is not None:
     view, index = feature.factor
     x = jnp.moveaxis(x.reshape(x.shape[:-1] + tuple(view)), x.ndim - 1 + index, -1)
-    x = x.sum(axis=tuple(range(x.ndim - len(view), x.ndim - 1)))
+    if feature.sum_view:
+      x = x.sum(axis=tuple(range(x.ndim - len(view), x.ndim - 1)))
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 

@@ -116,6 +116,17 @@ def test_activation_matching_recovers_a_permutation(name):
     np.testing.assert_allclose(result.pair_scores[g] / np.max(result.pair_scores[g]), 1.0, atol=1e-3)
 
 
+def test_activation_matching_through_a_flatten_keeps_spatial_positions():
+  model = models.build("vgg", features=(4, "M", 6), dense=(5,), batch_norm=False)
+  va, x = _init(model, (8, 8, 1), batch=4)
+  va = jax.tree_util.tree_map_with_path(
+      lambda p, v: np.abs(v) + 1 if jax.tree_util.keystr(p).endswith("['bias']") else v, va)
+  spec = trace.permutation_spec(model.apply, va, x)
+  vb, perm = _permuted_copy(spec, va)
+  batches = [np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype(np.float32)]
+  _assert_recovers(align.activation_matching(spec, model.apply, vb, va, batches, progress=False), perm)
+
+
 def test_ste_matching_recovers_a_permutation():
   model, va, x, spec = _zoo("mlp")
   vb, perm = _permuted_copy(spec, va)
