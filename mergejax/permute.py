@@ -6,7 +6,8 @@
 
 Permutations are gathers (DESIGN.md): for every AxisRef of group g,
 `take(leaf, perm[g], axis)` (for a factored axis, along its component of the
-view), so B's unit `perm[g][i]` lands on A's unit i.
+view), so B's unit `perm[g][i]` lands on A's unit i. A permutation is a dict
+`{group: int[n]}` over exactly the spec's groups.
 """
 
 from collections.abc import Mapping
@@ -23,46 +24,87 @@ PyTree = Any
 Perm = dict[str, jax.Array]
 
 
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
 def take_units(x: jax.Array, perm: jax.Array, ref: spec_lib.AxisRef) -> jax.Array:
-  """`x` with the units of `ref`'s axis (or axis component) gathered by `perm`."""
+  """`x` with the units of `ref`'s axis (or axis component) gathered by `perm`.
+
+  Args:
+    x: the leaf `ref` points at, any shape and dtype.
+    perm: int[n], the units' new order: unit i of the result is unit
+      `perm[i]` of `x`.
+    ref: the axis; with a factor `(view, index)` the axis is reshaped to
+      `view`, gathered along component `index`, and reshaped back.
+
+  Returns:
+    An array of `x`'s shape and dtype (a NumPy array when `x` is one and
+    `perm` is concrete, so NumPy dtypes such as float64 are kept).
+  """
+  xp = np if isinstance(x, np.ndarray) and not _is_traced(perm) else jnp
+  perm = np.asarray(perm) if xp is np else perm
   if ref.factor is None:
-    return jnp.take(x, perm, axis=ref.axis)
+    return xp.take(x, perm, axis=ref.axis)
   view, index = ref.factor
   shape = x.shape
-  x = jnp.reshape(x, shape[:ref.axis] + tuple(view) + shape[ref.axis + 1:])
-  return jnp.reshape(jnp.take(x, perm, axis=ref.axis + index), shape)
+  viewed = xp.reshape(x, shape[:ref.axis] + tuple(view) + shape[ref.axis + 1:])
+  return xp.reshape(xp.take(viewed, perm, axis=ref.axis + index), shape)
 
 
 def check_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any]) -> None:
   """Raises ValueError unless `perm` holds one permutation per group of `spec`.
 
-  Values are checked when they are concrete; traced ones (under jit) only by
-  shape and dtype.
+  `perm` must name exactly the spec's groups, and each `perm[g]` must be an
+  integer array of shape `(sizes[g],)`. Concrete values must be a
+  permutation of `range(sizes[g])`; traced ones (under jit) are checked by
+  shape and dtype only.
+
+  Raises:
+    ValueError: naming the missing or unknown groups, or the group whose
+      permutation is wrong.
   """
+  if not isinstance(perm, Mapping):
+    raise ValueError(f"a permutation is a dict {{group: int[n]}}, got {type(perm).__name__}")
   missing, unknown = sorted(set(spec.groups) - set(perm)), sorted(set(perm) - set(spec.groups))
   if missing or unknown:
     raise ValueError(f"permutation: missing groups {missing}, unknown groups {unknown}")
-  for g, p in perm.items():
-    n = spec.sizes[g]
-    if tuple(jnp.shape(p)) != (n,) or not jnp.issubdtype(jnp.result_type(p), jnp.integer):
-      raise ValueError(f"permutation of group {g!r}: expected int[{n}], got {jnp.result_type(p)}{list(jnp.shape(p))}")
-    if not isinstance(p, jax.core.Tracer) and not np.array_equal(np.sort(np.asarray(p)), np.arange(n)):
+  for g in spec.groups:
+    p, n = perm[g], spec.sizes[g]
+    shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
+    if shape != (n,) or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"permutation of group {g!r}: expected int[{n}], got {dtype}{list(shape)}")
+    if not _is_traced(p) and not np.array_equal(np.sort(np.asarray(p)), np.arange(n)):
       raise ValueError(f"permutation of group {g!r} is not a permutation of range({n})")
 
 
 def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], variables: PyTree) -> PyTree:
   """`variables` with every group's axes gathered by `perm[group]`.
 
+  For every group g and each of its AxisRefs, the leaf becomes
+  `take(leaf, perm[g], axis)` (along the factor's component for a factored
+  axis): unit i of the result is unit `perm[g][i]` of `variables`. With `va`
+  and `vb` two models and `perm` matching B's units to A's, the result is B
+  aligned to A, computing the same function as B.
+
+  Works under `jax.jit` (traced permutations are checked by shape and dtype).
+
   Args:
     spec: the groups; it must fit `variables` (`spec.check_spec`).
-    perm: group -> int[n], a permutation of range(n).
-    variables: the tree to permute (any leaves; dtypes are kept).
+    perm: group -> int[n], a permutation of range(n), for exactly the spec's
+      groups.
+    variables: the tree to permute (arrays of any dtype, kept).
 
   Returns:
-    A tree of the same structure; leaves no group touches are the same objects.
+    A tree of the same structure, shapes and dtypes; leaves no group touches
+    are the same objects.
+
+  Raises:
+    ValueError: before any work, for a bad permutation (`check_permutation`)
+      or a spec that does not fit `variables` (`spec.check_spec`).
   """
-  spec_lib.check_spec(spec, variables)
   check_permutation(spec, perm)
+  spec_lib.check_spec(spec, variables)
   leaves = tree.leaves_by_path(variables)
   updates = {}
   for g, refs in spec.groups.items():
@@ -72,22 +114,63 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
 
 
 def identity_permutation(spec: spec_lib.PermutationSpec) -> Perm:
+  """`{group: arange(n)}`: the permutation that changes nothing."""
   return {g: jnp.arange(n, dtype=jnp.int32) for g, n in spec.sizes.items()}
 
 
 def invert_permutation(perm: Mapping[str, Any]) -> Perm:
-  """The permutation that undoes `perm`: `apply(invert(p), apply(p, v)) == v`."""
+  """The permutation that undoes `perm`, group by group.
+
+  `invert(p)[g][p[g][i]] == i`, so `apply(invert(p), apply(p, v)) == v` and
+  `apply(p, apply(invert(p), v)) == v`. Jittable.
+
+  Args:
+    perm: group -> int[n], a permutation of range(n).
+
+  Returns:
+    group -> int32[n].
+  """
   return {g: jnp.argsort(jnp.asarray(p)).astype(jnp.int32) for g, p in perm.items()}
 
 
 def compose_permutations(first: Mapping[str, Any], second: Mapping[str, Any]) -> Perm:
-  """Applying `first`, then `second`: `apply(compose(p, q), v) == apply(q, apply(p, v))`."""
+  """The permutation that applies `first`, then `second`.
+
+  `compose(p, q)[g] == p[g][q[g]]`, so for any spec and variables
+  `apply(compose(p, q), v) == apply(q, apply(p, v))`. (Gathers compose in
+  this order: unit i after both is unit `q[i]` after `p`, which is unit
+  `p[q[i]]` of `v`.) Jittable.
+
+  Args:
+    first, second: group -> int[n], over the same groups and sizes.
+
+  Returns:
+    group -> int32[n], in `first`'s group order.
+
+  Raises:
+    ValueError: naming the groups or the group whose sizes differ.
+  """
   if set(first) != set(second):
-    raise ValueError(f"compose: groups differ: {sorted(set(first) ^ set(second))}")
+    raise ValueError(f"compose: the permutations' groups differ: {sorted(set(first) ^ set(second))}")
+  for g in first:
+    if np.shape(first[g]) != np.shape(second[g]):
+      raise ValueError(
+          f"compose: group {g!r} has shape {np.shape(first[g])} in the first permutation and"
+          f" {np.shape(second[g])} in the second"
+      )
   return {g: jnp.asarray(first[g])[jnp.asarray(second[g])].astype(jnp.int32) for g in first}
 
 
 def random_permutation(spec: spec_lib.PermutationSpec, key: jax.Array) -> Perm:
-  """One uniformly random permutation per group, deterministic given `key`."""
+  """One uniformly random permutation per group, deterministic given `key`.
+
+  Args:
+    spec: the groups and their sizes.
+    key: a `jax.random` key; group i (in `spec.groups` order) uses the i-th
+      key of `jax.random.split(key, len(groups))`.
+
+  Returns:
+    group -> int32[n].
+  """
   keys = jax.random.split(key, max(len(spec.sizes), 1))
   return {g: jax.random.permutation(k, n).astype(jnp.int32) for k, (g, n) in zip(keys, spec.sizes.items())}

@@ -2,8 +2,17 @@
 
 A `PermutationSpec` says which axes of a variables tree share one permutation
 (a *group*); a `MergeLayout` says, per group, how a merged model lays out that
-axis. Both are plain data: hashable where it matters, JSON round-trippable, and
-checked on construction.
+axis. Both are plain data: hashable, JSON round-trippable, and checked on
+construction.
+
+    spec = PermutationSpec({"h": [AxisRef(("params", "dense_0", "kernel"), 1),
+                                  AxisRef(("params", "dense_1", "kernel"), 0)]},
+                           {"h": 64})
+    check_spec(spec, variables)        # ValueError naming the path that does not fit
+    save_spec("spec.json", spec); load_spec("spec.json") == spec
+
+AxisRef factors are kept canonical (`canonical_ref`), so a spec written by
+hand and one traced from a jaxpr compare equal when they claim the same units.
 
 The merged axis of a group is laid out `merged | A only | B only`:
 
@@ -15,9 +24,12 @@ and `n_a = n_b = n - n_merged`: r = 1 is one model's width, r = 0 keeps both
 models whole side by side.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 import dataclasses
+import json
 import math
+import numbers
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,11 +41,15 @@ class AxisRef(NamedTuple):
   """One axis of one variable, as a member of a permutation group.
 
   Attributes:
-    path: the variable's key path, e.g. `("params", "Dense_0", "kernel")`.
-    axis: the axis of that variable.
-    factor: None, or `(shape, index)`: the axis is viewed as `shape` (row-major,
-      e.g. `(heads, head_dim)` or `(h, w, channels)` for a flatten before a Dense
-      layer) and the group permutes component `index` of that view.
+    path: the variable's key path as key names (`mergejax.tree.key_path`),
+      e.g. `("params", "Dense_0", "kernel")`.
+    axis: the axis of that variable (non-negative).
+    factor: None (the whole axis), or `(shape, index)`: the axis is viewed as
+      `shape` (row-major, e.g. `(heads, head_dim)`, or `(h * w, channels)` for
+      a flatten before a Dense layer) and the group permutes component `index`
+      of that view. A PermutationSpec keeps factors canonical: `(outer, n,
+      inner)` with outer and inner dropped where they are 1, and None where
+      both are (see `canonical_ref`).
   """
 
   path: tuple[str, ...]
@@ -41,13 +57,83 @@ class AxisRef(NamedTuple):
   factor: tuple[tuple[int, ...], int] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+def _where(ref: AxisRef) -> str:
+  return f"{tree.path_str(ref.path)} axis {ref.axis}"
+
+
+def _as_ref(value: Any) -> AxisRef:
+  """An AxisRef from an AxisRef or a `(path, axis[, factor])` sequence."""
+  if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in (2, 3):
+    raise ValueError(f"an AxisRef is (path, axis[, factor]), got {value!r}")
+  path, axis, *rest = value
+  if isinstance(path, str) or not isinstance(path, Sequence):
+    raise ValueError(f"AxisRef path must be a tuple of key names, got {path!r}")
+  for key in path:
+    if isinstance(key, bool) or not isinstance(key, (str, numbers.Integral)):
+      raise ValueError(f"AxisRef path {path!r}: key {key!r} is not a name or an index")
+  path = tuple(str(k) for k in path)
+  if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or axis < 0:
+    raise ValueError(f"{tree.path_str(path)}: axis must be a non-negative int, got {axis!r}")
+  factor = rest[0] if rest else None
+  if factor is not None:
+    if isinstance(factor, str) or not isinstance(factor, Sequence) or len(factor) != 2:
+      raise ValueError(f"{tree.path_str(path)} axis {axis}: factor must be (shape, index), got {factor!r}")
+    shape, index = factor
+    if (isinstance(shape, str) or not isinstance(shape, Sequence)
+        or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape)
+        or isinstance(index, bool) or not isinstance(index, numbers.Integral)
+        or not 0 <= index < len(shape)):
+      raise ValueError(
+          f"{tree.path_str(path)} axis {axis}: factor must be (shape of positive ints, index into"
+          f" it), got {factor!r}"
+      )
+    factor = (tuple(int(d) for d in shape), int(index))
+  return AxisRef(path, int(axis), factor)
+
+
+def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
+  """`ref` with its factor in canonical form, so equal claims compare equal.
+
+  A factor `(shape, index)` is rewritten as `(outer, n, inner)`, with outer =
+  prod(shape[:index]), n = shape[index], inner = prod(shape[index + 1:]);
+  outer and inner are dropped where they are 1 (n is always kept), and a
+  factor whose outer and inner are both 1 becomes None (the whole axis). So
+  `((4, 4, 32), 2)` becomes `((16, 32), 1)` and `((1, 8), 1)` becomes None.
+
+  Raises:
+    ValueError: naming the path, for a malformed path, axis or factor.
+  """
+  ref = _as_ref(ref)
+  if ref.factor is None:
+    return ref
+  shape, index = ref.factor
+  outer, n, inner = math.prod(shape[:index]), shape[index], math.prod(shape[index + 1:])
+  if outer == 1 and inner == 1:
+    return AxisRef(ref.path, ref.axis, None)
+  view = ((outer,) if outer > 1 else ()) + (n,) + ((inner,) if inner > 1 else ())
+  return AxisRef(ref.path, ref.axis, (view, 1 if outer > 1 else 0))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class PermutationSpec:
   """Groups of axes that share one permutation.
 
+      spec = PermutationSpec(
+          {"hidden": [AxisRef(("params", "dense_0", "kernel"), 1),
+                      AxisRef(("params", "dense_0", "bias"), 0),
+                      AxisRef(("params", "dense_1", "kernel"), 0)]},
+          {"hidden": 128})
+
+  Construction checks that groups and sizes name the same groups and
+  normalises every AxisRef (`canonical_ref`); `check_spec` checks the spec
+  against a variables tree. Group names and their order are the user's.
+  Two specs are equal when they have the same group names, sizes and, per
+  group, the same set of AxisRefs (their order within a group is free).
+
   Attributes:
-    groups: group name -> the axes it permutes.
-    sizes: group name -> the group's size (the permuted dimension).
+    groups: group name -> the axes it permutes (a tuple of AxisRefs; may be
+      empty, e.g. for a group of size 1, whose axes are never listed).
+    sizes: group name -> the group's size n (the permuted dimension).
   """
 
   groups: Mapping[str, tuple[AxisRef, ...]]
@@ -55,78 +141,147 @@ class PermutationSpec:
 
   def __post_init__(self):
     if set(self.groups) != set(self.sizes):
-      missing = sorted(set(self.groups) ^ set(self.sizes))
-      raise ValueError(f"groups and sizes name different groups: {missing}")
+      diff = sorted(set(self.groups) ^ set(self.sizes))
+      raise ValueError(f"groups and sizes name different groups: {diff}")
+    sizes = {}
     for name, size in self.sizes.items():
-      if not isinstance(size, int) or size < 1:
+      if not isinstance(name, str):
+        raise ValueError(f"group names must be str, got {name!r}")
+      if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"group {name!r}: size must be a positive int, got {size!r}")
-    object.__setattr__(
-        self,
-        "groups",
-        {g: tuple(_canonical(AxisRef(tuple(r[0]), int(r[1]), *r[2:])) for r in refs)
-         for g, refs in self.groups.items()},
-    )
-    object.__setattr__(self, "sizes", dict(self.sizes))
+      sizes[name] = int(size)
+    groups = {}
+    for g, refs in self.groups.items():
+      if isinstance(refs, (str, AxisRef)) or not isinstance(refs, Iterable):
+        raise ValueError(f"group {g!r}: expected a sequence of AxisRefs, got {refs!r}")
+      groups[g] = tuple(canonical_ref(r) for r in refs)
+    object.__setattr__(self, "groups", groups)
+    object.__setattr__(self, "sizes", {g: sizes[g] for g in groups})
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The group names, in the order they were given."""
+    return tuple(self.groups)
+
+  def _key(self) -> dict[str, tuple[int, frozenset[AxisRef]]]:
+    return {g: (self.sizes[g], frozenset(refs)) for g, refs in self.groups.items()}
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, PermutationSpec):
+      return NotImplemented
+    return self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash(frozenset(self._key().items()))
 
   def to_json(self) -> dict[str, Any]:
-    """`{"groups": {name: [[path, axis, factor], ...]}, "sizes": {name: n}}`."""
+    """`{"groups": {name: [[path, axis, factor], ...]}, "sizes": {name: n}}`.
+
+    Groups keep their order (and their AxisRefs theirs), so the text is
+    deterministic; `factor` is null or `[shape, index]`.
+    """
     return {
-        "groups": {g: [[list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
-                       for r in refs] for g, refs in self.groups.items()},
+        "groups": {
+            g: [[list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
+                for r in refs]
+            for g, refs in self.groups.items()
+        },
         "sizes": dict(self.sizes),
     }
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> "PermutationSpec":
-    groups = {
-        g: [AxisRef(tuple(path), axis, None if f is None else (tuple(f[0]), f[1])) for path, axis, f in refs]
-        for g, refs in data["groups"].items()
-    }
-    return cls(groups, {g: int(n) for g, n in data["sizes"].items()})
+    """The inverse of `to_json`.
+
+    Raises:
+      ValueError: for anything but `{"groups": {...}, "sizes": {...}}` of the
+        shapes `to_json` writes.
+    """
+    if not isinstance(data, Mapping) or set(data) != {"groups", "sizes"}:
+      keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+      raise ValueError(f"a PermutationSpec in JSON has keys ['groups', 'sizes'], got {keys}")
+    if not isinstance(data["groups"], Mapping) or not isinstance(data["sizes"], Mapping):
+      raise ValueError("a PermutationSpec in JSON maps group names to refs and to sizes")
+    return cls(dict(data["groups"]), dict(data["sizes"]))
 
 
-def _canonical(ref: AxisRef) -> AxisRef:
-  """The factor as `(outer, n, inner)` without 1s; None when it is the whole axis.
+def save_spec(path: str | os.PathLike, spec: PermutationSpec) -> None:
+  """Writes `spec` as JSON (`PermutationSpec.to_json`) to the file `path`."""
+  with open(path, "w") as f:
+    json.dump(spec.to_json(), f, indent=1)
+    f.write("\n")
 
-  So `((4, 4, 32), 2)` becomes `((16, 32), 1)` and `((1, 8), 1)` becomes None:
-  specs written by hand and traced compare equal.
-  """
+
+def load_spec(path: str | os.PathLike) -> PermutationSpec:
+  """The PermutationSpec saved by `save_spec` in the file `path`."""
+  with open(path) as f:
+    return PermutationSpec.from_json(json.load(f))
+
+
+class _Claim(NamedTuple):
+  """The units one AxisRef permutes: the middle of `(outer, n, inner)` of its axis."""
+
+  group: str
+  outer: int
+  n: int
+  inner: int
+  factored: bool
+
+
+def _claim(group: str, ref: AxisRef, size: int) -> _Claim:
   if ref.factor is None:
-    return ref
-  shape, index = tuple(int(d) for d in ref.factor[0]), int(ref.factor[1])
-  if not 0 <= index < len(shape):
-    raise ValueError(f"{'/'.join(ref.path)} axis {ref.axis}: factor index {index} outside {shape}")
-  outer, n, inner = math.prod(shape[:index]), shape[index], math.prod(shape[index + 1:])
-  if outer == 1 and inner == 1:
-    return AxisRef(ref.path, ref.axis, None)
-  view = tuple(d for d in (outer, n, inner) if d != 1)
-  return AxisRef(ref.path, ref.axis, (view, 0 if outer == 1 else 1))
-
-
-def _claim(ref: AxisRef, size: int) -> tuple[int, int, int]:
-  """The units `ref` permutes as (outer, n, inner) of its axis of `size`."""
-  if ref.factor is None:
-    return (1, size, 1)
+    return _Claim(group, 1, size, 1, False)
   view, index = ref.factor
   outer = math.prod(view[:index])
-  return (outer, view[index], size // (outer * view[index]))
+  return _Claim(group, outer, view[index], size // (outer * view[index]), True)
+
+
+def _conflict(a: _Claim, b: _Claim, where: str) -> str | None:
+  """Why claims `a` and `b` on one axis cannot both hold, or None if they can.
+
+  Two factored claims hold together when they permute different components
+  of one common view of the axis: one's block `n * inner` divides the
+  other's `inner` (e.g. `(2, 12)` and `(6, 4)` are components 0 and 2 of the
+  view `(2, 3, 4)`).
+  """
+  if not (a.factored and b.factored) or (a.outer, a.n, a.inner) == (b.outer, b.n, b.inner):
+    return f"{where} is claimed by groups {a.group!r} and {b.group!r}"
+  if a.inner % (b.n * b.inner) == 0 or b.inner % (a.n * a.inner) == 0:
+    return None
+  return (
+      f"{where}: incompatible factors: group {a.group!r} permutes {(a.outer, a.n, a.inner)}"
+      f" and group {b.group!r} {(b.outer, b.n, b.inner)} (as (outer, n, inner)); they"
+      " overlap, not components of one view"
+  )
 
 
 def check_spec(spec: PermutationSpec, variables: Any) -> None:
   """Raises ValueError unless `spec` fits `variables`.
 
-  Every AxisRef names an existing leaf and axis of the right size (a factored
-  one: a view whose product is the axis size and whose component has the
-  group's size), and no axis (or component of one) is claimed twice.
+  Checks that every AxisRef's path names a leaf of `variables` (key names as
+  `mergejax.tree.key_path` gives them), its axis is in range, and the sizes
+  agree: a whole axis has the group's size; a factored one is viewed by a
+  shape whose product is the axis size and whose permuted component has the
+  group's size. No axis is claimed twice: a whole-axis AxisRef excludes any
+  other on the same axis, and factored ones must permute different
+  components of one common view of it.
+
+  Args:
+    spec: the groups.
+    variables: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+  Raises:
+    ValueError: naming the path, e.g. `params/hidden_0/kernel axis 1: size 64,
+      group 'hidden_0' has 32`.
   """
-  shapes = {path: tuple(getattr(leaf, "shape", ())) for path, leaf in tree.leaves_by_path(variables).items()}
-  claims: dict[tuple[tuple[str, ...], int], list[tuple[str, tuple[int, int, int]]]] = {}
+  shapes = {path: tuple(np.shape(leaf)) for path, leaf in tree.leaves_by_path(variables).items()}
+  claims: dict[tuple[tuple[str, ...], int], list[_Claim]] = {}
   for g, refs in spec.groups.items():
     n = spec.sizes[g]
     for ref in refs:
-      where = f"{'/'.join(ref.path)} axis {ref.axis}"
+      where = _where(ref)
       if ref.path not in shapes:
-        raise ValueError(f"group {g!r}: no variable {'/'.join(ref.path)}")
+        raise ValueError(f"group {g!r}: no variable {tree.path_str(ref.path)}")
       shape = shapes[ref.path]
       if not 0 <= ref.axis < len(shape):
         raise ValueError(f"group {g!r}: {where} out of range for shape {shape}")
@@ -136,21 +291,15 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
       if ref.factor is not None:
         view, index = ref.factor
         if math.prod(view) != size or view[index] != n:
-          raise ValueError(f"{where}: factor {ref.factor} does not view size {size} with {n} units of group {g!r}")
-      claim = _claim(ref, size)
-      for other, seen in claims.get((ref.path, ref.axis), []):
-        if not _compatible(claim, seen):
-          raise ValueError(f"{where} is claimed by groups {other!r} and {g!r}")
-      claims.setdefault((ref.path, ref.axis), []).append((g, claim))
-
-
-def _compatible(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-  """Two claims on one axis permute disjoint, nested components of it."""
-  (oa, na, ia), (ob, nb, ib) = a, b
-  if (oa, na, ia) == (ob, nb, ib):
-    return False
-  # a's block (na * ia) ends where b's component starts, or the reverse.
-  return ia == nb * ib or ib == na * ia
+          raise ValueError(
+              f"{where}: factor {ref.factor} does not view size {size} with {n} units of group {g!r}"
+          )
+      claim = _claim(g, ref, size)
+      for seen in claims.get((ref.path, ref.axis), []):
+        problem = _conflict(seen, claim, where)
+        if problem:
+          raise ValueError(problem)
+      claims.setdefault((ref.path, ref.axis), []).append(claim)
 
 
 def permutation_to_json(perm: Mapping[str, Any]) -> dict[str, list[int]]:
@@ -158,9 +307,22 @@ def permutation_to_json(perm: Mapping[str, Any]) -> dict[str, list[int]]:
   return {g: [int(i) for i in np.asarray(p)] for g, p in perm.items()}
 
 
-def permutation_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+def permutation_from_json(data: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The inverse of `permutation_to_json`: `{group: int32[n]}`."""
   return {g: np.asarray(p, np.int32) for g, p in data.items()}
+
+
+def save_permutation(path: str | os.PathLike, perm: Mapping[str, Any]) -> None:
+  """Writes `perm` (`{group: int[n]}`) as JSON to the file `path`."""
+  with open(path, "w") as f:
+    json.dump(permutation_to_json(perm), f)
+    f.write("\n")
+
+
+def load_permutation(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The permutation saved by `save_permutation`: `{group: int32[n]}`."""
+  with open(path) as f:
+    return permutation_from_json(json.load(f))
 
 
 class GroupLayout(NamedTuple):

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from mergejax import models
-from mergejax.spec import MergeLayout
+from mergejax import permute
+from mergejax import tree as tree_lib
+from mergejax.spec import AxisRef, MergeLayout, PermutationSpec, check_spec
 
 DIGITS = (8, 8, 1)
 RGB = (32, 32, 3)
@@ -381,3 +383,135 @@ def test_bad_inputs_are_refused(name, input_shape, message):
   model = models.build(name, **({"features": (2, "M", 2, "M", 2, "M")} if name == "vgg" else {}))
   with pytest.raises(ValueError, match=message):
     _shapes(model, input_shape)
+
+
+# Hand-written permutation specs: they fit, they name exactly the zoo's
+# groups, a random permutation drawn from them keeps every output (BatchNorm
+# in eval mode with non-trivial running statistics), and permuting a single
+# axis of any group alone changes the outputs.
+
+
+SPEC_MODELS = [
+    ("mlp", dict(features=(6, 5)), DIGITS),
+    ("mlp", dict(features=(6, 1, 5), num_classes=(3, 4)), DIGITS),  # a size-1 group
+    ("vgg", dict(features=(3, "M", 4), dense=(5,)), DIGITS),  # flatten of 4x4 positions
+    ("vgg", dict(features=(3, "M", 4), dense=(), num_classes=(3, 4)), DIGITS),  # heads read the flatten
+    ("vgg", dict(features=(2, "M", 3, "M", 4, "M"), dense=(5,), batch_norm=False), DIGITS),  # 1x1
+    ("resnet20", dict(stage_widths=(2, 3, 4), blocks=(1, 2, 1)), DIGITS),
+    ("resnet18", dict(stage_widths=(2, 3), blocks=(1, 1), num_classes=(3, 4)), RGB),
+    ("resnet50", dict(stage_widths=(2, 3), blocks=(2, 1)), RGB),  # bottlenecks, a stem group
+    ("vit", dict(patch_size=4, embed_dim=6, depth=2, num_heads=(2, 3), head_dim=2, mlp_dim=(5, 4)),
+     DIGITS),
+    ("vit", dict(patch_size=4, embed_dim=6, depth=2, num_heads=(1, 3), head_dim=3, mlp_dim=4,
+                 num_classes=(3, 4)), DIGITS),
+]
+
+
+def _random_stats(variables, seed=1):
+  """Non-trivial BatchNorm running statistics: any mean, positive var."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if name == "['var']":
+      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+    if name == "['mean']":
+      return rng.standard_normal(leaf.shape).astype(np.float32)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _outputs_differ(a, b) -> bool:
+  return any(not np.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("name,config,input_shape", SPEC_MODELS)
+def test_hand_spec_keeps_the_function(name, config, input_shape):
+  model = models.build(name, **config)
+  variables, x = _init(model, input_shape, batch=3)
+  variables = _random_stats(variables)
+  spec = models.permutation_spec(name, variables, **config)
+  check_spec(spec, variables)
+  assert spec.sizes == models.groups(name, **config)
+  assert spec.names == tuple(models.groups(name, **config))
+  assert models.permutation_spec(name, _shapes(model, input_shape), **config) == spec
+  # Every leaf takes part, but the heads' biases (outputs) and single units
+  # (size-1 axes are never in groups).
+  referenced = {r.path for refs in spec.groups.values() for r in refs}
+  for path, leaf in tree_lib.leaves_by_path(variables).items():
+    output = path[1].startswith("head") and path[-1] == "bias"
+    assert (path in referenced) != (output or leaf.size == 1), path
+  for g, refs in spec.groups.items():
+    assert refs or spec.sizes[g] == 1, g
+  apply = jax.jit(model.apply)
+  out = apply(variables, x)
+  for seed in (0, 1):
+    perm = permute.random_permutation(spec, jax.random.key(seed))
+    out_p = apply(permute.apply_permutation(spec, perm, variables), x)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_p), strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  # A broken spec, one axis of one group, changes the outputs (for every group).
+  for g, refs in spec.groups.items():
+    if refs:
+      broken = PermutationSpec({g: [refs[0]]}, {g: spec.sizes[g]})
+      shift = {g: np.roll(np.arange(spec.sizes[g]), 1)}
+      assert _outputs_differ(out, apply(permute.apply_permutation(broken, shift, variables), x)), (g, refs[0])
+
+
+def test_hand_specs_follow_the_documented_rule():
+  def refs(name, config, input_shape, group):
+    model = models.build(name, **config)
+    return set(models.permutation_spec(name, _shapes(model, input_shape), **config).groups[group])
+
+  p = lambda *keys: ("params", *keys)  # noqa: E731
+  assert refs("mlp", dict(features=(6, 5), num_classes=(3, 4)), DIGITS, "hidden_1") == {
+      AxisRef(p("hidden_1", "kernel"), 1), AxisRef(p("hidden_1", "bias"), 0),
+      AxisRef(p("head_0", "kernel"), 0), AxisRef(p("head_1", "kernel"), 0)}
+  # VGG: the flatten reads (h * w, channels); a 1x1 map reads the whole axis.
+  last = refs("vgg", dict(features=(3, "M", 4), dense=(5,)), DIGITS, "conv_1")
+  assert AxisRef(p("dense_0", "kernel"), 0, ((16, 4), 1)) in last
+  assert {AxisRef(("batch_stats", "bn_1", "mean"), 0), AxisRef(("batch_stats", "bn_1", "var"), 0),
+          AxisRef(p("bn_1", "scale"), 0), AxisRef(p("conv_1", "kernel"), 3)} < last
+  one = refs("vgg", dict(features=(2, "M", 3, "M", 4, "M"), dense=(), batch_norm=False), DIGITS, "conv_2")
+  assert one == {AxisRef(p("conv_2", "kernel"), 3), AxisRef(p("conv_2", "bias"), 0),
+                 AxisRef(p("head", "kernel"), 0)}
+  # ResNet-50: the stem has its own group, read by block 0's conv0 and projection.
+  config = dict(stage_widths=(2, 3), blocks=(2, 1))
+  stem = refs("resnet50", config, RGB, "stem")
+  assert {AxisRef(p("stem_conv", "kernel"), 3), AxisRef(p("stage0_block0", "conv0", "kernel"), 2),
+          AxisRef(p("stage0_block0", "proj_conv", "kernel"), 2)} < stem
+  stage0 = refs("resnet50", config, RGB, "stage0")
+  assert {AxisRef(p("stage0_block0", "proj_conv", "kernel"), 3),
+          AxisRef(("batch_stats", "stage0_block0", "proj_bn", "var"), 0),
+          AxisRef(p("stage0_block0", "conv2", "kernel"), 3), AxisRef(p("stage0_block1", "conv0", "kernel"), 2),
+          AxisRef(p("stage1_block0", "proj_conv", "kernel"), 2)} < stage0
+  assert refs("resnet50", config, RGB, "stage0.block1.conv1") == {
+      AxisRef(p("stage0_block1", "conv1", "kernel"), 3), AxisRef(p("stage0_block1", "bn1", "scale"), 0),
+      AxisRef(p("stage0_block1", "bn1", "bias"), 0), AxisRef(("batch_stats", "stage0_block1", "bn1", "mean"), 0),
+      AxisRef(("batch_stats", "stage0_block1", "bn1", "var"), 0), AxisRef(p("stage0_block1", "conv2", "kernel"), 2)}
+  # ResNet-20: the stem joins stage 0.
+  assert AxisRef(p("stem_conv", "kernel"), 3) in refs("resnet20", SMALL["resnet20"][0], DIGITS, "stage0")
+  # ViT attention.
+  config = SMALL["vit"][0]
+  att = lambda *keys: p("block1", "attention", *keys)  # noqa: E731
+  assert refs("vit", config, DIGITS, "block1.heads") == {
+      *(AxisRef(att(k, "kernel"), 1) for k in ("query", "key", "value")),
+      *(AxisRef(att(k, "bias"), 0) for k in ("query", "key", "value")), AxisRef(att("out", "kernel"), 0)}
+  assert refs("vit", config, DIGITS, "block1.qk_dim") == {
+      AxisRef(att("query", "kernel"), 2), AxisRef(att("key", "kernel"), 2),
+      AxisRef(att("query", "bias"), 1), AxisRef(att("key", "bias"), 1)}
+  assert refs("vit", config, DIGITS, "block1.vo_dim") == {
+      AxisRef(att("value", "kernel"), 2), AxisRef(att("value", "bias"), 1), AxisRef(att("out", "kernel"), 1)}
+  embed = refs("vit", config, DIGITS, "embed")
+  assert {AxisRef(p("patch_embed", "kernel"), 3), AxisRef(p("patch_embed", "bias"), 0),
+          AxisRef(p("cls_token"), 2), AxisRef(p("pos_embedding"), 2), AxisRef(att("query", "kernel"), 0),
+          AxisRef(att("out", "kernel"), 2), AxisRef(att("out", "bias"), 0), AxisRef(p("ln_final", "scale"), 0),
+          AxisRef(p("block0", "mlp_out", "kernel"), 1), AxisRef(p("head", "kernel"), 0)} < embed
+  # A group of one head lists no axes.
+  assert refs("vit", dict(config, num_heads=(1, 3)), DIGITS, "block0.heads") == set()
+
+
+def test_hand_spec_needs_the_flatten_reader():
+  with pytest.raises(ValueError, match="no params/dense_0/kernel"):
+    models.permutation_spec("vgg", {"params": {}}, features=(3, "M", 4), dense=(5,))

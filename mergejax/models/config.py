@@ -53,6 +53,15 @@ class ModelConfig(abc.ABC):
   def permutation_spec(self, variables: Any) -> spec_lib.PermutationSpec:
     """The model's permutation groups written by hand (names as `groups()`).
 
+    A group holds every axis of every variable (params and batch_stats
+    alike) whose units must be permuted with the group's for the function to
+    stay the same: the layer that produces the units (kernel output axis,
+    bias, the norm after it, running statistics included) and every layer
+    that reads them (kernel input axis, and the task heads' kernels). Model
+    inputs and outputs are fixed, and size-1 axes are never listed (a group
+    of size 1 has no axes). This is the rule `mergejax.trace` follows, so a
+    traced spec claims the same AxisRefs.
+
     Args:
       variables: the model's variables or their shapes (`jax.eval_shape`),
         for what the config cannot know (the spatial size at a flatten).
@@ -63,7 +72,9 @@ class SpecBuilder:
   """Collects AxisRefs group by group, in the zoo's layer conventions.
 
   Dense kernels are (in, out), convolution kernels HWIO, BatchNorm has scale
-  and bias in `params` and mean and var in `batch_stats`.
+  and bias in `params` and mean and var in `batch_stats`. A group of size 1
+  keeps its name and size but lists no axes: size-1 axes are never in groups
+  (permuting them changes nothing), as in traced specs.
   """
 
   def __init__(self, sizes: Mapping[str, int]):
@@ -71,20 +82,24 @@ class SpecBuilder:
     self.refs: dict[str, list[spec_lib.AxisRef]] = {g: [] for g in sizes}
 
   def add(self, group: str | None, path: Sequence[str], axis: int, factor=None) -> None:
-    if group is not None:
+    """Adds `path`'s `axis` (or its `factor` component) to `group`; None: fixed."""
+    if group is not None and self.sizes[group] > 1:
       self.refs[group].append(spec_lib.AxisRef(tuple(path), axis, factor))
 
   def dense(self, name: Sequence[str], g_in: str | None, g_out: str | None, *, in_factor=None,
             bias: bool = True, kernel_axes: tuple[int, int] = (0, 1)) -> None:
+    """A Dense layer `params/*name`: kernel (in, out) and bias (out,)."""
     self.add(g_in, ("params", *name, "kernel"), kernel_axes[0], in_factor)
     self.add(g_out, ("params", *name, "kernel"), kernel_axes[1])
     if bias:
       self.add(g_out, ("params", *name, "bias"), 0)
 
   def conv(self, name: Sequence[str], g_in: str | None, g_out: str, *, bias: bool) -> None:
+    """A convolution `params/*name`: kernel HWIO (in: axis 2, out: axis 3), bias (out,)."""
     self.dense(name, g_in, g_out, bias=bias, kernel_axes=(2, 3))
 
   def norm(self, name: Sequence[str], group: str, *, running: bool) -> None:
+    """A norm `*name`: scale and bias in params; with `running`, mean and var in batch_stats."""
     for leaf in ("scale", "bias"):
       self.add(group, ("params", *name, leaf), 0)
     if running:
@@ -92,11 +107,13 @@ class SpecBuilder:
         self.add(group, ("batch_stats", *name, leaf), 0)
 
   def heads(self, num_classes, group: str, in_factor=None) -> None:
+    """The task heads' kernels read `group` (axis 0); their outputs are fixed."""
     names = ["head"] if isinstance(num_classes, int) else [f"head_{t}" for t in range(len(num_classes))]
     for name in names:
       self.add(group, ("params", name, "kernel"), 0, in_factor)
 
   def build(self) -> spec_lib.PermutationSpec:
+    """The spec, with the groups in the order of `sizes`."""
     return spec_lib.PermutationSpec(self.refs, self.sizes)
 
 

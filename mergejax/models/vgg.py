@@ -100,10 +100,19 @@ class VGGConfig(config.ModelConfig):
       b.conv([g], convs[i - 1] if i else None, g, bias=not self.batch_norm)
       if self.batch_norm:
         b.norm([f"bn_{i}"], g, running=True)
-    # The flatten: dense_0 (or the heads) read (h * w, channels) of the last conv.
+    # The flatten: dense_0 (or the heads) read (h * w, channels) of the last
+    # conv, position by position; h * w is known from the variables only.
     last, channels = convs[-1], self.groups()[convs[-1]]
-    first_reader = ("dense_0",) if self.dense else ("head" if isinstance(self.num_classes, int) else "head_0",)
-    flat = variables["params"][first_reader[0]]["kernel"].shape[0]
+    reader = "dense_0" if self.dense else ("head" if isinstance(self.num_classes, int) else "head_0")
+    try:
+      flat = variables["params"][reader]["kernel"].shape[0]
+    except (KeyError, TypeError, IndexError) as e:
+      raise ValueError(f"vgg: the variables have no params/{reader}/kernel to read the flatten from") from e
+    if flat % channels:
+      raise ValueError(
+          f"vgg: params/{reader}/kernel axis 0 has {flat} inputs, not a multiple of the last"
+          f" convolution's {channels} channels"
+      )
     factor = ((flat // channels, channels), 1)
     previous = last
     for i in range(len(self.dense)):
