@@ -1,0 +1,1 @@
+"""Merging methods, one module per family (DESIGN.md, Layout)."""
