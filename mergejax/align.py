@@ -333,9 +333,9 @@ def activation_matching(
     progress: log the pass's progress.
 
   Returns:
-    MatchResult; `objective_trace` holds one entry, the summed correlation of
-    the matched pairs over all groups; `pair_scores[g]` each pair's
-    correlation (summed over the group's features).
+    MatchResult; `objective_trace` holds one entry, the sum of the matched
+    pairs' scores over all groups; `pair_scores[g]` each pair's correlation,
+    averaged over the group's features (so in [-1, 1]).
   """
   _check_models(spec, va, vb)
   example, batches = _peek(batches)
@@ -352,7 +352,7 @@ def activation_matching(
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
   corr = {g: jnp.zeros((spec.sizes[g],) * 2, jnp.float32) for g in spec.groups}
   for f, m in zip(plan, moments):
-    corr[f.group] = corr[f.group] + m.correlation
+    corr[f.group] = corr[f.group] + m.correlation / sum(e.group == f.group for e in plan)
   perm = {g: lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}
   scores = {g: corr[g][jnp.arange(spec.sizes[g]), perm[g]] for g in spec.groups}
   total = sum(s.sum() for s in scores.values())

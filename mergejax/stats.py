@@ -156,6 +156,83 @@ def cross_moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> A
   return Accumulator(init, update, finalize)
 
 
+class Gram(NamedTuple):
+  """The uncentred Gram matrix of concatenated features.
+
+  Attributes:
+    count: the number of feature rows (examples times positions).
+    gram: f32[d, d], the sum over rows of z z^T, z = concat(features of each
+      variable set) (so `gram / count` is the second moment).
+    sizes: each variable set's feature width, in concatenation order (static).
+  """
+
+  count: jax.Array
+  gram: jax.Array
+  sizes: tuple[int, ...]
+
+
+def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int | None = None) -> Accumulator:
+  """Gram matrices Z^T Z of several models' features on the same inputs.
+
+  `variables` is a tuple `(v_1, ..., v_k)`; for each feature of
+  `feature_fn(v, x)` (a list of f32[batch, ..., d_i]), the rows of the k
+  models' features are concatenated, `z = [f(v_1) | ... | f(v_k)]`, and
+  `sum z z^T` accumulates in float32 with `Precision.HIGHEST` (TF32 would
+  ruin it). Every block of a least-squares problem over these features is a
+  slice of it: `X_a^T X_b` is the `(a, b)` block, and for a linear layer
+  `Y_b = X_b W_b`, so `X_a^T Y_b` is that block times `W_b`.
+
+  Args:
+    feature_fn: `(variables, x) -> [f32[batch, ..., d_i], ...]`, the leading
+      axis the examples (so padded rows are masked), the middle ones positions.
+    chunk: examples per step: each (device's) batch is split into chunks
+      whose features are computed and accumulated one after another, so a
+      convolution's patches exist for one chunk at a time.
+
+  Returns (from `finalize`): a list of Gram, one per feature.
+  """
+
+  def concatenated(variables, x):
+    per_model = [feature_fn(v, x) for v in variables]
+    return [jnp.concatenate([jnp.asarray(f, jnp.float32) for f in fs], axis=-1) for fs in zip(*per_model)]
+
+  sizes = []  # each feature's per-model widths, known once `init` has seen the shapes
+
+  def init(variables, x):
+    per_model = [jax.eval_shape(feature_fn, v, x) for v in variables]
+    sizes[:] = [tuple(f.shape[-1] for f in fs) for fs in zip(*per_model)]
+    return [(jnp.float32(0), jnp.zeros((sum(d),) * 2, jnp.float32)) for d in sizes]
+
+  def chunk_sums(variables, x, mask):
+    sums = []
+    for z in concatenated(variables, x):
+      z, w = _rows(z, mask)
+      sums.append((w.sum(), jnp.einsum("r,rd,re->de", w, z, z, precision=HIGHEST)))
+    return sums
+
+  def update(state, variables, x, mask, axis_name=None):
+    size = x.shape[0]
+    if chunk is None or chunk >= size:
+      sums = chunk_sums(variables, x, mask)
+    else:
+      steps = -(-size // chunk)
+      pad = steps * chunk - size
+      x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)]) if pad else mask
+      xs = (x.reshape(steps, chunk, *x.shape[1:]), mask.reshape(steps, chunk))
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(chunk_sums, variables, xs[0][0], xs[1][0]))
+      sums, _ = jax.lax.scan(
+          lambda acc, c: (jax.tree.map(jnp.add, acc, chunk_sums(variables, *c)), None), zero, xs)
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return [(n + dn, g + dg) for (n, g), (dn, dg) in zip(state, sums)]
+
+  def finalize(state):
+    return [Gram(n, g, d) for (n, g), d in zip(state, sizes)]
+
+  return Accumulator(init, update, finalize)
+
+
 def _inputs(batches) -> Iterable[Any]:
   for batch in (batches() if callable(batches) else batches):
     yield batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -219,7 +296,7 @@ def accumulate(
       jax.block_until_ready(state)
       last_log = time.perf_counter()
       logging.info("accumulate: %d batches, %.1f batches/s", count, count / (last_log - start))
-  return jax.device_put(stat.finalize(state), jax.local_devices()[0])
+  return stat.finalize(jax.device_put(state, jax.local_devices()[0]))
 
 
 def _chain(first, rest):

@@ -29,7 +29,7 @@ axis, and more than one unit. Group names are deterministic: the first
 AxisRef's path and axis, in the variables' flattening order.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import math
 from typing import Any, NamedTuple
 import warnings
@@ -521,12 +521,17 @@ class KernelUse(NamedTuple):
     input_axes: `(input axis, kernel axis)` pairs that were contracted.
     output_axes: `(output axis, kernel axis)` pairs the kernel's free axes
       became.
+    primitive: "dot_general" or "conv_general_dilated".
+    params: the operation's parameters (strides, padding, dimension
+      numbers...), as the primitive takes them.
   """
 
   input: Any
   output: Any
   input_axes: tuple[tuple[int, int], ...]
   output_axes: tuple[tuple[int, int], ...]
+  primitive: str
+  params: Mapping[str, Any]
 
 
 def kernel_uses(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]]]]:
@@ -599,7 +604,7 @@ def _evaluate(jaxpr, consts, args, provenance, uses) -> list:
         contracted, produced = _kernel_axes(eqn, kernel_is_lhs)
         kernel = sources[0] if kernel_is_lhs else sources[1]
         data = values[1] if kernel_is_lhs else values[0]
-        uses.setdefault(kernel, []).append(KernelUse(data, outs[0], contracted, produced))
+        uses.setdefault(kernel, []).append(KernelUse(data, outs[0], contracted, produced, name, dict(eqn.params)))
       if name in _PASS_THROUGH and sources[0]:
         origin[eqn.outvars[0]] = sources[0]
     env.update(zip(eqn.outvars, outs))

@@ -1,0 +1,275 @@
+"""Combining two aligned models unit by unit into one model of any width.
+
+A `UnitMap` says, for one permutation group of n units, where each unit of
+the merged model comes from. Number the concatenated units of both models
+`0..n-1` (model A) and `n..2n-1` (model B, already aligned to A):
+
+    merged unit p     = sum_k weight[p, k] * unit[index[p, k]]   (merge)
+    unit k is read as   merged unit unmerge[k]                   (unmerge)
+
+PLeaS's partial matching (`partial_map`: merged pairs, then A's kept units,
+then B's: DESIGN.md, MergeLayout) and ZipIt! both produce UnitMaps;
+`combine_leaf` and `combine` apply them to arrays and to whole variable trees.
+
+    maps = {g: partial_map(merged_units[g]) for g in spec.groups}
+    w0 = combine(spec, maps, va, vb_aligned, inputs=kernel_input_axes)
+
+A leaf's grouped axis is an *output* axis (its units are merged rows) unless
+the leaf is a kernel that contracts it with the layer's input: then it is an
+*input* axis, whose original units are summed onto the merged unit they are
+read from. Each entry averages the contributions of the models that reach
+it: an output kept from A reads nothing kept only from B (a structural zero),
+and a leaf without grouped output axes (a shared classifier and its bias)
+is the mean of both models' (so with nothing merged the merged network
+computes the ensemble). `models=(0,)` restricts a leaf to model A (a task
+head of its own).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import spec as spec_lib
+from mergejax import tree
+
+PyTree = Any
+
+
+class UnitMap(NamedTuple):
+  """How one group's merged units come from both models' units.
+
+  Attributes:
+    index: int32[w, 2], concatenated unit indices (A: 0..n-1, B: n..2n-1)
+      each merged unit combines.
+    weight: f32[w, 2], their weights (a unit alone is `(1, 0)`).
+    unmerge: int32[2n], the merged unit each original unit is read from.
+  """
+
+  index: np.ndarray
+  weight: np.ndarray
+  unmerge: np.ndarray
+
+  @property
+  def width(self) -> int:
+    return self.index.shape[0]
+
+  @property
+  def size(self) -> int:
+    return self.unmerge.shape[0] // 2
+
+
+def partial_map(merged: Sequence[bool]) -> UnitMap:
+  """PLeaS's layout: `merged | A only | B only`, each part in unit order.
+
+  Args:
+    merged: bool[n], the (aligned) pairs to merge; the others are kept from
+      both models.
+  """
+  merged = np.asarray(merged, bool)
+  n = merged.shape[0]
+  both, kept = np.flatnonzero(merged), np.flatnonzero(~merged)
+  m, k = both.size, kept.size
+  index = np.concatenate([np.stack([both, both + n], 1), np.stack([kept, kept], 1),
+                          np.stack([kept + n, kept + n], 1)]).astype(np.int32)
+  weight = np.concatenate([np.full((m, 2), 0.5), np.tile([[1.0, 0.0]], (2 * k, 1))]).astype(np.float32)
+  unmerge = np.empty(2 * n, np.int32)
+  unmerge[both] = unmerge[both + n] = np.arange(m)
+  unmerge[kept] = m + np.arange(k)
+  unmerge[kept + n] = m + k + np.arange(k)
+  return UnitMap(index, weight, unmerge)
+
+
+def layout_of(maps: Mapping[str, UnitMap]) -> spec_lib.MergeLayout:
+  """The MergeLayout of PLeaS UnitMaps (merged pairs, A's kept, B's kept)."""
+  out = {}
+  for g, m in maps.items():
+    pairs = int(np.sum((m.index[:, 0] < m.size) & (m.index[:, 1] >= m.size)))
+    out[g] = (pairs, m.size - pairs, m.size - pairs)
+  return spec_lib.MergeLayout(out)
+
+
+class ModelPart(NamedTuple):
+  """One model's share of a UnitMap, in that model's own unit numbers.
+
+  Attributes:
+    index: int32[w, 2], the model's units each merged unit takes (0 where
+      the weight is 0).
+    weight: f32[w, 2], their weights; 0 for the other model's units.
+    unmerge: int32[n], the merged unit each of the model's units is read from.
+  """
+
+  index: np.ndarray
+  weight: np.ndarray
+  unmerge: np.ndarray
+
+
+def model_part(m: UnitMap, model: int) -> ModelPart:
+  """Model `model`'s (0: A, 1: B) share of `m`."""
+  n = m.size
+  own = (m.index >= model * n) & (m.index < (model + 1) * n)
+  return ModelPart(np.where(own, m.index - model * n, 0).astype(np.int32),
+                   np.where(own, m.weight, 0.0).astype(np.float32),
+                   m.unmerge[model * n:(model + 1) * n])
+
+
+class Axis(NamedTuple):
+  """A grouped axis of an array: its position, map, and role."""
+
+  axis: int
+  map: UnitMap
+  is_input: bool
+
+
+def _along(v: np.ndarray, axis: int, ndim: int) -> jax.Array:
+  return jnp.reshape(jnp.asarray(v), [-1 if d == axis else 1 for d in range(ndim)])
+
+
+def merge_side(x: jax.Array, axes: Sequence[Axis], model: int) -> tuple[jax.Array, jax.Array]:
+  """Model `model`'s contribution to the merged array, and its weight mass.
+
+  Args:
+    x: the model's array.
+    axes: its grouped axes.
+    model: 0 (A) or 1 (B).
+
+  Returns:
+    `(contribution, mass)`: the model's units merged along output axes and
+    summed along input axes, and f32 broadcastable to it: the total weight
+    the model has at each merged output position (the normaliser's share).
+  """
+  mass = jnp.float32(1.0)
+  for ax in axes:
+    part = model_part(ax.map, model)
+    if ax.is_input:
+      moved = jnp.moveaxis(x, ax.axis, 0)
+      x = jnp.moveaxis(jax.ops.segment_sum(moved, part.unmerge, num_segments=ax.map.width), 0, ax.axis)
+    else:
+      x = sum(jnp.take(x, part.index[:, k], axis=ax.axis) * _along(part.weight[:, k], ax.axis, x.ndim)
+              for k in range(2))
+      mass = mass * _along(part.weight.sum(1), ax.axis, x.ndim)
+  return x, mass
+
+
+def combine_leaf(xs: Sequence[jax.Array], axes: Sequence[Axis], models: Sequence[int] = (0, 1)) -> jax.Array:
+  """The merged array: the models' contributions over their total weight.
+
+  Args:
+    xs: `(x_a, x_b)`, the same leaf of both (aligned) models.
+    axes: the leaf's grouped axes (positions in `xs[0]`).
+    models: the models whose contributions reach this leaf.
+  """
+  total, norm = 0.0, 0.0
+  for model in models:
+    part, mass = merge_side(jnp.asarray(xs[model]), axes, model)
+    total, norm = total + part, norm + mass
+  return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0).astype(jnp.result_type(xs[0]))
+
+
+class LeafView(NamedTuple):
+  """A leaf seen with its factored axes split into their components.
+
+  Attributes:
+    shape: the split shape.
+    groups: (position in the split shape, group) of every grouped component.
+    parts: how many split axes each original axis became.
+  """
+
+  shape: tuple[int, ...]
+  groups: tuple[tuple[int, str], ...]
+  parts: tuple[int, ...]
+
+  def merged_shape(self, widths: Mapping[str, int]) -> tuple[int, ...]:
+    """The original axes' sizes once every grouped component is `widths[g]` wide."""
+    split = list(self.shape)
+    for pos, g in self.groups:
+      split[pos] = widths[g]
+    out, start = [], 0
+    for k in self.parts:
+      out.append(int(np.prod(split[start:start + k], dtype=np.int64)))
+      start += k
+    return tuple(out)
+
+
+def leaf_view(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]], where: str = "") -> LeafView:
+  """The split view of a leaf of `shape` with grouped `refs` (group, AxisRef).
+
+  Raises:
+    ValueError: when two refs view one axis differently.
+  """
+  views: dict[int, tuple[int, ...]] = {}
+  for g, r in refs:
+    if r.factor is not None:
+      view = tuple(r.factor[0])
+      if views.setdefault(r.axis, view) != view:
+        raise ValueError(f"{where}: axis {r.axis} is viewed both as {views[r.axis]} and as {view};"
+                         " a merge needs one view per axis")
+  split, offsets, parts = [], [], []
+  for a, n in enumerate(shape):
+    offsets.append(len(split))
+    view = views.get(a, (n,))
+    split.extend(view)
+    parts.append(len(view))
+  groups = tuple(sorted((offsets[r.axis] + (r.factor[1] if r.factor else 0), g) for g, r in refs))
+  return LeafView(tuple(split), groups, tuple(parts))
+
+
+def refs_by_leaf(spec: spec_lib.PermutationSpec) -> dict[tuple[str, ...], list[tuple[str, spec_lib.AxisRef]]]:
+  """Leaf path -> its (group, AxisRef)s."""
+  out: dict[tuple[str, ...], list] = {}
+  for g, refs in spec.groups.items():
+    for r in refs:
+      out.setdefault(tuple(r.path), []).append((g, r))
+  return out
+
+
+def combine(
+    spec: spec_lib.PermutationSpec,
+    maps: Mapping[str, UnitMap],
+    va: PyTree,
+    vb: PyTree,
+    *,
+    inputs: Mapping[tuple[str, ...], frozenset[int]] | None = None,
+    models: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
+) -> PyTree:
+  """Every leaf of two aligned models combined by `maps` (see the module doc).
+
+  Args:
+    spec: the permutation groups; `maps` has one UnitMap per group, of its size.
+    maps: group -> UnitMap.
+    va, vb: the models' variables, `vb` aligned to `va`.
+    inputs: kernel path -> the kernel axes it contracts with its input.
+    models: leaf path -> the models reaching it (default both); `(0,)` for
+      model A's own task head.
+
+  Returns:
+    The merged variables, each grouped axis `maps[g].width` wide.
+  """
+  missing = sorted(set(spec.groups) - set(maps))
+  if missing:
+    raise ValueError(f"combine: no UnitMap for groups {missing}")
+  for g, m in maps.items():
+    if g in spec.sizes and m.size != spec.sizes[g]:
+      raise ValueError(f"combine: group {g!r} has {spec.sizes[g]} units but its UnitMap {m.size}")
+  inputs, models = inputs or {}, models or {}
+  by_leaf = refs_by_leaf(spec)
+  leaves_b = tree.leaves_by_path(vb)
+  out = {}
+  for path, xa in tree.leaves_by_path(va).items():
+    refs = by_leaf.get(path, [])
+    view = leaf_view(np.shape(xa), refs, tree.path_str(path))
+    contracted = inputs.get(path, frozenset())
+    split_inputs = {p for a in contracted for p in _split_positions(view, a)}
+    axes = [Axis(pos, maps[g], pos in split_inputs) for pos, g in view.groups]
+    xs = [jnp.reshape(jnp.asarray(x), view.shape) for x in (xa, leaves_b[path])]
+    merged = combine_leaf(xs, axes, models.get(path, (0, 1)))
+    out[path] = jnp.reshape(merged, view.merged_shape({g: maps[g].width for g in maps}))
+  return tree.replace_leaves(va, out)
+
+
+def _split_positions(view: LeafView, axis: int) -> range:
+  """The positions of original axis `axis`'s components in the split shape."""
+  start = sum(view.parts[:axis])
+  return range(start, start + view.parts[axis])

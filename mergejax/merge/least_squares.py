@@ -1,0 +1,286 @@
+"""Closed-form least squares for the layers of a merged model.
+
+Every layer of a PLeaS merge is fitted so its outputs match the originals'
+(DESIGN.md, How PLeaS works here, step 4):
+
+    minimise ||X W - Y||^2 + lam ||W - W0||^2,   lam = ridge * tr(X^T X) / d
+
+where X holds the merged model's inputs of the layer and Y the targets, both
+laid out `[(a + b) / 2 | a only | b only]` from the original models' features.
+All of it comes from one Gram matrix of the concatenated original inputs,
+`Z = [X_a | X_b]` (`mergejax.stats.gram`): the merged inputs are `Z T` for a
+sparse map T (`combine.merge_side`), and the targets are linear in Z too
+(`Y_s = X_s W_s` for the layer's own kernel, before its bias). Each of the
+three output blocks (merged, A only, B only) reads its own input columns (an
+output kept from A reads no input kept only from B), so a layer is three
+Cholesky solves on Gram sub-matrices.
+
+    plan = kernel_plan(use, kernel.shape)
+    rows = design_rows(use, kernel.shape)     # f32[batch, positions, d]
+    w = ridge_solve(gram, cross, w0, ridge)   # == lstsq([X; sqrt(lam) I], [Y; sqrt(lam) W0])
+
+A convolution's rows are its input patches from
+`lax.conv_general_dilated_patches`, whose features are ordered
+(C, kh, kw); `kernel_plan` orders the kernel's axes the same way.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from mergejax import stats
+from mergejax.merge import combine
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class KernelPlan(NamedTuple):
+  """A kernel as a matrix: rows its input axes, columns its output axes.
+
+  Attributes:
+    in_axes: the kernel axes contracted with the input, in the order of the
+      design rows' features.
+    out_axes: the kernel axes the output's features come from, in order.
+  """
+
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+
+
+def kernel_plan(use: Any, kernel_shape: Sequence[int], where: str = "") -> KernelPlan:
+  """The matrix view of a kernel from one of its uses (`trace.KernelUse`).
+
+  Raises:
+    ValueError: for a use the least squares cannot handle: a grouped or
+      batched convolution, a dot_general with batch axes on the kernel or
+      contracting the examples axis.
+  """
+  if use.primitive == "conv_general_dilated":
+    p = use.params
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+      raise ValueError(f"{where}: a grouped convolution (feature_group_count="
+                       f"{p['feature_group_count']}) has no dense least-squares form")
+    rhs = p["dimension_numbers"].rhs_spec
+    return KernelPlan((rhs[1], *rhs[2:]), (rhs[0],))
+  contracted = tuple(k for _, k in use.input_axes)
+  free = tuple(k for _, k in use.output_axes)
+  if len(contracted) + len(free) != len(kernel_shape):
+    raise ValueError(f"{where}: a kernel with batch axes (a batched dot_general) is not a layer"
+                     " the least squares can fit")
+  if any(d == 0 for d, _ in use.input_axes):
+    raise ValueError(f"{where}: the layer contracts its input's first axis, which must be the examples")
+  return KernelPlan(contracted, free)
+
+
+def design_rows(use: Any, kernel_shape: Sequence[int]) -> jax.Array:
+  """The layer's input as f32[batch, positions, d], features in `kernel_plan` order."""
+  x = jnp.asarray(use.input, jnp.float32)
+  if use.primitive == "conv_general_dilated":
+    p = use.params
+    dn = p["dimension_numbers"]
+    patches = jax.lax.conv_general_dilated_patches(
+        x, tuple(kernel_shape[a] for a in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
+        p["lhs_dilation"], p["rhs_dilation"], dn, precision=HIGHEST)
+    out = dn.out_spec
+    patches = jnp.moveaxis(patches, (out[0], out[1]), (0, -1))
+    return patches.reshape(patches.shape[0], -1, patches.shape[-1])
+  contracted = [d for d, _ in use.input_axes]
+  free = [d for d in range(x.ndim) if d not in contracted]
+  x = jnp.transpose(x, free + contracted)
+  d = int(np.prod([use.input.shape[a] for a in contracted], dtype=np.int64))
+  return x.reshape(x.shape[0], -1, d)
+
+
+def ridge_solve(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float, where: str = "") -> jax.Array:
+  """argmin_W ||X W - Y||^2 + lam ||W - W0||^2 from `gram = X^T X`, `cross = X^T Y`.
+
+  Args:
+    gram: f32[d, d].
+    cross: f32[d, k].
+    w0: f32[d, k], the weights the ridge pulls towards.
+    ridge: relative: `lam = ridge * tr(gram) / d`.
+    where: the layer, for the warning when the Cholesky factorisation fails
+      (then the system is solved in float64 on the host).
+
+  Returns:
+    f32[d, k].
+  """
+  d = gram.shape[0]
+  lam = ridge * jnp.trace(gram) / d
+  a = gram + lam * jnp.eye(d, dtype=gram.dtype)
+  b = cross + lam * w0
+  with jax.default_matmul_precision("highest"):
+    w = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
+  if bool(jnp.all(jnp.isfinite(w))):
+    return w
+  warnings.warn(f"{where}: the Cholesky factorisation of the Gram matrix failed (d={d}, ridge={ridge});"
+                " solving in float64 on the host", RuntimeWarning, stacklevel=2)
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return jnp.asarray(scipy.linalg.lstsq(a64, b64)[0], jnp.float32)
+
+
+class LayerReport(NamedTuple):
+  """Diagnostics of one layer's solve.
+
+  Attributes:
+    path: the kernel.
+    residual_before: ||X W0 - Y||^2 / ||Y||^2, at the combined weights.
+    residual_after: the same at the solution.
+    condition: the largest condition number of the blocks' Gram matrices.
+    blocks: how many output units each block (merged, A only, B only) has.
+  """
+
+  path: tuple[str, ...]
+  residual_before: float
+  residual_after: float
+  condition: float
+  blocks: tuple[int, int, int]
+
+
+def split_positions(view: combine.LeafView, axes: Sequence[int]) -> list[int]:
+  """The split-view positions of original axes `axes`, in that order."""
+  out = []
+  for a in axes:
+    start = sum(view.parts[:a])
+    out.extend(range(start, start + view.parts[a]))
+  return out
+
+
+def _as_matrix(x: jax.Array, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int]) -> jax.Array:
+  x = jnp.transpose(jnp.reshape(x, split_shape), list(rows) + list(cols))
+  d = int(np.prod([split_shape[p] for p in rows], dtype=np.int64))
+  return x.reshape(d, -1)
+
+
+def _from_matrix(w: jax.Array, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int],
+                 shape: Sequence[int]) -> jax.Array:
+  order = list(rows) + list(cols)
+  w = w.reshape([split_shape[p] for p in order])
+  return jnp.reshape(jnp.transpose(w, np.argsort(order)), shape)
+
+
+class _Side(NamedTuple):
+  """The input or output features of a layer: their split shape and grouped axes."""
+
+  shape: tuple[int, ...]
+  axes: tuple[combine.Axis, ...]
+
+  def mass(self, model: int) -> jax.Array:
+    """f32[merged size]: model `model`'s weight at each merged feature."""
+    _, m = combine.merge_side(jnp.zeros(self.shape), self.axes, model)
+    merged = list(self.shape)
+    for ax in self.axes:
+      merged[ax.axis] = ax.map.width
+    return jnp.broadcast_to(m, merged).reshape(-1)
+
+
+def _side(view: combine.LeafView, positions: Sequence[int], maps: Mapping[str, combine.UnitMap]) -> _Side:
+  groups = dict(view.groups)
+  axes = tuple(combine.Axis(i, maps[groups[p]], False) for i, p in enumerate(positions) if p in groups)
+  return _Side(tuple(view.shape[p] for p in positions), axes)
+
+
+def _merge_two_sided(m: jax.Array, rows: _Side, r_model: int, cols: _Side, c_model: int) -> jax.Array:
+  """T_rows^T M T_cols (unnormalised): a matrix's rows and columns merged."""
+  x = m.reshape(rows.shape + cols.shape)
+  x, _ = combine.merge_side(x, rows.axes, r_model)
+  shifted = tuple(ax._replace(axis=ax.axis + len(rows.shape)) for ax in cols.axes)
+  x, _ = combine.merge_side(x, shifted, c_model)
+  d = int(np.prod(x.shape[:len(rows.shape)], dtype=np.int64))
+  return x.reshape(d, -1)
+
+
+def solve_layer(
+    path: tuple[str, ...],
+    gram: stats.Gram,
+    kernels: Sequence[jax.Array],
+    w0: jax.Array,
+    view: combine.LeafView,
+    plan: KernelPlan,
+    maps: Mapping[str, combine.UnitMap],
+    *,
+    models: Sequence[int] = (0, 1),
+    ridge: float,
+    condition: bool = True,
+) -> tuple[jax.Array, LayerReport]:
+  """One kernel of the merged model, by block least squares.
+
+  Args:
+    path: the kernel's path (for messages).
+    gram: the Gram of `[X_a | X_b]`, the layer's input rows in both (aligned)
+      models, features in `plan` order.
+    kernels: `(w_a, w_b)`, the kernel in both aligned models.
+    w0: the combined kernel (`combine.combine`), the merged model's shape.
+    view: the split view of the original kernel (`combine.leaf_view`).
+    plan: its matrix view (`kernel_plan`).
+    maps: group -> UnitMap.
+    models: the models whose outputs are the targets ((0,) for A's own head).
+    ridge: relative ridge (see `ridge_solve`).
+    condition: compute the blocks' condition numbers (an eigendecomposition each).
+
+  Returns:
+    The merged kernel (shape of `w0`) and its LayerReport.
+  """
+  where = "/".join(path)
+  rows_pos, cols_pos = split_positions(view, plan.in_axes), split_positions(view, plan.out_axes)
+  x_side, y_side = _side(view, rows_pos, maps), _side(view, cols_pos, maps)
+  d = int(np.prod(x_side.shape, dtype=np.int64))
+  if tuple(gram.sizes) != (d, d):
+    raise ValueError(f"{where}: the Gram's feature sizes {gram.sizes} are not the kernel's {(d, d)}")
+  count = jnp.maximum(gram.count, 1.0)
+  blocks = {(s, t): gram.gram[s * d:(s + 1) * d, t * d:(t + 1) * d] / count for s in (0, 1) for t in (0, 1)}
+  w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in kernels]
+  widths = {g: m.width for g, m in maps.items()}
+  merged_split = list(view.shape)
+  for p, g in view.groups:
+    merged_split[p] = widths[g]
+  w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos)
+
+  with jax.default_matmul_precision("highest"):
+    in_mass = [x_side.mass(s) for s in (0, 1)]
+    out_mass = [y_side.mass(s) if s in models else jnp.zeros_like(y_side.mass(s)) for s in (0, 1)]
+    n_in, n_out = sum(in_mass), sum(out_mass)
+    n_in = jnp.where(n_in > 0, n_in, 1.0)
+    n_out_safe = jnp.where(n_out > 0, n_out, 1.0)
+    g_m = sum(_merge_two_sided(blocks[s, t], x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
+    g_m = g_m / jnp.outer(n_in, n_in)
+    cross = sum(_merge_two_sided(blocks[s, t] @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
+    cross = cross / jnp.outer(n_in, n_out_safe)
+    yty = sum(_merge_two_sided(w[s].T @ blocks[s, t] @ w[t], y_side, s, y_side, t)
+              for s in models for t in models)
+    yty = jnp.diag(yty) / n_out_safe**2
+
+    in_member = [m > 0 for m in in_mass]
+    out_member = [m > 0 for m in out_mass]
+    solution = jnp.zeros_like(w0_mat)
+    before = after = 0.0
+    cond, sizes = 0.0, []
+    for a, b in ((True, True), (True, False), (False, True)):
+      q = np.flatnonzero(np.asarray((out_member[0] == a) & (out_member[1] == b)))
+      sizes.append(int(q.size))
+      if not q.size:
+        continue
+      p = np.flatnonzero(np.asarray((in_member[0] & a) | (in_member[1] & b)))
+      g_c, c_c, w0_c = g_m[np.ix_(p, p)], cross[np.ix_(p, q)], w0_mat[np.ix_(p, q)]
+      w_c = ridge_solve(g_c, c_c, w0_c, ridge, where)
+      solution = solution.at[np.ix_(p, q)].set(w_c)
+      before += _residual(g_c, c_c, w0_c)
+      after += _residual(g_c, c_c, w_c)
+      if condition:
+        e = jnp.linalg.eigvalsh(g_c)
+        cond = max(cond, float(e[-1] / jnp.maximum(e[0], 1e-30 * e[-1])))
+    total = float(jnp.sum(yty))
+  kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
+  norm = max(total, 1e-30)
+  return kernel, LayerReport(path, (float(before) + total) / norm, (float(after) + total) / norm,
+                             cond, tuple(sizes))
+
+
+def _residual(gram: jax.Array, cross: jax.Array, w: jax.Array) -> jax.Array:
+  """||X W - Y||^2 - ||Y||^2 = tr(W^T G W) - 2 tr(W^T C)."""
+  return jnp.sum(w * (gram @ w)) - 2 * jnp.sum(w * cross)

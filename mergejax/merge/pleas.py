@@ -1,0 +1,399 @@
+"""PLeaS: merging two models with permutations and least squares.
+
+Ainsworth-style alignment, partial merging under an exact compute budget,
+and a closed-form least-squares fit of every layer (Nasery et al., "PLeaS:
+Merging Models with Permutations and Least Squares", arXiv 2407.02447;
+DESIGN.md, How PLeaS works here).
+
+    merged, layout = mj.merge.pleas(model.apply, va, vb, batches, budget=1.5)
+    merged_model = mj.models.build("resnet20", layout)     # zoo models
+
+`budget` is the merged model's cost relative to one original: 1.0 merges every
+unit (one model's size), 2.0 keeps both models whole (their ensemble in one
+network). Costs count FLOPs per example over the structurally non-zero blocks
+(an output kept from A reads nothing kept only from B); Dense and convolution
+kernels store those blocks as zeros, so the parameter count of the stored
+arrays is larger than the count the budget meets.
+
+PLeaS-free is the same call with `batches` from another domain than the
+models' own tasks: matching and least squares then never see the tasks' data.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import align
+from mergejax import permute
+from mergejax import repair
+from mergejax import spec as spec_lib
+from mergejax import stats
+from mergejax import trace
+from mergejax import tree
+from mergejax.merge import budget as budget_lib
+from mergejax.merge import combine
+from mergejax.merge import least_squares
+
+PyTree = Any
+Path = tuple[str, ...]
+DEFAULT_GRID = tuple(np.linspace(0.0, 1.0, 11))
+
+
+class Report(NamedTuple):
+  """What a PLeaS merge did.
+
+  Attributes:
+    allocation: the chosen merge ratios, cost and lost objective.
+    layers: one `least_squares.LayerReport` per kernel.
+    seconds: wall time of each stage (trace, match, allocation, statistics,
+      solves, repair).
+  """
+
+  allocation: budget_lib.Allocation
+  layers: list[least_squares.LayerReport]
+  seconds: dict[str, float]
+
+
+class _Kernel(NamedTuple):
+  path: Path
+  plan: least_squares.KernelPlan
+  shape: tuple[int, ...]
+  macs: float
+
+
+def _peek(batches) -> tuple[Any, Any]:
+  if callable(batches):
+    first = next(iter(batches()), None)
+  else:
+    iterator = iter(batches)
+    first = next(iterator, None)
+    batches = itertools.chain([first], iterator) if iterator is batches else batches
+  if first is None:
+    raise ValueError("pleas: batches is empty")
+  return (first[0] if isinstance(first, (tuple, list)) else first), batches
+
+
+def _replayable(batches) -> Callable[[], Iterable[Any]]:
+  """A callable giving fresh iterators (a one-shot iterator is kept in memory)."""
+  if callable(batches):
+    return batches
+  if iter(batches) is batches:
+    kept = list(batches)
+    return lambda: kept
+  return lambda: batches
+
+
+def fixed_groups(spec: spec_lib.PermutationSpec) -> frozenset[str]:
+  """Groups that are never widened: the inner component of a view whose outer
+  component another group permutes (attention head_dim beside heads)."""
+  by_axis: dict[tuple, list[tuple[int, str]]] = {}
+  for g, refs in spec.groups.items():
+    for r in refs:
+      if r.factor is not None:
+        by_axis.setdefault((tuple(r.path), r.axis), []).append((r.factor[1], g))
+  out = set()
+  for comps in by_axis.values():
+    for index, g in comps:
+      if any(i < index and h != g for i, h in comps):
+        out.add(g)
+  return frozenset(out)
+
+
+def _kernels(spec, apply_fn, variables, example, heads_models) -> list[_Kernel]:
+  """Every kernel's matrix plan and MACs per example, from one abstract trace."""
+  found = {}
+
+  def probe(v, x):
+    _, uses = trace.kernel_uses(apply_fn)(v, x)
+    found.update(uses)
+    return 0
+
+  jax.eval_shape(probe, variables, example)
+  leaves = tree.leaves_by_path(variables)
+  out = []
+  for path, uses in found.items():
+    shape = tuple(np.shape(leaves[path]))
+    plans = {least_squares.kernel_plan(u, shape, "/".join(path)) for u in uses}
+    if len(plans) != 1:
+      raise ValueError(f"{'/'.join(path)}: the kernel is used with different axes; no single least-squares"
+                       " problem fits it")
+    plan = plans.pop()
+    contracted = int(np.prod([shape[a] for a in plan.in_axes], dtype=np.int64))
+    macs = sum(np.prod(u.output.shape, dtype=np.float64) / u.output.shape[0] * contracted for u in uses)
+    out.append(_Kernel(path, plan, shape, float(macs)))
+  return out
+
+
+def _head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple[int, ...]]:
+  """Leaf path -> (0,) or (1,) for the leaves of each model's own head."""
+  if heads is None:
+    return {}
+  if sorted(heads) != ["a", "b"]:
+    raise ValueError(f"heads must name 'a' and 'b', got {sorted(heads)}")
+  out = {}
+  for model, name in enumerate(("a", "b")):
+    prefix = tuple(heads[name].split("/")) if isinstance(heads[name], str) else tuple(heads[name])
+    matched = [p for p in tree.leaves_by_path(variables) if p[:len(prefix)] == prefix]
+    if not matched:
+      raise ValueError(f"heads[{name!r}] = {'/'.join(prefix)} names no variables")
+    out.update({p: (model,) for p in matched})
+  return out
+
+
+def _cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budget_lib.CostTerm]:
+  """The budget's cost terms: one per kernel (FLOPs) or per leaf (parameters)."""
+  by_leaf = combine.refs_by_leaf(spec)
+  widened = lambda path: tuple(sorted(g for g, _ in by_leaf.get(path, []) if g not in fixed))
+  if cost == "flops":
+    items = [(k.path, k.macs) for k in kernels]
+  else:
+    items = [(p, float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
+  return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
+
+
+def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]:
+  """Each matched pair's similarity in [-1, 1]: weight cosine or feature correlation."""
+  if matching == "activation":
+    return {g: np.asarray(s, np.float64) for g, s in result.pair_scores.items()}
+  la, lb = tree.leaves_by_path(va), tree.leaves_by_path(vb_aligned)
+  out = {}
+  for g, refs in spec.groups.items():
+    a = jnp.concatenate([align.unit_rows(jnp.asarray(la[r.path], jnp.float32), r) for r in refs], 1)
+    b = jnp.concatenate([align.unit_rows(jnp.asarray(lb[r.path], jnp.float32), r) for r in refs], 1)
+    cos = jnp.sum(a * b, 1) / jnp.maximum(jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1), 1e-12)
+    out[g] = np.asarray(cos, np.float64)
+  return out
+
+
+def _options(spec, fixed, grid) -> tuple[dict, dict]:
+  """Per group: the merge ratios the grid reaches (whole units), and their merged counts."""
+  options, counts = {}, {}
+  for g, n in spec.sizes.items():
+    if g in fixed:
+      continue
+    counts[g] = [spec_lib.round_half_up(r * n) for r in grid]
+    options[g] = [m / n for m in counts[g]]
+  return options, counts
+
+
+def _losses(similarity, counts) -> dict[str, list[float]]:
+  """The matching objective lost by merging the m most similar pairs: sum of (1 - sim)."""
+  out = {}
+  for g, ms in counts.items():
+    lost = np.concatenate([[0.0], np.cumsum(1.0 - np.sort(similarity[g])[::-1])])
+    out[g] = [float(lost[m]) for m in ms]
+  return out
+
+
+def allocate(
+    spec: spec_lib.PermutationSpec,
+    terms: Sequence[budget_lib.CostTerm],
+    similarity: Mapping[str, np.ndarray],
+    budget: float,
+    *,
+    grid: Sequence[float] = DEFAULT_GRID,
+    method: str = "exact",
+    fixed: frozenset[str] = frozenset(),
+) -> tuple[budget_lib.Allocation, dict[str, np.ndarray]]:
+  """Merge ratios per group, and which pairs each group merges.
+
+  Args:
+    spec: the groups.
+    terms: the cost terms (`fixed` groups already left out: their ratio is 1).
+    similarity: group -> f64[n], each aligned pair's similarity.
+    budget: in [1, 2].
+    grid: the merge ratios each group may take (rounded to whole units).
+    method: "exact" (least lost objective, `budget.allocate`), "uniform" (one
+      ratio for all), or "stage_cut" (merge the first groups fully, keep the
+      rest; the ZipIt!-style cut of the PLeaS paper).
+    fixed: groups merged fully whatever the budget.
+
+  Returns:
+    The Allocation and group -> bool[n], the pairs to merge (the most similar).
+  """
+  options, counts = _options(spec, fixed, grid)
+  losses = _losses(similarity, counts)
+  if method == "exact":
+    alloc = budget_lib.allocate(terms, options, losses, budget)
+  elif method == "uniform":
+    alloc = budget_lib.uniform(terms, options, budget, losses=losses)
+  elif method == "stage_cut":
+    alloc = budget_lib.stage_cut(terms, list(options), budget)
+  else:
+    raise ValueError(f"allocation must be 'exact', 'uniform' or 'stage_cut', got {method!r}")
+  merged = {}
+  for g, n in spec.sizes.items():
+    m = n if g in fixed else spec_lib.round_half_up(alloc.ratios[g] * n)
+    chosen = np.zeros(n, bool)
+    chosen[np.argsort(-similarity[g], kind="stable")[:m]] = True
+    merged[g] = chosen
+  return alloc, merged
+
+
+def _feature_fn(apply_fn, kernels):
+  """(variables, x) -> each kernel's design rows, its uses' rows side by side."""
+
+  def features(variables, x):
+    _, uses = trace.kernel_uses(apply_fn)(variables, x)
+    return [jnp.concatenate([least_squares.design_rows(u, k.shape) for u in uses[k.path]], axis=1)
+            for k in kernels]
+
+  return features
+
+
+def gram_bytes(kernels: Sequence[Any]) -> int:
+  """Bytes of the float32 Gram matrices of `[X_a | X_b]` for `kernels`."""
+  return sum(4 * (2 * int(np.prod([k.shape[a] for a in k.plan.in_axes], dtype=np.int64))) ** 2 for k in kernels)
+
+
+def pleas(
+    apply_fn: Callable[..., Any],
+    va: PyTree,
+    vb: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    budget: float,
+    matching: str = "weight",
+    spec: spec_lib.PermutationSpec | None = None,
+    heads: Mapping[str, Any] | None = None,
+    build_fn: Callable[[spec_lib.MergeLayout], Callable[..., Any]] | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    allocation: str = "exact",
+    cost: str = "flops",
+    ridge: float = 1e-3,
+    least_squares_fit: bool = True,
+    key: jax.Array | None = None,
+    chunk: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    report: bool = False,
+) -> tuple[PyTree, spec_lib.MergeLayout] | tuple[PyTree, spec_lib.MergeLayout, Report]:
+  """Merges two models of one architecture into one of `budget` times the cost.
+
+  Args:
+    apply_fn: `apply_fn(variables, x)`, e.g. `functools.partial(model.apply,
+      train=False)`.
+    va, vb: the two models' variables (same structure and shapes).
+    batches: inputs (DESIGN.md, batches), read for activation matching, the
+      least-squares statistics and the batch-norm reset; data of another
+      domain makes this PLeaS-free.
+    budget: the merged model's cost relative to one original, in [1, 2].
+    matching: "weight" or "activation" (Git Re-Basin).
+    spec: the permutation groups (default: traced from `apply_fn`); a zoo
+      model's hand spec (`mj.models.permutation_spec`) names the groups as
+      `mj.models.build` expects them.
+    heads: `{"a": path, "b": path}`: each model keeps its own task head
+      (the leaves under `path`), solved from the merged and its own kept
+      features; otherwise the models share their outputs, which are averaged.
+    build_fn: `layout -> train_apply`, `train_apply(variables, x) -> (out,
+      {"batch_stats": ...})` of the merged architecture; BatchNorm
+      statistics are then reset on `batches`. Without it a model with
+      `batch_stats` keeps the combined statistics (a warning says so).
+    grid: the merge ratios a group may take.
+    allocation: "exact", "uniform" or "stage_cut" (see `allocate`).
+    cost: "flops" (per example) or "params".
+    ridge: the least squares' relative ridge towards the combined weights.
+    least_squares_fit: False stops after combining (permute-and-average with
+      partial matching: the paper's baseline).
+    key: for weight matching's random group order.
+    chunk: examples per step of the Gram pass (`stats.gram`).
+    mesh: devices to shard the passes over.
+    progress: log progress.
+    report: also return a `Report`.
+
+  Returns:
+    `(merged variables, layout)`, and the Report when `report`.
+
+  Raises:
+    ValueError: before any pass over data, for a budget outside [1, 2] or
+      below what the grid reaches, models of different structure or shapes
+      (the first differing path named), empty batches, NaN weights, a layer
+      the least squares cannot fit; NaN features raise after the pass,
+      naming the layer.
+  """
+  if not (isinstance(budget, (int, float)) and np.isfinite(budget) and 1.0 <= budget <= 2.0):
+    raise ValueError(f"pleas: budget must be in [1, 2] (1: one model's cost, 2: both), got {budget!r}")
+  if matching not in ("weight", "activation"):
+    raise ValueError(f"pleas: matching must be 'weight' or 'activation', got {matching!r}")
+  if cost not in ("flops", "params"):
+    raise ValueError(f"pleas: cost must be 'flops' or 'params', got {cost!r}")
+  tree.check_same_structure(va, vb)
+  tree.check_same_shapes(va, vb)
+  tree.check_finite(va, "va")
+  tree.check_finite(vb, "vb")
+  example, batches = _peek(batches)
+  batches = _replayable(batches)
+  seconds = {}
+
+  start = time.perf_counter()
+  spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
+  spec_lib.check_spec(spec, va)
+  heads_models = _head_models(heads, va)
+  kernels = _kernels(spec, apply_fn, va, example, heads_models)
+  fixed = fixed_groups(spec)
+  terms = _cost_terms(spec, kernels, va, heads_models, fixed, cost)
+  options, _ = _options(spec, fixed, grid)
+  budget_lib.check_reachable(terms, options, budget)
+  seconds["trace"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  if matching == "weight":
+    result = align.weight_matching(spec, va, vb, key=key if key is not None else jax.random.key(0))
+  else:
+    result = align.activation_matching(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
+  vb = permute.apply_permutation(spec, result.perm, vb)
+  similarity = _similarity(spec, result, va, vb, matching)
+  seconds["match"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  alloc, chosen = allocate(spec, terms, similarity, budget, grid=grid, method=allocation, fixed=fixed)
+  maps = {g: combine.partial_map(chosen[g]) for g in spec.groups}
+  layout = combine.layout_of(maps)
+  inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
+  merged = combine.combine(spec, maps, va, vb, inputs=inputs, models=heads_models)
+  seconds["allocation"] = time.perf_counter() - start
+  if progress:
+    logging.info("pleas: budget %.3f -> cost %.3f, ratios %s", budget, alloc.cost,
+                 {g: round(r, 3) for g, r in alloc.ratios.items()})
+
+  layers = []
+  if least_squares_fit:
+    start = time.perf_counter()
+    logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels), gram_bytes(kernels) / 2**20)
+    grams = stats.accumulate(stats.gram(_feature_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
+                             mesh=mesh, progress=progress)
+    seconds["statistics"] = time.perf_counter() - start
+    start = time.perf_counter()
+    la, lb, lm = tree.leaves_by_path(va), tree.leaves_by_path(vb), tree.leaves_by_path(merged)
+    by_leaf = combine.refs_by_leaf(spec)
+    solved = {}
+    for k, g in zip(kernels, grams):
+      where = "/".join(k.path)
+      if not bool(jnp.all(jnp.isfinite(g.gram))):
+        raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
+      view = combine.leaf_view(k.shape, by_leaf.get(k.path, []), where)
+      solved[k.path], rep = least_squares.solve_layer(
+          k.path, g, (la[k.path], lb[k.path]), lm[k.path], view, k.plan, maps,
+          models=heads_models.get(k.path, (0, 1)), ridge=ridge)
+      layers.append(rep)
+      if progress:
+        logging.info("pleas: %s residual %.4f -> %.4f, condition %.3g, blocks %s", where,
+                     rep.residual_before, rep.residual_after, rep.condition, rep.blocks)
+    merged = tree.replace_leaves(merged, solved)
+    seconds["solves"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  if build_fn is not None:
+    merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
+  elif isinstance(va, Mapping) and "batch_stats" in va:
+    logging.warning("pleas: no build_fn, so the merged BatchNorm statistics are the combined ones, not reset")
+  seconds["repair"] = time.perf_counter() - start
+  if report:
+    return merged, layout, Report(alloc, layers, seconds)
+  return merged, layout
