@@ -118,3 +118,22 @@ def test_bad_batches_are_refused():
     stats.accumulate(stat, (pa, pb), [x[:4], x[:8]], progress=False)
   with pytest.raises(ValueError, match="same input shape"):
     stats.accumulate(stat, (pa, pb), [x[:4], x[:4, :3]], progress=False)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_gram_matches_a_numpy_loop(devices, chunk):
+  pa, pb, x = _data()
+  result = stats.accumulate(stats.gram(_features, chunk=chunk), (pa, pb), _batches(x, 16),
+                            mesh=_mesh(devices), progress=False)
+  for k, r in enumerate(result):
+    want = np.zeros((r.gram.shape[0],) * 2)
+    rows = 0
+    for i in range(len(x)):  # one example at a time, in float64
+      fa, fb = (np.asarray(_features(p, x[i:i + 1])[k], np.float64) for p in (pa, pb))
+      z = np.concatenate([fa.reshape(-1, fa.shape[-1]), fb.reshape(-1, fb.shape[-1])], axis=1)
+      want += z.T @ z
+      rows += len(z)
+    assert r.sizes == (3, 5)
+    assert int(r.count) == rows
+    np.testing.assert_allclose(r.gram, want, rtol=1e-5, atol=1e-4)

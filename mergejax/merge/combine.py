@@ -91,6 +91,32 @@ def layout_of(maps: Mapping[str, UnitMap]) -> spec_lib.MergeLayout:
   return spec_lib.MergeLayout(out)
 
 
+def fixed_groups(spec: spec_lib.PermutationSpec,
+                 inputs: Mapping[tuple[str, ...], frozenset[int]]) -> frozenset[str]:
+  """Groups that are never widened: an inner one of several grouped axes on
+  one side of a leaf (attention's head_dim, inside heads, in a query kernel
+  `(embed, heads, head_dim)` or a `(heads, head_dim)` view), since widening
+  it would add the kept units of A and B into one head's dot products.
+
+  Args:
+    spec: the groups.
+    inputs: kernel path -> the kernel axes it contracts with its input (the
+      input side; every other axis is on the output side).
+  """
+  out = set()
+  for path, refs in refs_by_leaf(spec).items():
+    view = leaf_view((0,) * (1 + max(r.axis for _, r in refs)), refs)
+    contracted = inputs.get(path, frozenset())
+    sides: dict[bool, list[tuple[int, str]]] = {}
+    for pos, g in view.groups:
+      axis = next(a for a in range(len(view.parts)) if pos < sum(view.parts[:a + 1]))
+      sides.setdefault(axis in contracted, []).append((pos, g))
+    for grouped in sides.values():
+      outer = min(grouped)[1]
+      out.update(g for _, g in grouped if g != outer)
+  return frozenset(out)
+
+
 class ModelPart(NamedTuple):
   """One model's share of a UnitMap, in that model's own unit numbers.
 

@@ -89,22 +89,6 @@ def _replayable(batches) -> Callable[[], Iterable[Any]]:
   return lambda: batches
 
 
-def fixed_groups(spec: spec_lib.PermutationSpec) -> frozenset[str]:
-  """Groups that are never widened: the inner component of a view whose outer
-  component another group permutes (attention head_dim beside heads)."""
-  by_axis: dict[tuple, list[tuple[int, str]]] = {}
-  for g, refs in spec.groups.items():
-    for r in refs:
-      if r.factor is not None:
-        by_axis.setdefault((tuple(r.path), r.axis), []).append((r.factor[1], g))
-  out = set()
-  for comps in by_axis.values():
-    for index, g in comps:
-      if any(i < index and h != g for i, h in comps):
-        out.add(g)
-  return frozenset(out)
-
-
 def _kernels(spec, apply_fn, variables, example, heads_models) -> list[_Kernel]:
   """Every kernel's matrix plan and MACs per example, from one abstract trace."""
   found = {}
@@ -336,7 +320,8 @@ def pleas(
   spec_lib.check_spec(spec, va)
   heads_models = _head_models(heads, va)
   kernels = _kernels(spec, apply_fn, va, example, heads_models)
-  fixed = fixed_groups(spec)
+  inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
+  fixed = combine.fixed_groups(spec, inputs)
   terms = _cost_terms(spec, kernels, va, heads_models, fixed, cost)
   options, _ = _options(spec, fixed, grid)
   budget_lib.check_reachable(terms, options, budget)
@@ -355,7 +340,6 @@ def pleas(
   alloc, chosen = allocate(spec, terms, similarity, budget, grid=grid, method=allocation, fixed=fixed)
   maps = {g: combine.partial_map(chosen[g]) for g in spec.groups}
   layout = combine.layout_of(maps)
-  inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
   merged = combine.combine(spec, maps, va, vb, inputs=inputs, models=heads_models)
   seconds["allocation"] = time.perf_counter() - start
   if progress:
