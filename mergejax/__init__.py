@@ -9,6 +9,7 @@ from mergejax import align
 from mergejax import data
 from mergejax import io
 from mergejax import lmc
+from mergejax import merge
 from mergejax import models
 from mergejax import permute
 from mergejax import repair

@@ -15,7 +15,8 @@ the least total loss whose cost meets the budget, exactly:
 
 The products of ratios of adjacent groups make the program bilinear; with
 one-hot choices x[g, j] each product is a binary y over option combinations,
-linearised exactly (y <= x[g, j] for each g, y >= sum x - (k - 1)), and
+linearised exactly with the choices as its marginals (for each group g and
+option j, the y of combinations choosing j sum to x[g, j]), and
 `scipy.optimize.milp` (HiGHS) solves it. No commercial solver, and no fallback:
 an answer that breaks the budget is an error.
 """
@@ -171,17 +172,16 @@ def _milp(terms, options, losses, budget, groups) -> tuple[int, ...]:
       for j, r in enumerate(options[g]):
         budget_row[offset[g] + j] = budget_row.get(offset[g] + j, 0.0) - c * r**p
       continue
+    # y over every combination of the groups' options, with the one-hot
+    # choices as its marginals: exact for binaries, and tight in relaxation.
+    marginals = {(i, j): {offset[g] + j: -1.0} for i, (g, _) in enumerate(key) for j in range(len(options[g]))}
     for combo in itertools.product(*(range(len(options[g])) for g, _ in key)):
-      value = math.prod(options[g][j] ** p for (g, p), j in zip(key, combo))
-      if value == 0:
-        continue
       y = n_vars
       n_vars += 1
-      budget_row[y] = -c * value
-      xs = [offset[g] + j for (g, _), j in zip(key, combo)]
-      for x in xs:  # y <= x
-        extra_rows.append(({y: 1.0, x: -1.0}, -np.inf, 0.0))
-      extra_rows.append(({y: 1.0, **{x: -1.0 for x in xs}}, 1.0 - len(xs), np.inf))  # y >= sum x - (k-1)
+      budget_row[y] = -c * math.prod(options[g][j] ** p for (g, p), j in zip(key, combo))
+      for i, j in enumerate(combo):
+        marginals[i, j][y] = 1.0
+    extra_rows.extend((coeffs, 0.0, 0.0) for coeffs in marginals.values())
   rows, lower, upper = [], [], []
   for g in groups:  # one option per group
     rows.append({offset[g] + j: 1.0 for j in range(len(options[g]))})
