@@ -37,7 +37,8 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str | pathlib.Path, title
 
 
 def curves(
-    t: np.ndarray, lines: dict[str, np.ndarray], path: str | pathlib.Path, title: str, ylabel: str
+    t: np.ndarray, lines: dict[str, np.ndarray], path: str | pathlib.Path, title: str, ylabel: str,
+    xlabel: str = "t  (0: model A, 1: model B aligned to A)",
 ) -> pathlib.Path:
   """One line per name over t; names ending in "+ repair" are dashed."""
   fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -46,6 +47,6 @@ def curves(
     base = name.removesuffix(" + repair")
     color = colors.setdefault(base, f"C{len(colors)}")
     ax.plot(t, values, "--" if name != base else "-", color=color, marker="o", ms=3, label=name)
-  ax.set_xlabel("t  (0: model A, 1: model B aligned to A)")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   return _finish(fig, ax, title, path)
