@@ -5,14 +5,16 @@ r"""`make demo`: train a pair of models on disjoint label halves and compare.
 Trains (or reuses, from the work directory) two MLPs on digits, model A on
 classes 0-4 and model B on 5-9, then prints per-task and joint accuracy of A,
 B, their ensemble (mean of probabilities), the naive average of their weights,
-and their average after weight matching (B's units permuted onto A's, Git
-Re-Basin), and writes `<workdir>/demo.png` and `<workdir>/results.json`.
+their average after weight matching (B's units permuted onto A's, Git
+Re-Basin), and their PLeaS merges (partial matching and least squares) at
+budgets 1.0 (one model's FLOPs) and 1.5, and writes `<workdir>/demo.png` and `<workdir>/results.json`.
 """
 
 import json
 import pathlib
 import time
 
+import numpy as np
 
 from experiments import evaluate
 from experiments import cli
@@ -20,9 +22,9 @@ from experiments import plots
 from experiments import train
 import mergejax as mj
 
-def compare(model, members, va, vb) -> dict[str, dict[str, float]]:
-  """Scores of A, B, their ensemble, their weight average, and the average
-  after weight matching (B permuted onto A, Git Re-Basin) on every task.
+def compare(model, members, va, vb, model_name: str, model_config: dict) -> dict[str, dict[str, float]]:
+  """Scores of A, B, their ensemble, their weight average, the average after
+  weight matching (B permuted onto A, Git Re-Basin), and PLeaS on every task.
 
   Columns are named after the member trained on the task (`task a`), and
   `joint`.
@@ -40,6 +42,14 @@ def compare(model, members, va, vb) -> dict[str, dict[str, float]]:
       "average": evaluate.jit_logits(model.apply, mj.tree.lerp(va, vb, 0.5)),
       "aligned average": evaluate.jit_logits(model.apply, mj.tree.lerp(va, aligned, 0.5)),
   }
+  x = np.concatenate([t.x_train for t in tasks])
+  batches = lambda: [x[i:i + 256] for i in range(0, len(x), 256)]
+  hand_spec = mj.models.permutation_spec(model_name, va, **model_config)
+  for budget in (1.0, 1.5):
+    merged, layout = mj.merge.pleas(model.apply, va, vb, batches, budget=budget, spec=hand_spec,
+                                    matching="activation", progress=False)
+    merged_model = mj.models.build(model_name, layout, **model_config)
+    logits_fns[f"PLeaS, budget {budget}"] = evaluate.jit_logits(merged_model.apply, merged)
   return {
       name: {column.get(k, k): v for k, v in evaluate.score_model(fn, tasks).items()}
       for name, fn in logits_fns.items()
@@ -50,7 +60,7 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict[str, float]]:
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
   members, model, (va, vb), _ = train.train_pair(config, workdir)
-  rows = compare(model, members, va, vb)
+  rows = compare(model, members, va, vb, config.model.name, dict(config.model.config))
   print(f"\n{config.model.name} on {config.dataset}, split {config.split.kind}"
         f" ({', '.join(f'{m.name}: {m.task.name}' for m in members)})")
   print(evaluate.format_table(rows))
