@@ -42,9 +42,9 @@ class UnitMap(NamedTuple):
   """How one group's merged units come from both models' units.
 
   Attributes:
-    index: int32[w, 2], concatenated unit indices (A: 0..n-1, B: n..2n-1)
-      each merged unit combines.
-    weight: f32[w, 2], their weights (a unit alone is `(1, 0)`).
+    index: int32[w, k], concatenated unit indices (A: 0..n-1, B: n..2n-1)
+      each merged unit combines (k = 2 for pairs; ZipIt! may merge more).
+    weight: f32[w, k], their weights (a unit alone is `(1, 0)`).
     unmerge: int32[2n], the merged unit each original unit is read from.
   """
 
@@ -83,11 +83,12 @@ def partial_map(merged: Sequence[bool]) -> UnitMap:
 
 
 def layout_of(maps: Mapping[str, UnitMap]) -> spec_lib.MergeLayout:
-  """The MergeLayout of PLeaS UnitMaps (merged pairs, A's kept, B's kept)."""
+  """The MergeLayout of UnitMaps: a group w units wide out of n per model
+  merges 2n - w, and keeps the rest of each (DESIGN.md, MergeLayout)."""
   out = {}
   for g, m in maps.items():
-    pairs = int(np.sum((m.index[:, 0] < m.size) & (m.index[:, 1] >= m.size)))
-    out[g] = (pairs, m.size - pairs, m.size - pairs)
+    merged = 2 * m.size - m.width
+    out[g] = (merged, m.size - merged, m.size - merged)
   return spec_lib.MergeLayout(out)
 
 
@@ -121,9 +122,9 @@ class ModelPart(NamedTuple):
   """One model's share of a UnitMap, in that model's own unit numbers.
 
   Attributes:
-    index: int32[w, 2], the model's units each merged unit takes (0 where
+    index: int32[w, k], the model's units each merged unit takes (0 where
       the weight is 0).
-    weight: f32[w, 2], their weights; 0 for the other model's units.
+    weight: f32[w, k], their weights; 0 for the other model's units.
     unmerge: int32[n], the merged unit each of the model's units is read from.
   """
 
@@ -174,7 +175,7 @@ def merge_side(x: jax.Array, axes: Sequence[Axis], model: int) -> tuple[jax.Arra
       x = jnp.moveaxis(jax.ops.segment_sum(moved, part.unmerge, num_segments=ax.map.width), 0, ax.axis)
     else:
       x = sum(jnp.take(x, part.index[:, k], axis=ax.axis) * _along(part.weight[:, k], ax.axis, x.ndim)
-              for k in range(2))
+              for k in range(part.index.shape[1]))
       mass = mass * _along(part.weight.sum(1), ax.axis, x.ndim)
   return x, mass
 

@@ -20,7 +20,6 @@ models' own tasks: matching and least squares then never see the tasks' data.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-import itertools
 import time
 from typing import Any, NamedTuple
 
@@ -38,6 +37,7 @@ from mergejax import trace
 from mergejax import tree
 from mergejax.merge import budget as budget_lib
 from mergejax.merge import combine
+from mergejax.merge import kernels as kernels_lib
 from mergejax.merge import least_squares
 
 PyTree = Any
@@ -60,60 +60,6 @@ class Report(NamedTuple):
   seconds: dict[str, float]
 
 
-class _Kernel(NamedTuple):
-  path: Path
-  plan: least_squares.KernelPlan
-  shape: tuple[int, ...]
-  macs: float
-
-
-def _peek(batches) -> tuple[Any, Any]:
-  if callable(batches):
-    first = next(iter(batches()), None)
-  else:
-    iterator = iter(batches)
-    first = next(iterator, None)
-    batches = itertools.chain([first], iterator) if iterator is batches else batches
-  if first is None:
-    raise ValueError("pleas: batches is empty")
-  return (first[0] if isinstance(first, (tuple, list)) else first), batches
-
-
-def _replayable(batches) -> Callable[[], Iterable[Any]]:
-  """A callable giving fresh iterators (a one-shot iterator is kept in memory)."""
-  if callable(batches):
-    return batches
-  if iter(batches) is batches:
-    kept = list(batches)
-    return lambda: kept
-  return lambda: batches
-
-
-def _kernels(spec, apply_fn, variables, example, heads_models) -> list[_Kernel]:
-  """Every kernel's matrix plan and MACs per example, from one abstract trace."""
-  found = {}
-
-  def probe(v, x):
-    _, uses = trace.kernel_uses(apply_fn)(v, x)
-    found.update(uses)
-    return 0
-
-  jax.eval_shape(probe, variables, example)
-  leaves = tree.leaves_by_path(variables)
-  out = []
-  for path, uses in found.items():
-    shape = tuple(np.shape(leaves[path]))
-    plans = {least_squares.kernel_plan(u, shape, "/".join(path)) for u in uses}
-    if len(plans) != 1:
-      raise ValueError(f"{'/'.join(path)}: the kernel is used with different axes; no single least-squares"
-                       " problem fits it")
-    plan = plans.pop()
-    contracted = int(np.prod([shape[a] for a in plan.in_axes], dtype=np.int64))
-    macs = sum(np.prod(u.output.shape, dtype=np.float64) / u.output.shape[0] * contracted for u in uses)
-    out.append(_Kernel(path, plan, shape, float(macs)))
-  return out
-
-
 def _head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple[int, ...]]:
   """Leaf path -> (0,) or (1,) for the leaves of each model's own head."""
   if heads is None:
@@ -128,17 +74,6 @@ def _head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple
       raise ValueError(f"heads[{name!r}] = {'/'.join(prefix)} names no variables")
     out.update({p: (model,) for p in matched})
   return out
-
-
-def _cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budget_lib.CostTerm]:
-  """The budget's cost terms: one per kernel (FLOPs) or per leaf (parameters)."""
-  by_leaf = combine.refs_by_leaf(spec)
-  widened = lambda path: tuple(sorted(g for g, _ in by_leaf.get(path, []) if g not in fixed))
-  if cost == "flops":
-    items = [(k.path, k.macs) for k in kernels]
-  else:
-    items = [(p, float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
-  return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
 
 
 def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]:
@@ -311,18 +246,18 @@ def pleas(
   tree.check_same_shapes(va, vb)
   tree.check_finite(va, "va")
   tree.check_finite(vb, "vb")
-  example, batches = _peek(batches)
-  batches = _replayable(batches)
+  example, batches = kernels_lib.peek(batches)
+  batches = kernels_lib.replayable(batches)
   seconds = {}
 
   start = time.perf_counter()
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
   heads_models = _head_models(heads, va)
-  kernels = _kernels(spec, apply_fn, va, example, heads_models)
+  kernels = kernels_lib.model_kernels(apply_fn, va, example)
   inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
   fixed = combine.fixed_groups(spec, inputs)
-  terms = _cost_terms(spec, kernels, va, heads_models, fixed, cost)
+  terms = kernels_lib.cost_terms(spec, kernels, va, heads_models, fixed, cost)
   options, _ = _options(spec, fixed, grid)
   budget_lib.check_reachable(terms, options, budget)
   seconds["trace"] = time.perf_counter() - start

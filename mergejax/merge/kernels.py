@@ -1,0 +1,88 @@
+"""A model's kernels as the merges see them: matrix plans, costs, and data.
+
+    kernels = model_kernels(apply_fn, variables, example)   # one abstract trace
+    terms = cost_terms(spec, kernels, variables, {}, fixed, "flops")
+"""
+
+from collections.abc import Callable, Iterable
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from mergejax import trace
+from mergejax import tree
+from mergejax.merge import budget as budget_lib
+from mergejax.merge import combine
+from mergejax.merge import least_squares
+
+Path = tuple[str, ...]
+
+
+class Kernel(NamedTuple):
+  """A kernel: its path, matrix plan, shape, and multiply-adds per example."""
+
+  path: Path
+  plan: least_squares.KernelPlan
+  shape: tuple[int, ...]
+  macs: float
+
+
+def peek(batches) -> tuple[Any, Any]:
+  """The first batch's input, and batches to iterate from the start again."""
+  if callable(batches):
+    first = next(iter(batches()), None)
+  else:
+    iterator = iter(batches)
+    first = next(iterator, None)
+    batches = itertools.chain([first], iterator) if iterator is batches else batches
+  if first is None:
+    raise ValueError("batches is empty")
+  return (first[0] if isinstance(first, (tuple, list)) else first), batches
+
+
+def replayable(batches) -> Callable[[], Iterable[Any]]:
+  """A callable giving fresh iterators (a one-shot iterator is kept in memory)."""
+  if callable(batches):
+    return batches
+  if iter(batches) is batches:
+    kept = list(batches)
+    return lambda: kept
+  return lambda: batches
+
+
+def model_kernels(apply_fn, variables, example) -> list[Kernel]:
+  """Every kernel's matrix plan and MACs per example, from one abstract trace."""
+  found = {}
+
+  def probe(v, x):
+    _, uses = trace.kernel_uses(apply_fn)(v, x)
+    found.update(uses)
+    return 0
+
+  jax.eval_shape(probe, variables, example)
+  leaves = tree.leaves_by_path(variables)
+  out = []
+  for path, uses in found.items():
+    shape = tuple(np.shape(leaves[path]))
+    plans = {least_squares.kernel_plan(u, shape, "/".join(path)) for u in uses}
+    if len(plans) != 1:
+      raise ValueError(f"{'/'.join(path)}: the kernel is used with different axes; no single least-squares"
+                       " problem fits it")
+    plan = plans.pop()
+    contracted = int(np.prod([shape[a] for a in plan.in_axes], dtype=np.int64))
+    macs = sum(np.prod(u.output.shape, dtype=np.float64) / u.output.shape[0] * contracted for u in uses)
+    out.append(Kernel(path, plan, shape, float(macs)))
+  return out
+
+
+def cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budget_lib.CostTerm]:
+  """The budget's cost terms: one per kernel (FLOPs) or per leaf (parameters)."""
+  by_leaf = combine.refs_by_leaf(spec)
+  widened = lambda path: tuple(sorted(g for g, _ in by_leaf.get(path, []) if g not in fixed))
+  if cost == "flops":
+    items = [(k.path, k.macs) for k in kernels]
+  else:
+    items = [(p, float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
+  return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
