@@ -11,6 +11,9 @@ and scores per-task accuracy:
   rest kept (the PLeaS paper's baseline), no least squares;
 - PLeaS (weight) / PLeaS (activation): the same layout, every layer solved by
   least squares on the training inputs;
+- ZipIt!: features zipped within and across models, the first groups
+  zipped and the rest kept; its budgets are discrete, so the achieved budget
+  (`flops` in the JSON) is at or below the one asked;
 - PLeaS-free: activation matching and least squares on inputs of another
   domain (`config.pleas.free_transforms` of the images).
 
@@ -59,6 +62,11 @@ def merge_pair(config, model, members, va, vb, budget: float, method: str):
   if method == "permute and average":
     return mj.merge.pleas(apply_fn, va, vb, _batches(x, config.pleas.batch_size), least_squares_fit=False,
                           **options)
+  if method == "ZipIt!":
+    merged, layout, alloc = mj.merge.zipit(apply_fn, va, vb, _batches(x, config.pleas.batch_size),
+                                           budget=budget, spec=spec, build_fn=options["build_fn"],
+                                           progress=False)
+    return merged, layout, mj.merge.Report(alloc, [], {})
   if method == "PLeaS-free":
     return mj.merge.pleas(apply_fn, va, vb, _batches(_free_inputs(config, x), config.pleas.batch_size),
                           matching="activation", **options)

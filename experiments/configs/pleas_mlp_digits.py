@@ -20,7 +20,7 @@ def get_config():
   c.pleas = ml_collections.ConfigDict({
       "budgets": (1.0, 1.2, 1.5, 1.8, 2.0),
       "seeds": (0, 1, 2),
-      "methods": ("permute and average", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
+      "methods": ("permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
       "ridge": 1e-3,
       "batch_size": 256,
       # PLeaS-free reads these instead of the tasks' images: digits blurred and noised beyond

@@ -9,4 +9,5 @@ from mergejax.merge import combine
 from mergejax.merge import least_squares
 from mergejax.merge import zip_match
 from mergejax.merge.pleas import pleas
+from mergejax.merge.pleas import Report
 from mergejax.merge.zipit import zipit
