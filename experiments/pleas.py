@@ -19,7 +19,7 @@ and scores per-task accuracy:
 
 Prints mean and std over seed pairs, writes `<workdir>/pleas.json` and
 `<workdir>/pleas.png` (accuracy against budget; FLOPs and parameter budgets
-are both reported in the JSON).
+are both reported in the JSON, parameters as the non-zero ones).
 """
 
 import functools
@@ -46,6 +46,11 @@ def _free_inputs(config, x: np.ndarray) -> np.ndarray:
   for k, (name, options) in enumerate(config.pleas.free_transforms):
     x = mj.data.transforms.transform_fn(name, seed=config.seed + k, **dict(options))(x)
   return x
+
+
+def _nonzero(variables) -> int:
+  """Parameters that are not structural zeros (dense kernels store those as 0)."""
+  return sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(variables["params"]))
 
 
 def merge_pair(config, model, members, va, vb, budget: float, method: str):
@@ -96,7 +101,7 @@ def run(config, workdir):
         merged, layout, report = merge_pair(config, model, members, va, vb, budget, method)
         merged_model = mj.models.build(config.model.name, layout, **dict(config.model.config))
         row = {"seed": seed, "budget": budget, "method": method, "flops": report.allocation.cost,
-               "params": mj.tree.num_params(merged) / mj.tree.num_params(va),
+               "params": _nonzero(merged) / mj.tree.num_params(va),
                "seconds": time.perf_counter() - t0,
                **score(evaluate.jit_logits(merged_model.apply, merged))}
         results.append(row)
