@@ -338,7 +338,7 @@ def activation_matching(
     averaged over the group's features (so in [-1, 1]).
   """
   _check_models(spec, va, vb)
-  example, batches = _peek(batches)
+  example, batches = peek(batches)
   plan = _plan_for(spec, apply_fn, va, example)
   missing = sorted(set(spec.groups) - {f.group for f in plan})
   if missing:
@@ -359,7 +359,7 @@ def activation_matching(
   return MatchResult(perm, jnp.reshape(total, (1,)), scores)
 
 
-def _peek(batches) -> tuple[Any, Any]:
+def peek(batches) -> tuple[Any, Any]:
   """The first batch's input, and batches to iterate from the start again."""
   if callable(batches):
     first = next(iter(batches()), None)

@@ -5,12 +5,12 @@
 """
 
 from collections.abc import Callable, Iterable
-import itertools
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from mergejax import align
 from mergejax import trace
 from mergejax import tree
 from mergejax.merge import budget as budget_lib
@@ -18,6 +18,7 @@ from mergejax.merge import combine
 from mergejax.merge import least_squares
 
 Path = tuple[str, ...]
+peek = align.peek  # the first batch's input, and batches from the start again
 
 
 class Kernel(NamedTuple):
@@ -27,19 +28,6 @@ class Kernel(NamedTuple):
   plan: least_squares.KernelPlan
   shape: tuple[int, ...]
   macs: float
-
-
-def peek(batches) -> tuple[Any, Any]:
-  """The first batch's input, and batches to iterate from the start again."""
-  if callable(batches):
-    first = next(iter(batches()), None)
-  else:
-    iterator = iter(batches)
-    first = next(iterator, None)
-    batches = itertools.chain([first], iterator) if iterator is batches else batches
-  if first is None:
-    raise ValueError("batches is empty")
-  return (first[0] if isinstance(first, (tuple, list)) else first), batches
 
 
 def replayable(batches) -> Callable[[], Iterable[Any]]:
