@@ -4,10 +4,11 @@
     terms = cost_terms(spec, kernels, variables, {}, fixed, "flops")
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mergejax import align
@@ -74,3 +75,22 @@ def cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budg
   else:
     items = [(p, float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
   return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
+
+
+def design_row_fn(apply_fn, kernels: Sequence[Kernel]):
+  """(variables, x) -> [f32[batch, positions, d_in], ...]: each kernel's design rows.
+
+  A kernel used several times has its uses' rows side by side (axis 1).
+  """
+
+  def features(variables, x):
+    _, uses = trace.kernel_uses(apply_fn)(variables, x)
+    return [jnp.concatenate([least_squares.design_rows(u, k.shape) for u in uses[k.path]], axis=1)
+            for k in kernels]
+
+  return features
+
+
+def gram_bytes(kernels: Sequence[Kernel], models: int = 2) -> int:
+  """Bytes of the float32 Gram matrices of `[X_1 | ... | X_models]` for `kernels`."""
+  return sum(4 * (models * int(np.prod([k.shape[a] for a in k.plan.in_axes], dtype=np.int64))) ** 2 for k in kernels)

@@ -155,22 +155,6 @@ def allocate(
   return alloc, merged
 
 
-def _feature_fn(apply_fn, kernels):
-  """(variables, x) -> each kernel's design rows, its uses' rows side by side."""
-
-  def features(variables, x):
-    _, uses = trace.kernel_uses(apply_fn)(variables, x)
-    return [jnp.concatenate([least_squares.design_rows(u, k.shape) for u in uses[k.path]], axis=1)
-            for k in kernels]
-
-  return features
-
-
-def gram_bytes(kernels: Sequence[Any]) -> int:
-  """Bytes of the float32 Gram matrices of `[X_a | X_b]` for `kernels`."""
-  return sum(4 * (2 * int(np.prod([k.shape[a] for a in k.plan.in_axes], dtype=np.int64))) ** 2 for k in kernels)
-
-
 def pleas(
     apply_fn: Callable[..., Any],
     va: PyTree,
@@ -284,8 +268,9 @@ def pleas(
   layers = []
   if least_squares_fit:
     start = time.perf_counter()
-    logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels), gram_bytes(kernels) / 2**20)
-    grams = stats.accumulate(stats.gram(_feature_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
+    logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels),
+                 kernels_lib.gram_bytes(kernels) / 2**20)
+    grams = stats.accumulate(stats.gram(kernels_lib.design_row_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
                              mesh=mesh, progress=progress)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
