@@ -279,6 +279,7 @@ def accumulate(
       lambda s, v, x, m: stat.update(s, v, x, m, axis_name=axis), mesh=mesh,
       in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
   replicated = jax.sharding.NamedSharding(mesh, spec())
+  variables = jax.device_put(variables, replicated)  # also when committed to one device
   state = jax.device_put(jax.jit(stat.init)(variables, first), replicated)
   start, last_log, count = time.perf_counter(), time.perf_counter(), 0
   for x in _chain(first, it):
