@@ -21,6 +21,9 @@ from mergejax.align import activation_matching
 from mergejax.align import MatchResult
 from mergejax.align import ste_matching
 from mergejax.align import weight_matching
+from mergejax.fisher import fisher
+from mergejax.fisher import fisher_accumulator
+from mergejax.fisher import fisher_transform
 from mergejax.lap import lap
 from mergejax.permute import apply_permutation
 from mergejax.permute import compose_permutations

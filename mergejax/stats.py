@@ -9,7 +9,9 @@ transformation: `init(variables, x) -> state` (x for shapes only),
 `finalize(state) -> result`, all pure and jittable. `mask: bool[batch]` marks
 the real rows of a padded batch; with `axis_name`, `update` merges the
 batch's contribution over that mapped axis with `psum`, so it also composes
-with a user's own `shard_map` or `pmap`.
+with a user's own `shard_map` or `pmap`. An accumulator built with
+`labels=True` (the empirical Fisher) reads labels: `init` and `update` then
+take the pair `(x, y)` where the others take `x`.
 
 Moments merge by Chan's parallel update of (count, mean, co-moment), between
 batches and between devices, never as E[xy] - E[x]E[y] (which cancels
@@ -35,9 +37,20 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Accumulator(NamedTuple):
+  """A streaming statistic (see the module docstring).
+
+  Attributes:
+    init: `(variables, x) -> state`.
+    update: `(state, variables, x, mask, axis_name=None) -> state`.
+    finalize: `state -> result`.
+    labels: if True, `x` is the pair `(x, y)` of a batch's inputs and labels,
+      and `accumulate` refuses batches without labels.
+  """
+
   init: Callable[..., PyTree]
   update: Callable[..., PyTree]
   finalize: Callable[[PyTree], Any]
+  labels: bool = False
 
 
 class CrossMoments(NamedTuple):
@@ -233,9 +246,24 @@ def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int
   return Accumulator(init, update, finalize)
 
 
-def _inputs(batches) -> Iterable[Any]:
-  for batch in (batches() if callable(batches) else batches):
-    yield batch[0] if isinstance(batch, (tuple, list)) else batch
+def _examples(batches, labels: bool) -> Iterable[tuple[np.ndarray, ...]]:
+  """Each batch as `(x,)`, or as `(x, y)` where the statistic reads labels."""
+  for i, batch in enumerate(batches() if callable(batches) else batches):
+    pair = isinstance(batch, (tuple, list))
+    if not labels:
+      yield (np.asarray(batch[0] if pair else batch),)
+    elif pair and len(batch) >= 2:
+      yield np.asarray(batch[0]), np.asarray(batch[1])
+    else:
+      raise ValueError(
+          f"accumulate: the statistic reads labels, so batches must be (x, y) pairs; batch {i}"
+          f" is a {type(batch).__name__}")
+
+
+def _padded(a: np.ndarray, size: int) -> np.ndarray:
+  """`a` with zero rows appended up to `size` rows."""
+  pad = size - a.shape[0]
+  return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
 
 
 def accumulate(
@@ -251,8 +279,9 @@ def accumulate(
   Args:
     stat: an Accumulator.
     variables: passed to every update (replicated).
-    batches: inputs, or tuples whose first element is the input, or a callable
-      returning a fresh iterable (DESIGN.md, batches).
+    batches: inputs, or tuples whose first element is the input (and second
+      the labels, where `stat.labels`), or a callable returning a fresh
+      iterable (DESIGN.md, batches).
     mesh: a 1-D mesh whose axis is named "data"; default all local devices.
     progress: log batches/s at most every 10 s.
 
@@ -260,38 +289,43 @@ def accumulate(
     `stat.finalize` of the accumulated state, on the first local device.
 
   Raises:
-    ValueError: for no batches, or a batch larger than the first or of another
-      input shape.
+    ValueError: for no batches, a batch larger than the first or of another
+      input shape, or (where `stat.labels`) a batch without labels or with
+      labels of another shape.
   """
   if mesh is None:
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
   (axis,) = mesh.axis_names
   devices = mesh.devices.size
   spec = jax.sharding.PartitionSpec
-  it = iter(_inputs(batches))
+  it = iter(_examples(batches, stat.labels))
   first = next(it, None)
   if first is None:
     raise ValueError("accumulate: batches is empty")
-  first = np.asarray(first)
-  size = -(-first.shape[0] // devices) * devices
+  size = -(-first[0].shape[0] // devices) * devices
+
+  def arg(arrays):  # what init and update take as x
+    return arrays if stat.labels else arrays[0]
 
   update = jax.jit(jax.shard_map(
       lambda s, v, x, m: stat.update(s, v, x, m, axis_name=axis), mesh=mesh,
       in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
   replicated = jax.sharding.NamedSharding(mesh, spec())
   variables = jax.device_put(variables, replicated)  # also when committed to one device
-  state = jax.device_put(jax.jit(stat.init)(variables, first), replicated)
+  state = jax.device_put(jax.jit(stat.init)(variables, arg(first)), replicated)
   start, last_log, count = time.perf_counter(), time.perf_counter(), 0
-  for x in _chain(first, it):
-    x = np.asarray(x)
-    if x.shape[1:] != first.shape[1:] or x.shape[0] > first.shape[0]:
+  for arrays in _chain(first, it):
+    x = arrays[0]
+    if x.shape[1:] != first[0].shape[1:] or x.shape[0] > first[0].shape[0]:
       raise ValueError(
           f"accumulate: batch {count} has shape {x.shape}; batches must be at most the first's"
-          f" {first.shape}, with the same input shape")
-    pad = size - x.shape[0]
+          f" {first[0].shape}, with the same input shape")
+    if stat.labels and (arrays[1].shape[0] != x.shape[0] or arrays[1].shape[1:] != first[1].shape[1:]):
+      raise ValueError(
+          f"accumulate: batch {count} has inputs {x.shape} and labels {arrays[1].shape}; each"
+          f" input needs a label of the first batch's label shape {first[1].shape[1:]}")
     mask = np.arange(size) < x.shape[0]
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-    state = update(state, variables, x, mask)
+    state = update(state, variables, arg(tuple(_padded(a, size) for a in arrays)), mask)
     count += 1
     if progress and time.perf_counter() - last_log > 10:
       jax.block_until_ready(state)

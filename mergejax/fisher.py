@@ -1,0 +1,347 @@
+"""The diagonal Fisher information of a classifier, from per-example gradients.
+
+    logits_fn = lambda v, x: model.apply(v, x, train=False)  # BatchNorm in eval mode
+    F = mj.fisher(logits_fn, variables, batches, kind="exact")
+    batch_fisher = jax.jit(mj.fisher_transform(logits_fn, kind="empirical"))
+    F_batch = batch_fisher(variables, (x, y))
+
+For a classifier `p(y | x) = softmax(logits_fn(variables, x))` and examples
+`x_1 .. x_N`, the diagonal Fisher is the per-example mean
+
+    F = 1/N sum_n sum_y q_n(y) g_ny^2,    g_ny = d log p(y | x_n) / d params,
+
+squared entry by entry, where the kind chooses `q_n` (DESIGN.md, Other
+definitions):
+
+  "exact"      q_n = p(. | x_n): every class, weighted by the model (Matena &
+               Raffel, "Merging Models with Fisher-Weighted Averaging").
+  "empirical"  all mass on the batch's label y_n; batches are `(x, y)` pairs.
+  "sampled"    all mass on one y_n ~ p(. | x_n), drawn as
+               `jax.random.categorical(jax.random.fold_in(key, n), log p(. | x_n))`
+               with n the example's index in the pass (0, 1, ... over all
+               batches), so the draw depends on neither batching nor sharding.
+
+Each example takes one forward pass and one `jax.vjp` (vmapped over the
+examples); the exact Fisher then pulls back its classes together, in chunks of
+`class_chunk` (a `lax.scan` over chunks), so a device holds about `batch *
+class_chunk * num_params` floats at a time. There is no Python loop over
+examples or classes.
+
+`logits_fn` must run BatchNorm in eval mode (running statistics, `train=False`
+bound by the caller): in training mode an example's output would depend on the
+rest of its batch, and a per-example gradient would be meaningless. Where the
+variables are a mapping with a `params` collection (Flax), only `params` is
+differentiated and every other leaf (BatchNorm running statistics) gets
+Fisher 0; otherwise every leaf is differentiated.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import stats
+from mergejax import tree
+
+PyTree = Any
+LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
+KINDS = ("exact", "empirical", "sampled")
+
+
+def _check_options(kind: str, class_chunk: int) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"fisher: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+  if isinstance(class_chunk, bool) or not isinstance(class_chunk, int) or class_chunk < 1:
+    raise ValueError(f"fisher: class_chunk must be a positive int, got {class_chunk!r}")
+
+
+def _check_key(kind: str, key: jax.Array | None) -> None:
+  if kind == "sampled" and key is None:
+    raise ValueError("fisher: kind='sampled' draws labels from the model and needs a key")
+
+
+def _check_shapes(logits_fn: LogitsFn, variables: PyTree, x: Any, labels: Any | None) -> int:
+  """The number of classes, once `logits_fn(variables, x)` is f32[batch, classes].
+
+  Raises:
+    ValueError: for logits of another shape (or several outputs), or labels
+      that are not one integer per example.
+  """
+  out = jax.eval_shape(logits_fn, variables, x)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise ValueError(
+        "fisher: logits_fn must return one array f32[batch, classes], got"
+        f" {jax.tree.structure(out)} (a multi-head model: bind one head in logits_fn)")
+  if out.ndim != 2 or out.shape[0] != x.shape[0]:
+    raise ValueError(
+        f"fisher: logits_fn must return f32[batch, classes]; on inputs of shape {tuple(x.shape)}"
+        f" it returned shape {tuple(out.shape)}")
+  if labels is not None and (tuple(labels.shape) != (x.shape[0],)
+                             or not jnp.issubdtype(labels.dtype, jnp.integer)):
+    raise ValueError(
+        f"fisher: labels must be int[batch] with batch = {x.shape[0]}, got"
+        f" {labels.dtype}{list(labels.shape)}")
+  return out.shape[1]
+
+
+def _differentiated(variables: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  """(the leaves to differentiate, a function putting them back into variables)."""
+  if isinstance(variables, Mapping) and "params" in variables:
+    return variables["params"], lambda params: {**variables, "params": params}
+  return variables, lambda params: params
+
+
+def _full_tree(variables: PyTree, params_fisher: PyTree) -> PyTree:
+  """A tree shaped like `variables`: `params_fisher` where differentiated, else 0."""
+  if not (isinstance(variables, Mapping) and "params" in variables):
+    return params_fisher
+  zeros = jax.tree.map(lambda v: jnp.zeros(jnp.shape(v), jnp.float32), variables)
+  updates = {("params", *path): f for path, f in tree.leaves_by_path(params_fisher).items()}
+  return tree.replace_leaves(zeros, updates)
+
+
+def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_classes: int,
+                      class_chunk: int) -> PyTree:
+  """sum_k weights[k] (pullback of e_{classes[k]})^2: one example's Fisher term.
+
+  Args:
+    pullback: the VJP of one example's log-probabilities f32[num_classes].
+    classes: i32[k], the classes whose gradients count.
+    weights: f32[k], their weights.
+    num_classes: the length of the log-probabilities.
+    class_chunk: classes pulled back together; more than that take a scan.
+  """
+
+  def chunk_sum(chunk_classes, chunk_weights):
+    grads = jax.vmap(lambda c: pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32))[0])(
+        chunk_classes)
+    return jax.tree.map(
+        lambda g: jnp.tensordot(chunk_weights, jnp.square(g.astype(jnp.float32)), axes=1,
+                                precision=jax.lax.Precision.HIGHEST), grads)
+
+  k = classes.shape[0]
+  if k <= class_chunk:
+    return chunk_sum(classes, weights)
+  steps = -(-k // class_chunk)
+  pad = steps * class_chunk - k  # padding classes weigh 0
+  classes = jnp.pad(classes, (0, pad)).reshape(steps, class_chunk)
+  weights = jnp.pad(weights, (0, pad)).reshape(steps, class_chunk)
+  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(chunk_sum, classes[0], weights[0]))
+  total, _ = jax.lax.scan(
+      lambda acc, cw: (jax.tree.map(jnp.add, acc, chunk_sum(*cw)), None), zero, (classes, weights))
+  return total
+
+
+def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, key: jax.Array | None,
+               variables: PyTree, x: jax.Array, labels: jax.Array, index: jax.Array,
+               mask: jax.Array) -> PyTree:
+  """sum over the batch's real examples of each one's Fisher, shaped like `variables`.
+
+  Args:
+    x: f32[batch, ...], the inputs.
+    labels: i32[batch] (read by "empirical" only).
+    index: i32[batch], each example's index in the pass (read by "sampled").
+    mask: bool[batch], the real examples.
+  """
+  params, rebuild = _differentiated(variables)
+
+  def log_probs(p, x_n):
+    logits = logits_fn(rebuild(p), x_n[None])
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0])
+
+  def example(x_n, label, i):
+    log_p, pullback = jax.vjp(lambda p: log_probs(p, x_n), params)
+    log_p = jax.lax.stop_gradient(log_p)
+    num_classes = log_p.shape[0]
+    if kind == "exact":
+      classes, weights = jnp.arange(num_classes), jnp.exp(log_p)
+    else:
+      y = label if kind == "empirical" else jax.random.categorical(jax.random.fold_in(key, i), log_p)
+      classes, weights = y[None], jnp.ones(1, jnp.float32)
+    return _weighted_squares(pullback, classes, weights, num_classes, class_chunk)
+
+  per_example = jax.vmap(example)(x, labels, index)
+  sums = jax.tree.map(
+      lambda f: jnp.where(mask.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0).sum(0), per_example)
+  return _full_tree(variables, sums)
+
+
+def _split_batch(batch: Any, kind: str) -> tuple[Any, Any | None]:
+  """(x, labels) of a batch; labels are None unless kind is "empirical"."""
+  pair = isinstance(batch, (tuple, list))
+  if kind != "empirical":
+    return (batch[0] if pair else batch), None
+  if not (pair and len(batch) >= 2):
+    raise ValueError(
+        "fisher: kind='empirical' needs labels: batches must be (x, y) pairs, got a"
+        f" {type(batch).__name__}")
+  return batch[0], batch[1]
+
+
+def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
+                     class_chunk: int = 16) -> Callable[..., PyTree]:
+  """The mean Fisher of one batch, as a function to jit (like `jax.grad`).
+
+      batch_fisher = jax.jit(fisher_transform(logits_fn, kind="sampled"))
+      F = batch_fisher(variables, x, key)
+
+  Args:
+    logits_fn: `(variables, x: f32[batch, ...]) -> f32[batch, classes]`,
+      BatchNorm in eval mode (module docstring).
+    kind: "exact", "empirical" or "sampled".
+    class_chunk: classes pulled back together by the exact Fisher.
+
+  Returns:
+    `batch_fisher(variables, batch, key=None) -> PyTree`, the per-example mean
+    Fisher of `batch` (an array x, or an `(x, y)` pair; "empirical" needs y:
+    i32[batch]), float32 and shaped like `variables`. "sampled" needs `key`;
+    example n of the batch draws with `fold_in(key, n)`.
+
+  Raises:
+    ValueError: at once for an unknown kind; when called (traced), for a
+      missing key or labels, or logits or labels of the wrong shape.
+  """
+  _check_options(kind, class_chunk)
+
+  def batch_fisher(variables: PyTree, batch: Any, key: jax.Array | None = None) -> PyTree:
+    _check_key(kind, key)
+    x, labels = _split_batch(batch, kind)
+    x = jnp.asarray(x)
+    _check_shapes(logits_fn, variables, x, labels)
+    n = x.shape[0]
+    labels = jnp.zeros(n, jnp.int32) if labels is None else jnp.asarray(labels)
+    sums = _batch_sum(logits_fn, kind, class_chunk, key, variables, x, labels,
+                      jnp.arange(n), jnp.ones(n, bool))
+    return jax.tree.map(lambda s: s / n, sums)
+
+  return batch_fisher
+
+
+def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Array | None = None,
+                       class_chunk: int = 16) -> stats.Accumulator:
+  """The Fisher as a streaming statistic, for `stats.accumulate` or a user's loop.
+
+  The state is `(count: i32[], sums)`: the real examples seen and the sum of
+  their Fishers. `update(state, variables, x, mask, axis_name=None)` adds a
+  (padded) batch; with `axis_name` it `psum`s over that axis and numbers the
+  examples as laid out along it (device i holds rows `i * batch` onwards of
+  the global batch, as `shard_map` and `pmap` split it), so "sampled" draws
+  the same labels however the batch is split. "empirical" reads labels: its
+  `x` is the pair `(x, y)` (`labels=True`). `finalize` gives `sums / count`.
+
+  Args:
+    logits_fn: `(variables, x: f32[batch, ...]) -> f32[batch, classes]`,
+      BatchNorm in eval mode (module docstring).
+    kind: "exact", "empirical" or "sampled".
+    key: the PRNG key of "sampled" (ignored by the others).
+    class_chunk: classes pulled back together by the exact Fisher.
+
+  Raises:
+    ValueError: at once for an unknown kind or "sampled" without a key; in
+      `init`, for logits or labels of the wrong shape.
+  """
+  _check_options(kind, class_chunk)
+  _check_key(kind, key)
+  labels = kind == "empirical"
+
+  def split(batch):
+    return batch if labels else (batch, None)
+
+  def init(variables, batch):
+    x, y = split(batch)
+    _check_shapes(logits_fn, variables, x, y)
+    params, _ = _differentiated(variables)
+    zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return jnp.zeros((), jnp.int32), _full_tree(variables, zero)
+
+  def update(state, variables, batch, mask, axis_name=None):
+    count, sums = state
+    x, y = split(batch)
+    size = x.shape[0]
+    first = count if axis_name is None else count + jax.lax.axis_index(axis_name) * size
+    y = jnp.zeros(size, jnp.int32) if y is None else y
+    batch_sums = _batch_sum(logits_fn, kind, class_chunk, key, variables, x, y,
+                            first + jnp.arange(size), mask)
+    seen = mask.sum(dtype=jnp.int32)
+    if axis_name is not None:
+      seen, batch_sums = jax.lax.psum((seen, batch_sums), axis_name)
+    return count + seen, jax.tree.map(jnp.add, sums, batch_sums)
+
+  def finalize(state):
+    count, sums = state
+    return jax.tree.map(lambda s: s / jnp.maximum(count, 1), sums)
+
+  return stats.Accumulator(init, update, finalize, labels=labels)
+
+
+def _check_first_batch(logits_fn: LogitsFn, variables: PyTree, batch: Any, kind: str) -> None:
+  """Shapes, finite logits and labels in range, on the first batch."""
+  x, labels = _split_batch(batch, kind)
+  x = np.asarray(x)
+  labels = None if labels is None else np.asarray(labels)
+  num_classes = _check_shapes(logits_fn, variables, x, labels)
+  logits = np.asarray(jax.jit(logits_fn)(variables, x))
+  bad = int((~np.isfinite(logits)).sum())
+  if bad:
+    raise ValueError(f"fisher: logits_fn gave {bad} non-finite logits (of {logits.size}) on the first batch")
+  if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f"fisher: labels must lie in [0, {num_classes}); the first batch has"
+        f" {labels.min()}..{labels.max()}")
+
+
+def fisher(
+    logits_fn: LogitsFn,
+    variables: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    kind: str = "exact",
+    key: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    class_chunk: int = 16,
+) -> PyTree:
+  """The diagonal Fisher over a data pass, sharded like every statistic.
+
+      model = mj.models.build("resnet20", num_classes=10)
+      logits_fn = lambda v, x: model.apply(v, x, train=False)  # running statistics
+      F = mj.fisher(logits_fn, variables, batches, kind="exact")
+      F["batch_stats"]  # all 0: only params are differentiated
+
+  Args:
+    logits_fn: `(variables, x: f32[batch, ...]) -> f32[batch, classes]`, with
+      BatchNorm in eval mode (bind `train=False` in a closure).
+    variables: the model's variables (Flax: `params` is differentiated,
+      other collections get 0).
+    batches: inputs, or `(x, y)` pairs ("empirical" needs them), or a
+      callable returning a fresh iterable (DESIGN.md, batches); ragged
+      batches are padded and masked.
+    kind: "exact", "empirical" or "sampled" (module docstring).
+    key: the PRNG key of "sampled": the same key gives the same Fisher on any
+      batching and any number of devices.
+    mesh: a 1-D mesh whose axis is named "data"; default all local devices.
+    progress: log batches/s at most every 10 s.
+    class_chunk: classes pulled back together by the exact Fisher (memory
+      about batch / devices * class_chunk * num_params floats per device).
+
+  Returns:
+    The per-example mean Fisher, float32, shaped like `variables`.
+
+  Raises:
+    ValueError: before the pass, for an unknown kind, "sampled" without a key,
+      non-finite variables, no batches, a first batch without labels for
+      "empirical", logits that are not f32[batch, classes] or not finite on
+      the first batch, or labels of the first batch out of range; during it,
+      for a batch of another shape (`stats.accumulate`).
+  """
+  stat = fisher_accumulator(logits_fn, kind=kind, key=key, class_chunk=class_chunk)
+  tree.check_finite(variables, "fisher: variables")
+  it = iter(batches() if callable(batches) else batches)
+  first = next(it, None)
+  if first is None:
+    raise ValueError("fisher: batches is empty")
+  _check_first_batch(logits_fn, variables, first, kind)
+  return stats.accumulate(stat, variables, itertools.chain([first], it), mesh=mesh, progress=progress)
