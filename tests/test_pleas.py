@@ -90,6 +90,33 @@ def test_least_squares_lowers_the_error_against_the_ensemble():
   assert errors[True] < errors[False]
 
 
+def test_merged_inputs_fit_each_layer_on_the_merged_models_own_features():
+  apply_fn, va, vb, batches = _models()
+  x = np.asarray(jnp.concatenate(batches), np.float64)
+  ridge = 1e-2
+  merged, layout = mj.merge.pleas(apply_fn, va, vb, batches, budget=1.0, inputs="merged", ridge=ridge,
+                                  progress=False)
+  assert all(g.n_a == g.n_b == 0 for g in layout.values())
+  spec = mj.permutation_spec(apply_fn, va, batches[0])
+  vb = mj.apply_permutation(spec, mj.weight_matching(spec, va, vb, key=jax.random.key(0)).perm, vb)
+  va, vb, merged = (jax.tree.map(lambda a: np.asarray(a, np.float64), v) for v in (va, vb, merged))
+  relu = lambda h: np.maximum(h, 0.0)
+  hidden = lambda v, h, name: relu(h @ v[name]["kernel"] + v[name]["bias"])
+  inputs = {"l1": (x, x, x)}
+  inputs["l2"] = tuple(hidden(v, x, "l1") for v in (merged, va, vb))
+  inputs["head"] = tuple(hidden(v, h, "l2") for v, h in zip((merged, va, vb), inputs["l2"]))
+  for name, (x_m, x_a, x_b) in inputs.items():
+    y = (x_a @ va[name]["kernel"] + x_b @ vb[name]["kernel"]) / 2
+    w0 = (va[name]["kernel"] + vb[name]["kernel"]) / 2
+    g, c = x_m.T @ x_m / len(x), x_m.T @ y / len(x)
+    lam = ridge * np.trace(g) / len(g)
+    want = np.linalg.solve(g + lam * np.eye(len(g)), c + lam * w0)
+    np.testing.assert_allclose(merged[name]["kernel"], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+  a, b, _ = _models()[1:]
+  merged, _ = mj.merge.pleas(apply_fn, a, b, batches, budget=2.0, inputs="merged", progress=False)
+  np.testing.assert_allclose(apply_fn(merged, x), (apply_fn(a, x) + apply_fn(b, x)) / 2, rtol=1e-4, atol=1e-4)
+
+
 def test_task_heads_each_keep_their_model():
   apply_fn, va, vb, batches = _models(heads=(3, 2))
   x = jnp.concatenate(batches)
@@ -132,6 +159,8 @@ def test_bad_input_is_refused_before_any_work():
   nan = jax.tree.map(lambda a: a.at[..., 0].set(jnp.nan) if a.ndim == 2 else a, vb)
   with pytest.raises(ValueError, match="NaN"):
     mj.merge.pleas(apply_fn, va, nan, batches, budget=1.5)
+  with pytest.raises(ValueError, match="inputs"):
+    mj.merge.pleas(apply_fn, va, vb, batches, budget=1.5, inputs="ensemble")
   with pytest.raises(ValueError, match="below"):
     mj.merge.pleas(apply_fn, va, vb, batches, budget=1.1, grid=(0.0, 0.5))
   with pytest.raises(ValueError, match="NaN"):

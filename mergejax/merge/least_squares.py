@@ -207,13 +207,15 @@ def solve_layer(
     models: Sequence[int] = (0, 1),
     ridge: float,
     condition: bool = True,
+    merged_inputs: bool = False,
 ) -> tuple[jax.Array, LayerReport]:
   """One kernel of the merged model, by block least squares.
 
   Args:
     path: the kernel's path (for messages).
     gram: the Gram of `[X_a | X_b]`, the layer's input rows in both (aligned)
-      models, features in `plan` order.
+      models, features in `plan` order; with `merged_inputs`, the Gram of
+      `[X_m | X_a | X_b]`, `X_m` the merged model's own input rows.
     kernels: `(w_a, w_b)`, the kernel in both aligned models.
     w0: the combined kernel (`combine.combine`), the merged model's shape.
     view: the split view of the original kernel (`combine.leaf_view`).
@@ -222,6 +224,8 @@ def solve_layer(
     models: the models whose outputs are the targets ((0,) for A's own head).
     ridge: relative ridge (see `ridge_solve`).
     condition: compute the blocks' condition numbers (an eigendecomposition each).
+    merged_inputs: fit on the merged model's inputs (`X_m`) instead of the
+      originals' inputs merged like the units.
 
   Returns:
     The merged kernel (shape of `w0`) and its LayerReport.
@@ -230,15 +234,20 @@ def solve_layer(
   rows_pos, cols_pos = split_positions(view, plan.in_axes), split_positions(view, plan.out_axes)
   x_side, y_side = _side(view, rows_pos, maps), _side(view, cols_pos, maps)
   d = int(np.prod(x_side.shape, dtype=np.int64))
-  if tuple(gram.sizes) != (d, d):
-    raise ValueError(f"{where}: the Gram's feature sizes {gram.sizes} are not the kernel's {(d, d)}")
-  count = jnp.maximum(gram.count, 1.0)
-  blocks = {(s, t): gram.gram[s * d:(s + 1) * d, t * d:(t + 1) * d] / count for s in (0, 1) for t in (0, 1)}
-  w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in kernels]
   widths = {g: m.width for g, m in maps.items()}
   merged_split = list(view.shape)
   for p, g in view.groups:
     merged_split[p] = widths[g]
+  d_m = int(np.prod([merged_split[p] for p in rows_pos], dtype=np.int64)) if merged_inputs else 0
+  expected = (d_m, d, d) if merged_inputs else (d, d)
+  if tuple(gram.sizes) != expected:
+    raise ValueError(f"{where}: the Gram's feature sizes {gram.sizes} are not the kernel's {expected}")
+  count = jnp.maximum(gram.count, 1.0)
+  starts = {"m": 0, 0: d_m, 1: d_m + d}
+  size = {"m": d_m, 0: d, 1: d}
+  block = lambda s, t: gram.gram[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / count
+  blocks = {(s, t): block(s, t) for s in (0, 1) for t in (0, 1)}
+  w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in kernels]
   w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos)
 
   with jax.default_matmul_precision("highest"):
@@ -247,14 +256,19 @@ def solve_layer(
     n_in, n_out = sum(in_mass), sum(out_mass)
     n_in = jnp.where(n_in > 0, n_in, 1.0)
     n_out_safe = jnp.where(n_out > 0, n_out, 1.0)
-    g_m = sum(_merge_two_sided(blocks[s, t], x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
-    g_m = g_m / jnp.outer(n_in, n_in)
-    cross = sum(_merge_two_sided(blocks[s, t] @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
-    cross = cross / jnp.outer(n_in, n_out_safe)
+    if merged_inputs:
+      x_m = _Side((d_m,), ())
+      g_m = block("m", "m")
+      cross = sum(_merge_two_sided(block("m", t) @ w[t], x_m, t, y_side, t) for t in models)
+      cross = cross / n_out_safe
+    else:
+      g_m = sum(_merge_two_sided(blocks[s, t], x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
+      g_m = g_m / jnp.outer(n_in, n_in)
+      cross = sum(_merge_two_sided(blocks[s, t] @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
+      cross = cross / jnp.outer(n_in, n_out_safe)
     yty = sum(_merge_two_sided(w[s].T @ blocks[s, t] @ w[t], y_side, s, y_side, t)
               for s in models for t in models)
     yty = jnp.diag(yty) / n_out_safe**2
-
     in_member = [m > 0 for m in in_mass]
     out_member = [m > 0 for m in out_mass]
     solution = jnp.zeros_like(w0_mat)

@@ -20,6 +20,7 @@ models' own tasks: matching and least squares then never see the tasks' data.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -171,6 +172,8 @@ def pleas(
     cost: str = "flops",
     ridge: float = 1e-3,
     least_squares_fit: bool = True,
+    inputs: str = "original",
+    merged_apply_fn: Callable[[spec_lib.MergeLayout], Callable[..., Any]] | None = None,
     key: jax.Array | None = None,
     chunk: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -204,6 +207,14 @@ def pleas(
     ridge: the least squares' relative ridge towards the combined weights.
     least_squares_fit: False stops after combining (permute-and-average with
       partial matching: the paper's baseline).
+    inputs: the least squares' inputs: "original" (the originals' inputs,
+      merged like the units: one pass for every layer) or "merged" (the
+      merged model's own inputs, the layers before already fitted: one pass
+      per kernel; a BatchNorm model keeps its combined statistics during
+      these passes).
+    merged_apply_fn: `layout -> apply_fn` of the merged architecture (eval
+      mode), for `inputs="merged"`; default `apply_fn` itself, right for
+      functions whose widths follow their variables' shapes.
     key: for weight matching's random group order.
     chunk: examples per step of the Gram pass (`stats.gram`).
     mesh: devices to shard the passes over.
@@ -224,6 +235,8 @@ def pleas(
     raise ValueError(f"pleas: budget must be in [1, 2] (1: one model's cost, 2: both), got {budget!r}")
   if matching not in ("weight", "activation"):
     raise ValueError(f"pleas: matching must be 'weight' or 'activation', got {matching!r}")
+  if inputs not in ("original", "merged"):
+    raise ValueError(f"pleas: inputs must be 'original' or 'merged', got {inputs!r}")
   if cost not in ("flops", "params"):
     raise ValueError(f"pleas: cost must be 'flops' or 'params', got {cost!r}")
   tree.check_same_structure(va, vb)
@@ -239,8 +252,8 @@ def pleas(
   spec_lib.check_spec(spec, va)
   heads_models = _head_models(heads, va)
   kernels = kernels_lib.model_kernels(apply_fn, va, example)
-  inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
-  fixed = combine.fixed_groups(spec, inputs)
+  in_axes = {k.path: frozenset(k.plan.in_axes) for k in kernels}
+  fixed = combine.fixed_groups(spec, in_axes)
   terms = kernels_lib.cost_terms(spec, kernels, va, heads_models, fixed, cost)
   options, _ = _options(spec, fixed, grid)
   budget_lib.check_reachable(terms, options, budget)
@@ -259,7 +272,7 @@ def pleas(
   alloc, chosen = allocate(spec, terms, similarity, budget, grid=grid, method=allocation, fixed=fixed)
   maps = {g: combine.partial_map(chosen[g]) for g in spec.groups}
   layout = combine.layout_of(maps)
-  merged = combine.combine(spec, maps, va, vb, inputs=inputs, models=heads_models)
+  merged = combine.combine(spec, maps, va, vb, inputs=in_axes, models=heads_models)
   seconds["allocation"] = time.perf_counter() - start
   if progress:
     logging.info("pleas: budget %.3f -> cost %.3f, ratios %s", budget, alloc.cost,
@@ -267,30 +280,14 @@ def pleas(
 
   layers = []
   if least_squares_fit:
-    start = time.perf_counter()
-    logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels),
-                 kernels_lib.gram_bytes(kernels) / 2**20)
-    grams = stats.accumulate(stats.gram(kernels_lib.design_row_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
-                             mesh=mesh, progress=progress)
-    seconds["statistics"] = time.perf_counter() - start
-    start = time.perf_counter()
-    la, lb, lm = tree.leaves_by_path(va), tree.leaves_by_path(vb), tree.leaves_by_path(merged)
-    by_leaf = combine.refs_by_leaf(spec)
-    solved = {}
-    for k, g in zip(kernels, grams):
-      where = "/".join(k.path)
-      if not bool(jnp.all(jnp.isfinite(g.gram))):
-        raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
-      view = combine.leaf_view(k.shape, by_leaf.get(k.path, []), where)
-      solved[k.path], rep = least_squares.solve_layer(
-          k.path, g, (la[k.path], lb[k.path]), lm[k.path], view, k.plan, maps,
-          models=heads_models.get(k.path, (0, 1)), ridge=ridge)
-      layers.append(rep)
-      if progress:
-        logging.info("pleas: %s residual %.4f -> %.4f, condition %.3g, blocks %s", where,
-                     rep.residual_before, rep.residual_after, rep.condition, rep.blocks)
-    merged = tree.replace_leaves(merged, solved)
-    seconds["solves"] = time.perf_counter() - start
+    fit = functools.partial(_fit_layers, kernels=kernels, spec=spec, maps=maps, heads_models=heads_models,
+                            ridge=ridge, chunk=chunk, mesh=mesh, progress=progress)
+    if inputs == "original":
+      merged, layers, seconds["statistics"], seconds["solves"] = fit(apply_fn, va, vb, merged, batches)
+    else:
+      merged_fn = merged_apply_fn(layout) if merged_apply_fn is not None else apply_fn
+      merged, layers, seconds["statistics"], seconds["solves"] = fit(
+          apply_fn, va, vb, merged, batches, merged_fn=merged_fn)
 
   start = time.perf_counter()
   if build_fn is not None:
@@ -301,3 +298,58 @@ def pleas(
   if report:
     return merged, layout, Report(alloc, layers, seconds)
   return merged, layout
+
+
+def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads_models, ridge, chunk, mesh,
+                progress, merged_fn=None):
+  """Every kernel of `merged` by least squares: `(merged, reports, statistics s, solves s)`.
+
+  Without `merged_fn` one pass gathers every layer's Gram of the originals'
+  inputs `[X_a | X_b]`. With it (`inputs="merged"`), the layers are fitted in
+  order, each from a pass over `[X_m | X_a | X_b]` with `X_m` the inputs
+  `merged_fn` gives the layer once the layers before it are fitted.
+  """
+  la, lb = tree.leaves_by_path(va), tree.leaves_by_path(vb)
+  by_leaf = combine.refs_by_leaf(spec)
+  seconds = {"statistics": 0.0, "solves": 0.0}
+
+  def timed(stage, fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    seconds[stage] += time.perf_counter() - start
+    return out
+
+  if merged_fn is None:
+    logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels),
+                 kernels_lib.gram_bytes(kernels) / 2**20)
+    grams = timed("statistics", stats.accumulate,
+                  stats.gram(kernels_lib.design_row_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
+                  mesh=mesh, progress=progress)
+  solved, layers = {}, []
+  for i, k in enumerate(kernels):
+    lm = tree.leaves_by_path(merged)
+    if merged_fn is None:
+      g = grams[i]
+    else:
+      original_rows = kernels_lib.design_row_fn(apply_fn, [k])
+      merged_rows = kernels_lib.design_row_fn(merged_fn, [k._replace(shape=tuple(np.shape(lm[k.path])))])
+      # The dict key tells the merged model's variables from the originals' (it is static under jit).
+      rows = lambda v, x: merged_rows(v["merged"], x) if "merged" in v else original_rows(v["original"], x)
+      (g,) = timed("statistics", stats.accumulate, stats.gram(rows, chunk=chunk),
+                   ({"merged": merged}, {"original": va}, {"original": vb}), batches, mesh=mesh,
+                   progress=progress)
+    where = "/".join(k.path)
+    if not bool(jnp.all(jnp.isfinite(g.gram))):
+      raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
+    view = combine.leaf_view(k.shape, by_leaf.get(k.path, []), where)
+    kernel, rep = timed("solves", least_squares.solve_layer, k.path, g, (la[k.path], lb[k.path]), lm[k.path],
+                        view, k.plan, maps, models=heads_models.get(k.path, (0, 1)), ridge=ridge,
+                        merged_inputs=merged_fn is not None)
+    solved[k.path] = kernel
+    if merged_fn is not None:
+      merged = tree.replace_leaves(merged, {k.path: kernel})
+    layers.append(rep)
+    if progress:
+      logging.info("pleas: %s residual %.4f -> %.4f, condition %.3g, blocks %s", where,
+                   rep.residual_before, rep.residual_after, rep.condition, rep.blocks)
+  return tree.replace_leaves(merged, solved), layers, seconds["statistics"], seconds["solves"]
