@@ -17,6 +17,9 @@ from mergejax.merge.average import uniform_soup
 from mergejax.merge.fisher import fisher
 from mergejax.merge.pleas import pleas
 from mergejax.merge.pleas import Report
+from mergejax.merge.regmean import regmean
+from mergejax.merge.regmean import regmean_grams
+from mergejax.merge.regmean import regmean_plus_plus
 from mergejax.merge.task_vectors import dare
 from mergejax.merge.task_vectors import dare_ties
 from mergejax.merge.task_vectors import keep_count
