@@ -1,0 +1,363 @@
+"""Out-of-core merging: merge orbax checkpoints one leaf at a time.
+
+    mj.io.merge_checkpoints(
+        "ties", ["/ckpt/a", "/ckpt/b"], "/ckpt/merged", base_path="/ckpt/base",
+        density=0.2)
+    merged = mj.io.restore("/ckpt/merged")
+
+`merge_checkpoints` never holds N models in memory. For every leaf of the
+variables tree it reads that leaf from each input checkpoint (an orbax partial
+restore of one leaf), applies the in-memory method of `mergejax.merge` to the
+single-leaf trees, and writes the merged leaf to the output checkpoint (an
+orbax partial save of one leaf). Each leaf keeps its real key path (it is
+wrapped in dicts nested along it), so what depends on the path, like DARE's
+random keys or a method's error message, is as in the in-memory merge, and so
+is every result.
+
+Global TIES trimming (`trim="global"`) needs each model's threshold, over all
+of its leaves, before any leaf is merged: a first pass computes it, one model
+at a time, from that model's task-vector magnitudes.
+
+Peak memory is one leaf per input checkpoint, plus one model's magnitudes in
+the global TIES pass, plus what JAX and orbax hold, whatever the number of
+models. Each leaf compiles the method anew (its tree differs from the last
+leaf's by the path), which costs about a second per leaf for DARE on a CPU.
+
+The output is written with `orbax.checkpoint.experimental.v1.partial`
+(orbax's API for saving a checkpoint in parts, then finalizing it) into a
+hidden directory beside `out_path`, completed with the metadata item that
+`restore` and `load_metadata` read, and renamed to `out_path` only when
+complete. A failure removes that directory: `out_path` holds the whole merge
+or what it held before.
+"""
+
+from collections.abc import Sequence
+import inspect
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial
+
+from mergejax import merge
+from mergejax import tree as mt
+from mergejax.io import checkpoint
+from mergejax.merge import task_vectors
+
+PyTree = Any
+PathLike = str | os.PathLike[str]
+KeyPath = tuple[jax.tree_util.DictKey, ...]
+
+METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "fisher")
+_NEEDS_BASE = ("task_arithmetic", "ties", "dare", "dare_ties")
+
+
+class _Inputs(NamedTuple):
+  """The checkpoints a merge reads (absolute paths)."""
+
+  models: list[pathlib.Path]
+  base: pathlib.Path | None
+  fishers: list[pathlib.Path] | None
+
+  def paths(self) -> list[pathlib.Path]:
+    return self.models + ([self.base] if self.base else []) + (self.fishers or [])
+
+
+def _check_arguments(
+    method: str,
+    paths: Sequence[PathLike],
+    base_path: PathLike | None,
+    fisher_paths: Sequence[PathLike] | None,
+) -> None:
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  if not paths:
+    raise ValueError("paths: merging needs at least one checkpoint")
+  if method in _NEEDS_BASE and base_path is None:
+    raise ValueError(f"{method} merges task vectors: pass base_path")
+  if method not in _NEEDS_BASE and base_path is not None:
+    raise ValueError(f"{method} takes no base_path")
+  if method == "fisher":
+    if fisher_paths is None or len(fisher_paths) != len(paths):
+      given = 0 if fisher_paths is None else len(fisher_paths)
+      raise ValueError(
+          f"fisher needs one fisher_paths entry per model: {len(paths)} models,"
+          f" {given} fisher_paths"
+      )
+  elif fisher_paths is not None:
+    raise ValueError(f"{method} takes no fisher_paths")
+
+
+def _state(path: pathlib.Path) -> pathlib.Path:
+  """The directory of a checkpoint's variables tree (an orbax PyTree item)."""
+  return path / checkpoint._STATE  # pylint: disable=protected-access
+
+
+def _nest(key_path: KeyPath, value: Any) -> dict[str, Any]:
+  """`value` in dicts nested along `key_path`: `{k1: {k2: value}}`."""
+  for key in reversed(key_path):
+    value = {key.key: value}
+  return value
+
+
+def _as_tree(leaves: dict[KeyPath, Any]) -> dict[str, Any]:
+  """The nested dicts that hold each value at its key path."""
+  tree = {}
+  for key_path, value in leaves.items():
+    node = tree
+    for key in key_path[:-1]:
+      node = node.setdefault(key.key, {})
+    node[key_path[-1].key] = value
+  return tree
+
+
+def _saved_leaves(path: pathlib.Path) -> dict[KeyPath, jax.ShapeDtypeStruct]:
+  """`{key path: shape and dtype}` of a checkpoint's leaves, from its metadata."""
+  try:
+    checkpoint.load_metadata(path)
+    saved = ocp.PyTreeCheckpointHandler().metadata(_state(path)).tree
+  except FileNotFoundError:
+    raise  # names the path: not a mergejax checkpoint
+  except (OSError, ValueError) as e:
+    raise ValueError(f"checkpoint {path} is unreadable: {e}") from e
+  leaves = {}
+  for key_path, info in jax.tree_util.tree_flatten_with_path(saved)[0]:
+    where = f"checkpoint {path}: {mt.path_str(key_path)}"
+    if not all(isinstance(k, jax.tree_util.DictKey) for k in key_path):
+      raise ValueError(f"{where}: only trees of nested dicts are merged out of core")
+    if not isinstance(info, ocp.metadata.ArrayMetadata):
+      raise ValueError(f"{where} is not an array")
+    leaves[key_path] = jax.ShapeDtypeStruct(info.shape, info.dtype)
+  return leaves
+
+
+def _common_leaves(paths: Sequence[pathlib.Path]) -> dict[KeyPath, jax.ShapeDtypeStruct]:
+  """The first checkpoint's leaves, after checking every other one has the same
+  leaf paths and shapes (ValueError naming the two checkpoints and the leaf)."""
+  first = _saved_leaves(paths[0])
+  for path in paths[1:]:
+    try:
+      mt.check_same_shapes(_as_tree(first), _as_tree(_saved_leaves(path)))
+    except ValueError as e:
+      raise ValueError(f"checkpoints {paths[0]} and {path} differ: {e}") from e
+  return first
+
+
+def _with_defaults(method: str, method_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`method_kwargs` and the defaults of the method's other keyword-only arguments."""
+  parameters = inspect.signature(getattr(merge, method)).parameters.values()
+  defaults = {
+      p.name: p.default
+      for p in parameters
+      if p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+  }
+  return {**defaults, **method_kwargs}
+
+
+def _merge_trees(
+    method: str,
+    base: PyTree | None,
+    models: list[PyTree],
+    fishers: list[PyTree] | None,
+    kwargs: dict[str, Any],
+) -> PyTree:
+  """`mergejax.merge.<method>` of whole or single-leaf trees."""
+  fn = getattr(merge, method)
+  if method == "average":
+    return fn(models, **kwargs)
+  if method == "fisher":
+    return fn(models, fishers, **kwargs)
+  return fn(base, models, **kwargs)
+
+
+def _dry_run(method: str, kwargs: dict[str, Any], num_models: int) -> None:
+  """The method on one-entry stand-in trees: it checks its keyword arguments
+  (density, drop, weights...) before any leaf is read."""
+  zeros, ones = {"x": np.zeros(1, np.float32)}, {"x": np.ones(1, np.float32)}
+  fishers = [ones] * num_models if method == "fisher" else None
+  _merge_trees(method, zeros, [zeros] * num_models, fishers, kwargs)
+
+
+def _read_leaf(path: pathlib.Path, key_path: KeyPath, like: jax.ShapeDtypeStruct) -> PyTree:
+  """The single-leaf tree `{k1: {k2: x}}` of one leaf of a checkpoint."""
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      _state(path),
+      args=ocp.args.PyTreeRestore(
+          item=_nest(key_path, like),
+          restore_args=_nest(key_path, ocp.RestoreArgs(restore_type=np.ndarray)),
+          partial_restore=True,
+      ),
+  )
+
+
+@jax.jit
+def _magnitudes(
+    b: jax.Array, x: jax.Array, leaf_key: jax.Array | None, keep: float
+) -> jax.Array:
+  """f32[size]: |x - b| in float32, flat; with a key, DARE-dropped and rescaled.
+
+  The entries of one leaf of one model that `ties_thresholds` ranks, where
+  `leaf_key` is `task_vectors.leaf_key(key, model index, leaf path)`.
+  """
+  dtype = jnp.promote_types(b.dtype, jnp.float32)
+  tau = x.astype(dtype) - b.astype(dtype)
+  if leaf_key is not None:
+    tau = jnp.where(jax.random.bernoulli(leaf_key, keep, tau.shape), tau / keep, 0)
+  return jnp.abs(tau).astype(jnp.float32).ravel()
+
+
+def _global_thresholds(
+    inputs: _Inputs,
+    leaves: dict[KeyPath, jax.ShapeDtypeStruct],
+    density: float,
+    key: jax.Array | None,
+    drop: float,
+) -> list[float]:
+  """`ties_thresholds` of the checkpoints, with one model's magnitudes in memory.
+
+  Model i's threshold is the k-th largest entry of |tau_i| over all leaves,
+  k = `keep_count(density, size)`, found by `np.partition` in one f32[size]
+  buffer that each model refills.
+  """
+  size = sum(math.prod(like.shape) for like in leaves.values())
+  k = task_vectors.keep_count(density, size)
+  magnitudes = np.empty(size, np.float32)
+  thresholds = []
+  for index, model in enumerate(inputs.models):
+    start = 0
+    for key_path, like in leaves.items():
+      stop = start + math.prod(like.shape)
+      (b,) = jax.tree.leaves(_read_leaf(inputs.base, key_path, like))
+      (x,) = jax.tree.leaves(_read_leaf(model, key_path, like))
+      leaf_key = None if key is None else task_vectors.leaf_key(key, index, key_path)
+      magnitudes[start:stop] = _magnitudes(b, x, leaf_key, 1.0 - drop)
+      start = stop
+    thresholds.append(float(np.partition(magnitudes, size - k)[size - k]))
+  return thresholds
+
+
+def _write_merge(
+    method: str,
+    inputs: _Inputs,
+    leaves: dict[KeyPath, jax.ShapeDtypeStruct],
+    kwargs: dict[str, Any],
+    path: pathlib.Path,
+) -> None:
+  """Merges leaf by leaf into a new checkpoint at `path` (orbax partial saves)."""
+  record = {}
+  for key_path, like in leaves.items():
+    read = lambda p: _read_leaf(p, key_path, like)  # pylint: disable=cell-var-from-loop
+    merged = _merge_trees(
+        method,
+        read(inputs.base) if inputs.base else None,
+        [read(p) for p in inputs.models],
+        [read(p) for p in inputs.fishers] if inputs.fishers else None,
+        kwargs,
+    )
+    partial.save(path, merged)
+    record.update(checkpoint.leaf_record(merged))
+  partial.finalize(path)
+  metadata = {
+      "leaves": record,
+      "merge": {
+          "method": method,
+          "paths": [str(p) for p in inputs.models],
+          "base_path": None if inputs.base is None else str(inputs.base),
+          "fisher_paths": None if inputs.fishers is None else [str(p) for p in inputs.fishers],
+      },
+  }
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
+      path / checkpoint._METADATA,  # pylint: disable=protected-access
+      args=ocp.args.JsonSave(metadata),
+  )
+
+
+def _replace_directory(new: pathlib.Path, out: pathlib.Path, aside: pathlib.Path) -> None:
+  """Renames `new` to `out`, moving an existing `out` to `aside` (and back on failure)."""
+  if not out.exists():
+    new.rename(out)
+    return
+  out.rename(aside)
+  try:
+    new.rename(out)
+  except OSError:
+    aside.rename(out)
+    raise
+
+
+def merge_checkpoints(
+    method: str,
+    paths: Sequence[PathLike],
+    out_path: PathLike,
+    *,
+    base_path: PathLike | None = None,
+    fisher_paths: Sequence[PathLike] | None = None,
+    overwrite: bool = False,
+    **method_kwargs: Any,
+) -> pathlib.Path:
+  """Merges the checkpoints at `paths` into `out_path`, one leaf at a time.
+
+  The result equals `mergejax.merge.<method>` of the restored trees, and
+  `restore(out_path)` reads it; its metadata holds the leaf record and a
+  `"merge"` entry naming the method and the input paths.
+
+  Args:
+    method: "average", "task_arithmetic", "ties", "dare", "dare_ties" or
+      "fisher": the function of `mergejax.merge` of that name.
+    paths: the N >= 1 checkpoints to merge (written by `mergejax.io.save`,
+      variables trees of nested dicts), with the same leaf paths and shapes.
+    out_path: the directory of the merged checkpoint.
+    base_path: the pre-trained checkpoint of the task vectors; required by
+      "task_arithmetic", "ties", "dare" and "dare_ties", refused by the others.
+    fisher_paths: for "fisher" only: N Fisher checkpoints, one per model.
+    overwrite: replace an existing checkpoint at `out_path` (once the merge is
+      complete).
+    **method_kwargs: the keyword arguments of the method, e.g. `density=0.2,
+      trim="global"`, `drop=0.9, key=key`, `weights=[2, 1]`.
+
+  Returns:
+    The absolute path of the merged checkpoint.
+
+  Raises:
+    ValueError: an unknown method, a missing or extra `base_path` or
+      `fisher_paths`, checkpoints that differ in leaf paths or shapes (the two
+      checkpoints and the leaf named), a checkpoint that orbax cannot read, or
+      keyword arguments the method rejects: all before any leaf is read.
+    FileNotFoundError: a path that is not a mergejax checkpoint (named).
+    FileExistsError: `out_path` exists and `overwrite` is False.
+  """
+  _check_arguments(method, paths, base_path, fisher_paths)
+  out = pathlib.Path(out_path).absolute()
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+  inputs = _Inputs(
+      models=[pathlib.Path(p).absolute() for p in paths],
+      base=None if base_path is None else pathlib.Path(base_path).absolute(),
+      fishers=None if fisher_paths is None else [pathlib.Path(p).absolute() for p in fisher_paths],
+  )
+  leaves = _common_leaves(inputs.paths())
+  kwargs = _with_defaults(method, method_kwargs)
+  thresholds_pass = kwargs.get("trim") == "global" and kwargs["thresholds"] is None
+  if thresholds_pass:
+    kwargs["thresholds"] = [0.0] * len(inputs.models)  # stand-ins for the dry run
+  _dry_run(method, kwargs, len(inputs.models))
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+  try:
+    if thresholds_pass:
+      kwargs["thresholds"] = _global_thresholds(
+          inputs, leaves, kwargs["density"], kwargs.get("key"), kwargs.get("drop", 0.0)
+      )
+    _write_merge(method, inputs, leaves, kwargs, scratch / "merged")
+    _replace_directory(scratch / "merged", out, scratch / "replaced")
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  return out
