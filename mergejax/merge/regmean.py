@@ -92,7 +92,7 @@ def _check_grams(grams: Sequence[Mapping[Path, Any]], leaves: Mapping[Path, Any]
     tree.check_finite({tree.path_str(p): x for p, x in g.items()}, f"{where}: grams[{i}]")
 
 
-def shrink(gram: jax.Array, alpha: jax.typing.ArrayLike) -> jax.Array:
+def _shrink(gram: jax.Array, alpha: jax.typing.ArrayLike) -> jax.Array:
   """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha.
 
   Args:
@@ -126,7 +126,7 @@ def _solve(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], alpha: jax.
   d = grams[0].shape[0]
   g = jnp.stack([jnp.asarray(x, jnp.float32) for x in grams])
   w = jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels])
-  shrunk = shrink(g, alpha)
+  shrunk = _shrink(g, alpha)
   lhs = jnp.sum(shrunk, 0)
   lhs = (lhs + lhs.T) / 2
   rhs = jnp.einsum("nde,nek->dk", shrunk, w, precision=HIGHEST)
