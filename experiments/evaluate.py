@@ -42,6 +42,36 @@ def task_accuracy(logits: np.ndarray, y: np.ndarray, classes: Sequence[int] | No
   return float(np.mean(pred == y))
 
 
+def probe_accuracy(features_fn: LogitsFn, tasks, ridge: float = 1e-3) -> dict[str, float]:
+  """Task-aware accuracy of a fresh linear probe per task on fixed features.
+
+  The probe is a ridge classifier fitted in closed form to the task's
+  training set (one-hot targets over the task's classes, a bias column,
+  relative ridge `ridge * tr(F^T F) / d`), scored on its test set, as the
+  PLeaS paper scores merges whose heads it replaces.
+
+  Args:
+    features_fn: x -> f32[n, ...], the features the probe reads (flattened).
+    tasks: the split's tasks.
+    ridge: relative ridge.
+
+  Returns:
+    `{task.name: accuracy}`.
+  """
+  out = {}
+  for task in tasks:
+    classes = np.asarray(task.classes)
+    feats = [np.asarray(logits_in_chunks(features_fn, x), np.float64).reshape(len(x), -1)
+             for x in (task.x_train, task.x_test)]
+    f_train, f_test = (np.concatenate([f, np.ones((len(f), 1))], 1) for f in feats)
+    targets = (task.y_train[:, None] == classes[None, :]).astype(np.float64)
+    gram = f_train.T @ f_train
+    lam = ridge * np.trace(gram) / len(gram)
+    w = np.linalg.solve(gram + lam * np.eye(len(gram)), f_train.T @ targets)
+    out[task.name] = float(np.mean(classes[np.argmax(f_test @ w, -1)] == task.y_test))
+  return out
+
+
 def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
   """Log of the mean of the members' softmax probabilities."""
   probs = np.mean([jax.nn.softmax(z, -1) for z in logits], axis=0)

@@ -15,11 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL_SETTINGS = {
     "quickstart.ipynb": "FEATURES = (32,)\nNUM_STEPS = 60\n",
     "rebasin.ipynb": "DATASET = 'digits'\nWIDTH = 32\nNUM_STEPS = 100\nNUM_POINTS = 3\n",
+    "pleas.ipynb": "WIDTH = 32\nNUM_STEPS = 150\nBUDGETS = (1.0, 1.5)\n",
 }
 # What each notebook prints when it runs through.
 PRINTS = {
     "quickstart.ipynb": ("ensemble", "restored from"),
     "rebasin.ipynb": ("naive", "weight matching", "train loss barrier"),
+    "pleas.ipynb": ("model A", "permute and average", "PLeaS", "condition"),
 }
 
 

@@ -33,6 +33,19 @@ def test_partial_zipping_meets_the_budget_and_reports_what_it_reached():
       apply_fn, va, batches[0]) <= alloc.cost + 1e-9
 
 
+def test_task_heads_each_keep_their_model():
+  apply_fn, va, vb, batches = test_pleas._models(heads=(3, 2))
+  x = jnp.concatenate(batches)
+  heads = {"a": "head_0", "b": "head_1"}
+  merged, _, alloc = mj.merge.zipit(apply_fn, va, vb, batches, budget=2.0, heads=heads, progress=False)
+  out_a, out_b = apply_fn(merged, x)
+  np.testing.assert_allclose(out_a, apply_fn(va, x)[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out_b, apply_fn(vb, x)[1], rtol=1e-4, atol=1e-4)
+  # Each head costs one model's share: zipping everything costs less than 1 + the heads.
+  _, _, alloc = mj.merge.zipit(apply_fn, va, vb, batches, budget=1.0, heads=heads, progress=False)
+  assert alloc.cost <= 1.0 + 1e-9
+
+
 def test_zoo_models_run_the_zipped_variables():
   config = dict(features=(4, "M", 6), dense=(8,), num_classes=3)
   model = models.build("vgg", **config)

@@ -22,6 +22,11 @@ def get_config():
       "seeds": (0, 1, 2),
       "methods": ("permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
       "ridge": 1e-3,
+      # Also score a fresh linear probe per task on the merged features (the paper's fine-grained protocol).
+      "probe": True,
+      # "shared": the global 10-class heads are merged (task-aware accuracy);
+      # "separate": each model keeps its own task's head (--config.pleas.heads=separate).
+      "heads": "shared",
       "batch_size": 256,
       # PLeaS-free reads these instead of the tasks' images: digits blurred and noised beyond
       # recognition, an unlabelled domain the models never saw.

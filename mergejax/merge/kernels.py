@@ -4,7 +4,7 @@
     terms = cost_terms(spec, kernels, variables, {}, fixed, "flops")
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -94,3 +94,25 @@ def design_row_fn(apply_fn, kernels: Sequence[Kernel]):
 def gram_bytes(kernels: Sequence[Kernel], models: int = 2) -> int:
   """Bytes of the float32 Gram matrices of `[X_1 | ... | X_models]` for `kernels`."""
   return sum(4 * (models * int(np.prod([k.shape[a] for a in k.plan.in_axes], dtype=np.int64))) ** 2 for k in kernels)
+
+
+def head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple[int, ...]]:
+  """Leaf path -> (0,) or (1,) for the leaves of each model's own head.
+
+  Args:
+    heads: `{"a": path, "b": path}` (a "/"-joined string or a tuple of keys),
+      or None (the models share their outputs).
+    variables: either model's variables.
+  """
+  if heads is None:
+    return {}
+  if sorted(heads) != ["a", "b"]:
+    raise ValueError(f"heads must name 'a' and 'b', got {sorted(heads)}")
+  out = {}
+  for model, name in enumerate(("a", "b")):
+    prefix = tuple(heads[name].split("/")) if isinstance(heads[name], str) else tuple(heads[name])
+    matched = [p for p in tree.leaves_by_path(variables) if p[:len(prefix)] == prefix]
+    if not matched:
+      raise ValueError(f"heads[{name!r}] = {'/'.join(prefix)} names no variables")
+    out.update({p: (model,) for p in matched})
+  return out

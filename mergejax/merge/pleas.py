@@ -61,22 +61,6 @@ class Report(NamedTuple):
   seconds: dict[str, float]
 
 
-def _head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple[int, ...]]:
-  """Leaf path -> (0,) or (1,) for the leaves of each model's own head."""
-  if heads is None:
-    return {}
-  if sorted(heads) != ["a", "b"]:
-    raise ValueError(f"heads must name 'a' and 'b', got {sorted(heads)}")
-  out = {}
-  for model, name in enumerate(("a", "b")):
-    prefix = tuple(heads[name].split("/")) if isinstance(heads[name], str) else tuple(heads[name])
-    matched = [p for p in tree.leaves_by_path(variables) if p[:len(prefix)] == prefix]
-    if not matched:
-      raise ValueError(f"heads[{name!r}] = {'/'.join(prefix)} names no variables")
-    out.update({p: (model,) for p in matched})
-  return out
-
-
 def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]:
   """Each matched pair's similarity in [-1, 1]: weight cosine or feature correlation."""
   if matching == "activation":
@@ -250,7 +234,7 @@ def pleas(
   start = time.perf_counter()
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
-  heads_models = _head_models(heads, va)
+  heads_models = kernels_lib.head_models(heads, va)
   kernels = kernels_lib.model_kernels(apply_fn, va, example)
   in_axes = {k.path: frozenset(k.plan.in_axes) for k in kernels}
   fixed = combine.fixed_groups(spec, in_axes)

@@ -12,7 +12,7 @@ discrete, so the achieved budget (the least cost at or below the one asked,
 permutation first: merge and unmerge do the aligning.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -66,6 +66,7 @@ def zipit(
     alpha: float = 0.3,
     beta: float = 0.125,
     spec: spec_lib.PermutationSpec | None = None,
+    heads: Mapping[str, Any] | None = None,
     build_fn: Callable[[spec_lib.MergeLayout], Callable[..., Any]] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
@@ -73,8 +74,9 @@ def zipit(
   """Zips two models; the first groups fully, the rest kept, within `budget`.
 
   Args:
-    apply_fn, va, vb, batches, spec, build_fn, mesh, progress: as for
-      `mergejax.merge.pleas`.
+    apply_fn, va, vb, batches, spec, heads, build_fn, mesh, progress: as for
+      `mergejax.merge.pleas` (with `heads`, each model keeps its own head,
+      which reads the zipped and its own kept features).
     budget: in [1, 2]; the zipped prefix is the shortest whose cost meets it.
     alpha, beta: ZipIt!'s (`zip_match`).
 
@@ -88,10 +90,11 @@ def zipit(
   batches = kernels_lib.replayable(batches)
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
+  heads_models = kernels_lib.head_models(heads, va)
   kernels = kernels_lib.model_kernels(apply_fn, va, example)
   inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
   fixed = combine.fixed_groups(spec, inputs)
-  terms = kernels_lib.cost_terms(spec, kernels, va, {}, fixed, "flops")
+  terms = kernels_lib.cost_terms(spec, kernels, va, heads_models, fixed, "flops")
   order = [g for g in spec.groups if g not in fixed]
   alloc = budget_lib.stage_cut(terms, order, budget)
   corr = correlations(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
@@ -104,7 +107,7 @@ def zipit(
     else:
       maps[g] = combine.partial_map(np.zeros(n, bool))
   layout = combine.layout_of(maps)
-  merged = combine.combine(spec, maps, va, vb, inputs=inputs)
+  merged = combine.combine(spec, maps, va, vb, inputs=inputs, models=heads_models)
   if build_fn is not None:
     merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
   return merged, layout, alloc
