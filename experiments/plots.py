@@ -50,3 +50,51 @@ def curves(
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   return _finish(fig, ax, title, path)
+
+
+def bars_and_sweeps(
+    bars: dict[str, tuple[float, float]],
+    sweeps: dict[str, tuple[str, np.ndarray, dict[str, np.ndarray]]],
+    path: str | pathlib.Path, title: str, ylabel: str, references: dict[str, float] | None = None,
+) -> pathlib.Path:
+  """A bar per name (mean ± std) on top, and a panel per sweep below.
+
+  Args:
+    bars: name -> (mean, std), in [0, 1] (drawn in percent).
+    sweeps: panel title -> (x label, x: f[n], {line name: f[n]}).
+    path: the PNG to write.
+    title: the figure's title.
+    ylabel: what the bars and lines measure.
+    references: name -> a value drawn as a dotted line in every sweep panel.
+  """
+  cols = min(4, max(1, len(sweeps)))
+  rows = 1 + -(-len(sweeps) // cols)
+  fig = plt.figure(figsize=(3.4 * cols + 1.0, 3.4 * rows))
+  grid = fig.add_gridspec(rows, cols)
+  ax = fig.add_subplot(grid[0, :])
+  names = list(bars)
+  bar = ax.bar(np.arange(len(names)), [100 * bars[n][0] for n in names],
+               yerr=[100 * bars[n][1] for n in names], color=[f"C{i % 10}" for i in range(len(names))])
+  ax.bar_label(bar, fmt="%.1f", fontsize=7)
+  ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel(f"{ylabel} (%)")
+  lowest = min(100 * (mean - std) for mean, std in bars.values())
+  ax.set_ylim(max(0.0, np.floor(lowest / 5) * 5 - 5), 101)  # Zoomed: the bars differ by points.
+  ax.set_title(title)
+  for i, (name, (xlabel, x, lines)) in enumerate(sweeps.items()):
+    ax = fig.add_subplot(grid[1 + i // cols, i % cols])
+    for label, values in lines.items():
+      ax.plot(x, 100 * np.asarray(values), marker="o", ms=3, label=label)
+    for k, (label, value) in enumerate((references or {}).items()):
+      ax.axhline(100 * value, color=f"C{len(lines) + k}", ls=":", label=label)
+    if np.all(np.asarray(x) > 0) and np.max(x) / np.min(x) > 100:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{ylabel} (%)")
+    ax.set_title(name, fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

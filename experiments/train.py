@@ -134,15 +134,27 @@ def checkpoint_manager(directory: pathlib.Path, config) -> ocp.CheckpointManager
   )
 
 
-def train_member(config, model, member: Member, workdir: pathlib.Path) -> tuple[Any, dict]:
-  """Trains (or resumes, or reuses) one member; returns (variables, metrics)."""
+def train_member(
+    config, model, member: Member, workdir: pathlib.Path, init: Any | None = None
+) -> tuple[Any, dict]:
+  """Trains (or resumes, or reuses) one member; returns (variables, metrics).
+
+  Args:
+    config: the training config (steps, batch size, optimizer).
+    model: the flax Module.
+    member: the member: its name (the directory under `workdir`), task and
+      seed (of the initialisation and of the batch order).
+    workdir: where the member's directory goes.
+    init: variables to start from (fine-tuning a trained model); None: a
+      fresh initialisation from the member's seed.
+  """
   out = workdir / member.name
   if (out / "model").exists():
     logging.info("%s: reusing %s", member.name, out / "model")
     metrics = json.loads((out / "metrics.json").read_text())
     return io.restore(out / "model"), metrics
 
-  variables = init_variables(model, member.seed, member.task.x_train)
+  variables = init_variables(model, member.seed, member.task.x_train) if init is None else init
   optimizer = make_optimizer(config)
   state = {**variables, "opt_state": optimizer.init(variables["params"]), "step": jnp.int32(0)}
   manager = checkpoint_manager(out / "checkpoints", config)

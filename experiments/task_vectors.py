@@ -1,0 +1,394 @@
+r"""Merging models fine-tuned from one base: task vectors, soups, Fisher, RegMean.
+
+    python -m experiments.task_vectors \
+        --config=experiments/configs/task_vectors_mlp_digits.py --workdir=/tmp/task_vectors
+
+For every seed of `config.task_vectors.seeds`:
+
+1. the base model is trained for `config.num_steps` on all the tasks' data
+   together (with the default split, every class of the dataset), seen
+   through `config.task_vectors.base_transforms` (input transforms of
+   `mergejax.data.shift`, applied in order; none: the tasks' own inputs).
+   A base pre-trained in a domain next to the tasks' is the setting of task
+   vectors (a generic model adapted by fine-tuning); with the tasks' own
+   inputs, a base on digits already scores about 99-100% task-aware on every
+   two-class task and fine-tuning has nothing to add;
+2. it is fine-tuned into one model per task of `config.split` (named by
+   `config.members`), for `finetune.num_steps` each, keeping the base's head
+   over the whole label space;
+3. the multi-task model is the base fine-tuned on all the tasks' data
+   together for as many steps as all the task models together;
+4. the task models are merged by every method of `config.task_vectors.sweeps`
+   at every point of its grid: the uniform soup (`average`), the greedy soup
+   (ingredients kept by validation accuracy), task arithmetic, TIES, DARE
+   (dropped task vectors, then task arithmetic), DARE-TIES, Fisher-weighted
+   averaging (exact Fisher on each task's training inputs), RegMean and
+   RegMean++ (Grams on each task's training inputs).
+
+Every model is scored task-aware (argmax over the task's own classes) on each
+task and by the mean over tasks, `average`, which settings are chosen by;
+`joint` lets every class compete. A fraction `validation_fraction` of each
+task's training examples is held out of all training and statistics: each
+method's reported setting is the grid point with the best mean validation
+`average` over seeds, and its row gives the test scores at that setting
+(mean ± std over seeds). The test set never chooses anything.
+
+Prints the table and writes `<workdir>/task_vectors.json` (every run of every
+setting and seed, and the summary) and `<workdir>/task_vectors.png` (test
+`average` per method, and each sweep's validation and test curves).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from experiments import cli
+from experiments import evaluate
+from experiments import plots
+from experiments import train
+import mergejax as mj
+
+PyTree = Any
+
+# Method id -> (table name, the parameters its sweep gives values to).
+METHODS = {
+    "average": ("average", ()),
+    "greedy_soup": ("greedy soup", ()),
+    "task_arithmetic": ("task arithmetic", ("scale",)),
+    "ties": ("TIES", ("density", "scale")),
+    "dare": ("DARE", ("drop", "scale")),
+    "dare_ties": ("DARE-TIES", ("drop", "density", "scale")),
+    "fisher": ("Fisher", ("epsilon",)),
+    "regmean": ("RegMean", ("alpha",)),
+    "regmean_plus_plus": ("RegMean++", ("alpha",)),
+}
+
+# Parameter -> (whether a value is valid, the valid range in words).
+RANGES = {
+    "scale": (math.isfinite, "finite"),
+    "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "drop": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "epsilon": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+BASE, MULTI_TASK, OWN_TASK = "base", "multi-task", "fine-tuned, own task"
+MULTI_TASK_MEMBER = "multitask"  # The multi-task model's directory.
+
+
+def hold_out(task: mj.data.Task, fraction: float, seed: int) -> tuple[mj.data.Task, mj.data.Task]:
+  """Splits a task's training examples into a fitting part and a validation slice.
+
+  Args:
+    task: the task.
+    fraction: the share of its training examples to hold out, in (0, 1).
+    seed: seeds which examples are held out.
+
+  Returns:
+    `(fit, validation)`: `fit` is the task with only the kept training
+    examples; `validation` is `fit` with the held-out examples as its test
+    set, so scoring it (`evaluate.score_model`) scores the validation slice.
+  """
+  n = len(task.y_train)
+  held = round(fraction * n)
+  if not 1 <= held < n:
+    raise ValueError(f"validation_fraction {fraction} holds out {held} of {task.name}'s {n} training"
+                     " examples; it must hold out at least one and keep at least one")
+  order = np.random.default_rng(seed).permutation(n)
+  keep, val = np.sort(order[held:]), np.sort(order[:held])
+  fit = dataclasses.replace(task, x_train=task.x_train[keep], y_train=task.y_train[keep])
+  return fit, dataclasses.replace(fit, x_test=task.x_train[val], y_test=task.y_train[val])
+
+
+def union(tasks: Sequence[mj.data.Task], name: str) -> mj.data.Task:
+  """All the tasks' training and test examples together, as one task."""
+  return mj.data.Task(
+      name=name,
+      x_train=np.concatenate([t.x_train for t in tasks]),
+      y_train=np.concatenate([t.y_train for t in tasks]),
+      x_test=np.concatenate([t.x_test for t in tasks]),
+      y_test=np.concatenate([t.y_test for t in tasks]),
+      num_classes=tasks[0].num_classes,
+      classes=tuple(sorted({c for t in tasks for c in t.classes})),
+  )
+
+
+def grid(method: str, sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+  """Every setting of a method's sweep `{parameter: values}`.
+
+  Parameters come in the order of `METHODS` (config dicts sort their keys),
+  the last varying fastest.
+  """
+  params = METHODS[method][1]
+  return [dict(zip(params, map(float, values))) for values in itertools.product(*(sweep[p] for p in params))]
+
+
+def swept_methods(config) -> list[str]:
+  """The methods of `config.task_vectors.sweeps`, in the order of `METHODS`."""
+  return [m for m in METHODS if m in config.task_vectors.sweeps]
+
+
+def check_config(config, members: Sequence[train.Member]) -> None:
+  """Raises ValueError for anything of `config.task_vectors` that is wrong, before any work."""
+  tv = config.task_vectors
+  names = [m.name for m in members]
+  if len(set(names)) != len(names) or {BASE, MULTI_TASK_MEMBER} & set(names):
+    raise ValueError(f"config.members {names} must be distinct and not {BASE!r} or {MULTI_TASK_MEMBER!r}")
+  if not tv.seeds:
+    raise ValueError("config.task_vectors.seeds is empty")
+  if not 0 < tv.validation_fraction < 1:
+    raise ValueError(f"validation_fraction {tv.validation_fraction} not in (0, 1)")
+  if not 0 <= tv.finetune.warmup_steps < tv.finetune.num_steps:
+    raise ValueError(f"finetune.warmup_steps {tv.finetune.warmup_steps} not in [0, finetune.num_steps"
+                     f"={tv.finetune.num_steps})")
+  if tv.batch_size < 1:
+    raise ValueError(f"task_vectors.batch_size {tv.batch_size} < 1")
+  for method, sweep in tv.sweeps.items():
+    if method not in METHODS:
+      raise ValueError(f"sweeps: unknown method {method!r}; known: {sorted(METHODS)}")
+    params = METHODS[method][1]
+    if set(sweep) != set(params):
+      raise ValueError(f"sweeps.{method} sweeps {sorted(sweep)}; it must give values to {params}")
+    for param, values in sweep.items():
+      valid, words = RANGES[param]
+      if not values or not all(valid(float(v)) for v in values):
+        raise ValueError(f"sweeps.{method}.{param} = {values}: needs values {words}")
+
+
+def phase_config(config, num_steps: int, learning_rate: float, warmup_steps: int):
+  """`config` with another training length and learning rate (for fine-tuning)."""
+  phase = config.copy_and_resolve_references()
+  with phase.unlocked():
+    phase.num_steps, phase.learning_rate, phase.warmup_steps = num_steps, learning_rate, warmup_steps
+  return phase
+
+
+def pretraining_task(config, fit: Sequence[mj.data.Task]) -> mj.data.Task:
+  """All the tasks' fitting data together, through `config.task_vectors.base_transforms`.
+
+  Transform k is seeded `config.data_seed + k`.
+  """
+  task = union(fit, "all tasks")
+  for k, (name, options) in enumerate(config.task_vectors.base_transforms):
+    task = mj.data.shift(task, name, seed=config.data_seed + k, **dict(options))
+  return task
+
+
+def train_models(config, model, members: Sequence[train.Member], fit: Sequence[mj.data.Task],
+                 pretraining: mj.data.Task, seed: int, workdir: pathlib.Path
+                 ) -> tuple[PyTree, list[PyTree], PyTree]:
+  """The base, the task models fine-tuned from it, and the multi-task model of one seed.
+
+  Each is trained or reused under `workdir` (`train.train_member`); seeds:
+  the base `seed` (trained on `pretraining`), task model i `seed + 1 + i`,
+  the multi-task model `seed + 1 + len(fit)` (trained on every task's
+  fitting data).
+  """
+  ft = config.task_vectors.finetune
+  everything = union(fit, "all tasks")
+  workdir.mkdir(parents=True, exist_ok=True)
+  base, _ = train.train_member(config, model, train.Member(BASE, pretraining, seed), workdir)
+  tune = phase_config(config, ft.num_steps, ft.learning_rate, ft.warmup_steps)
+  tuned = [train.train_member(tune, model, train.Member(m.name, task, seed + 1 + i), workdir, init=base)[0]
+           for i, (m, task) in enumerate(zip(members, fit))]
+  multi_config = phase_config(config, len(fit) * ft.num_steps, ft.learning_rate, ft.warmup_steps)
+  multi_task, _ = train.train_member(
+      multi_config, model, train.Member(MULTI_TASK_MEMBER, everything, seed + 1 + len(fit)), workdir, init=base)
+  return base, tuned, multi_task
+
+
+def make_scorer(apply_fn, tasks: Sequence[mj.data.Task], columns: Sequence[str]
+                ) -> Callable[[PyTree], dict[str, float]]:
+  """variables -> {column of each task: task-aware accuracy, "average": their mean, "joint": ...}.
+
+  `apply_fn` is compiled once per input shape, with the variables as an
+  argument, so scoring many merges compiles nothing new.
+  """
+  logits = jax.jit(apply_fn)
+
+  def score(variables):
+    scores = evaluate.score_model(functools.partial(logits, variables), tasks)
+    row = {c: scores[t.name] for c, t in zip(columns, tasks)}
+    return {**row, "average": float(np.mean(list(row.values()))), "joint": scores["joint"]}
+
+  return score
+
+
+def merge_fns(config, apply_fn, base: PyTree, tuned: list[PyTree], fit: Sequence[mj.data.Task], seed: int,
+              validation_average: Callable[[PyTree], float]) -> dict[str, Callable[..., tuple[PyTree, dict]]]:
+  """Method id -> (setting -> (merged variables, notes for the JSON)).
+
+  Statistics (Fishers, Grams) are computed on each task's fitting inputs the
+  first time a method needs them, once per seed.
+  """
+  key = jax.random.key(seed)
+  inputs = [functools.partial(mj.data.batches, t.x_train, batch_size=config.task_vectors.batch_size,
+                              shuffle=False) for t in fit]
+
+  def timed(name, fn):
+    start = time.perf_counter()
+    out = fn()
+    logging.info("seed %d: %s in %.1f s", seed, name, time.perf_counter() - start)
+    return out
+
+  @functools.cache
+  def fishers():
+    return timed("exact Fishers", lambda: [mj.fisher(apply_fn, v, x, kind="exact", progress=False)
+                                           for v, x in zip(tuned, inputs)])
+
+  @functools.cache
+  def grams():
+    return timed("RegMean Grams", lambda: [mj.merge.regmean_grams(apply_fn, v, x) for v, x in zip(tuned, inputs)])
+
+  def greedy_soup():
+    soup, chosen = mj.merge.greedy_soup(tuned, validation_average)
+    return soup, {"ingredients": [config.members[i] for i in chosen]}
+
+  return {
+      "average": lambda: (mj.merge.average(tuned), {}),
+      "greedy_soup": greedy_soup,
+      "task_arithmetic": lambda scale: (mj.merge.task_arithmetic(base, tuned, scale=scale), {}),
+      "ties": lambda density, scale: (mj.merge.ties(base, tuned, density=density, scale=scale), {}),
+      "dare": lambda drop, scale: (mj.merge.dare(base, tuned, drop=drop, key=key, scale=scale), {}),
+      "dare_ties": lambda drop, density, scale: (
+          mj.merge.dare_ties(base, tuned, drop=drop, density=density, key=key, scale=scale), {}),
+      "fisher": lambda epsilon: (mj.merge.fisher(tuned, fishers(), epsilon=epsilon), {}),
+      "regmean": lambda alpha: (mj.merge.regmean(tuned, grams(), alpha=alpha), {}),
+      "regmean_plus_plus": lambda alpha: (mj.merge.regmean_plus_plus(apply_fn, tuned, inputs, alpha=alpha), {}),
+  }
+
+
+def run_seed(config, model, members, fit, validation, pretraining, seed: int, workdir: pathlib.Path
+             ) -> list[dict]:
+  """Trains one seed's models, merges them at every setting, and scores everything."""
+  base, tuned, multi_task = train_models(config, model, members, fit, pretraining, seed,
+                                         workdir / f"seed{seed}")
+  apply_fn = functools.partial(model.apply, train=False)
+  columns = list(config.members)
+  score_validation = make_scorer(apply_fn, validation, columns)
+  score_test = make_scorer(apply_fn, fit, columns)  # The fitting tasks hold the test sets.
+
+  def row(method, variables, setting=None, **notes):
+    return {"seed": seed, "method": method, "setting": setting or {}, **notes,
+            "validation": score_validation(variables), "test": score_test(variables)}
+
+  runs = [row(BASE, base), row(MULTI_TASK, multi_task)]
+  tuned_rows = [row(f"fine-tuned {name}", v) for name, v in zip(columns, tuned)]
+  own = {split: {c: r[split][c] for c, r in zip(columns, tuned_rows)} for split in ("validation", "test")}
+  runs += tuned_rows + [{"seed": seed, "method": OWN_TASK, "setting": {},
+                         **{s: {**o, "average": float(np.mean(list(o.values())))} for s, o in own.items()}}]
+  fns = merge_fns(config, apply_fn, base, tuned, fit, seed, lambda v: score_validation(v)["average"])
+  for method in swept_methods(config):
+    for setting in grid(method, config.task_vectors.sweeps[method]):
+      start = time.perf_counter()
+      merged, notes = fns[method](**setting)
+      runs.append(row(METHODS[method][0], merged, setting, seconds=time.perf_counter() - start, **notes))
+      logging.info("seed %d %s %s: validation average %.4f, test average %.4f", seed, method, setting,
+                   runs[-1]["validation"]["average"], runs[-1]["test"]["average"])
+  return runs
+
+
+def summarise(runs: Sequence[dict]) -> dict[str, dict]:
+  """Per method: the setting of best mean validation average, its test scores, and the sweep.
+
+  Returns:
+    `{method: {"setting", "validation": {column: (mean, std)}, "test":
+    {column: (mean, std)}, "sweep": [{"setting", "validation": mean average,
+    "test": mean average}]}}`, means and stds over seeds, methods in the
+    order of their first run.
+  """
+  by_setting: dict[str, dict[str, list[dict]]] = {}
+  for r in runs:
+    by_setting.setdefault(r["method"], {}).setdefault(json.dumps(r["setting"]), []).append(r)
+
+  def stats(rows, split):
+    return {c: (float(np.mean([r[split][c] for r in rows])), float(np.std([r[split][c] for r in rows])))
+            for c in rows[0][split]}
+
+  out = {}
+  for method, settings in by_setting.items():
+    sweep = [{"setting": json.loads(s), "validation": stats(rows, "validation")["average"][0],
+              "test": stats(rows, "test")["average"][0]} for s, rows in settings.items()]
+    best = max(range(len(sweep)), key=lambda i: sweep[i]["validation"])  # The first of equals.
+    rows = list(settings.values())[best]
+    out[method] = {"setting": sweep[best]["setting"], "validation": stats(rows, "validation"),
+                   "test": stats(rows, "test"), "sweep": sweep}
+  return out
+
+
+def format_summary(summary: Mapping[str, dict], columns: Sequence[str]) -> str:
+  """The test table: one row per method at its chosen setting, mean ± std over seeds in percent."""
+  settings = {m: ", ".join(f"{k}={v:g}" for k, v in s["setting"].items()) for m, s in summary.items()}
+  width = max(len(m) for m in summary) + 2
+  set_width = max(9, *(len(s) + 2 for s in settings.values()))
+  cells = [*columns, "average", "joint"]
+  lines = ["method".ljust(width) + "setting".ljust(set_width) + "".join(f"{c:>13s}" for c in cells)]
+  for method, s in summary.items():
+    values = [f"{100 * s['test'][c][0]:.1f}±{100 * s['test'][c][1]:.1f}" if c in s["test"] else "-"
+              for c in cells]
+    lines.append(method.ljust(width) + settings[method].ljust(set_width) + "".join(f"{v:>13s}" for v in values))
+  return "\n".join(lines)
+
+
+def sweep_curves(summary: Mapping[str, dict], methods: Sequence[str]
+                 ) -> dict[str, tuple[str, np.ndarray, dict[str, np.ndarray]]]:
+  """Each method's curves over its first parameter, the others at their chosen values."""
+  curves = {}
+  for method in methods:
+    name, params = METHODS[method]
+    if not params:
+      continue
+    first, *others = params
+    chosen = summary[name]["setting"]
+    points = [p for p in summary[name]["sweep"] if all(p["setting"][k] == chosen[k] for k in others)]
+    title = name + "".join(f", {k}={chosen[k]:g}" for k in others)
+    curves[title] = (first, np.array([p["setting"][first] for p in points]),
+                     {split: np.array([p[split] for p in points]) for split in ("validation", "test")})
+  return curves
+
+
+def run(config, workdir: str | pathlib.Path) -> dict[str, dict]:
+  """The whole experiment; returns `summarise(runs)` (see the module docstring)."""
+  workdir = pathlib.Path(workdir)
+  start = time.perf_counter()
+  members, model = train.prepare(config)
+  check_config(config, members)
+  tv = config.task_vectors
+  fit, validation = zip(*(hold_out(m.task, tv.validation_fraction, config.data_seed + i)
+                          for i, m in enumerate(members)))
+  smallest = min(len(t.x_train) for t in fit)
+  if config.batch_size > smallest:
+    raise ValueError(f"batch_size {config.batch_size} > {smallest}, the smallest task's fitting examples")
+  pretraining = pretraining_task(config, fit)
+  runs = []
+  for seed in tv.seeds:
+    runs += run_seed(config, model, members, fit, validation, pretraining, seed, workdir)
+    logging.info("seed %d done at %.0f s", seed, time.perf_counter() - start)
+  summary = summarise(runs)
+  print(f"\n{config.model.name} on {config.dataset}: {len(members)} tasks, seeds {tuple(tv.seeds)};"
+        " test accuracy (task-aware per task), settings chosen on validation")
+  print(format_summary(summary, list(config.members)))
+  (workdir / "task_vectors.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+  bars = {m: s["test"]["average"] for m, s in summary.items() if not m.startswith("fine-tuned t")}
+  references = {m: summary[m]["test"]["average"][0] for m in (BASE, METHODS["average"][0]) if m in summary}
+  plot = plots.bars_and_sweeps(
+      bars, sweep_curves(summary, swept_methods(config)), workdir / "task_vectors.png",
+      f"{config.model.name} on {config.dataset}: {len(members)} tasks merged (test, settings by validation)",
+      "average accuracy", references=references)
+  print(f"\nwrote {plot} and {workdir / 'task_vectors.json'} ({time.perf_counter() - start:.0f} s)")
+  return summary
+
+
+if __name__ == "__main__":
+  cli.main(run, about="Task vectors", config="experiments/configs/task_vectors_mlp_digits.py",
+           workdir="workdir/task_vectors")

@@ -1,0 +1,127 @@
+"""experiments.task_vectors on small settings: every method has a row, and the protocol holds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import task_vectors
+from experiments.configs import task_vectors_mlp_digits
+import mergejax as mj
+
+
+def _small_config():
+  config = task_vectors_mlp_digits.get_config()
+  config.model.config = {"features": (32, 32)}
+  config.num_steps = 300
+  config.warmup_steps = 20
+  config.task_vectors.seeds = (0,)
+  config.task_vectors.finetune = {"num_steps": 60, "learning_rate": 3e-4, "warmup_steps": 5}
+  config.task_vectors.sweeps = {
+      "average": {},
+      "greedy_soup": {},
+      "task_arithmetic": {"scale": (0.0, 0.5, 1.0)},
+      "ties": {"density": (0.2, 1.0), "scale": (1.0,)},
+      "dare": {"drop": (0.5,), "scale": (0.5, 1.0)},
+      "dare_ties": {"drop": (0.5,), "density": (0.5,), "scale": (1.0,)},
+      "fisher": {"epsilon": (1e-8, 1e-4)},
+      "regmean": {"alpha": (0.5, 0.9)},
+      "regmean_plus_plus": {"alpha": (0.9,)},
+  }
+  return config
+
+
+def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
+  config = _small_config()
+  summary = task_vectors.run(config, tmp_path)
+  members = list(config.members)
+  names = [name for name, _ in task_vectors.METHODS.values()]
+  assert set(summary) == {"base", "multi-task", "fine-tuned, own task", *(f"fine-tuned {m}" for m in members),
+                          *names}
+  table = capsys.readouterr().out
+  for method in summary:
+    assert method in table
+
+  saved = json.loads((tmp_path / "task_vectors.json").read_text())
+  assert (tmp_path / "task_vectors.png").stat().st_size > 0
+  runs = saved["runs"]
+  sizes = {m: len(task_vectors.grid(m, s)) for m, s in config.task_vectors.sweeps.items()}
+  assert len(runs) == 3 + len(members) + sum(sizes.values())
+  for method, (name, _) in task_vectors.METHODS.items():
+    assert len(summary[name]["sweep"]) == sizes[method]
+
+  by = lambda method, **setting: next(r for r in runs if r["method"] == method and r["setting"] == setting)
+  base = by("base")
+  # Scale 0 adds nothing to the base: the very same predictions.
+  zero = by("task arithmetic", scale=0.0)
+  assert zero["validation"] == base["validation"] and zero["test"] == base["test"]
+  # Each fine-tuned model is at least as good as the base on its own task, and better on average.
+  own = by("fine-tuned, own task")
+  for m in members:
+    assert own["test"][m] == by(f"fine-tuned {m}")["test"][m] >= base["test"][m]
+  assert own["test"]["average"] > base["test"]["average"]
+  # Greedy soups pick their ingredients among the task models, on validation.
+  assert set(by("greedy soup")["ingredients"]) <= set(members)
+
+  # The reported setting has the best validation average; its test scores are those runs'.
+  for name, _ in task_vectors.METHODS.values():
+    sweep = [r for r in runs if r["method"] == name]
+    best = sweep[int(np.argmax([r["validation"]["average"] for r in sweep]))]
+    assert summary[name]["setting"] == best["setting"]
+    for column, (mean, std) in summary[name]["test"].items():
+      assert (mean, std) == pytest.approx((best["test"][column], 0.0))
+    assert saved["summary"][name]["setting"] == best["setting"]
+
+
+def test_hold_out_splits_the_training_examples_without_overlap():
+  y = np.repeat([3, 7], 50)
+  x = np.repeat(np.arange(100, dtype=np.float32)[:, None], 4, axis=1)  # x[i] holds i
+  task = mj.data.Task("t", x, y, x[:10], y[:10], 10, (3, 7))
+  fit, val = task_vectors.hold_out(task, 0.2, seed=1)
+  assert len(val.x_test) == 20 and len(fit.x_train) == 80
+  ids = np.concatenate([fit.x_train[:, 0], val.x_test[:, 0]])
+  np.testing.assert_array_equal(np.sort(ids), x[:, 0])  # a partition of the training examples
+  np.testing.assert_array_equal(val.y_test, y[val.x_test[:, 0].astype(int)])  # labels follow
+  np.testing.assert_array_equal(fit.x_test, task.x_test)  # the test set is untouched
+  np.testing.assert_array_equal(val.x_train, fit.x_train)
+  with pytest.raises(ValueError, match="holds out 0"):
+    task_vectors.hold_out(task, 0.001, seed=1)
+
+
+def test_grid_follows_the_method_parameter_order():
+  assert task_vectors.grid("dare_ties", {"scale": (1, 2), "density": (0.5,), "drop": (0.1, 0.9)}) == [
+      {"drop": 0.1, "density": 0.5, "scale": 1.0}, {"drop": 0.1, "density": 0.5, "scale": 2.0},
+      {"drop": 0.9, "density": 0.5, "scale": 1.0}, {"drop": 0.9, "density": 0.5, "scale": 2.0}]
+  assert task_vectors.grid("average", {}) == [{}]
+
+
+def _set(path, value):
+  def edit(config):
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("task_vectors.sweeps.soup", {}), "unknown method 'soup'"),
+    (_set("task_vectors.sweeps.ties", {"density": (0.5,)}), r"sweeps.ties sweeps \['density'\]"),
+    (_set("task_vectors.sweeps.ties.density", (0.0, 0.5)), r"sweeps.ties.density .* in \(0, 1\]"),
+    (_set("task_vectors.sweeps.dare.drop", (1.0,)), r"sweeps.dare.drop .* in \[0, 1\)"),
+    (_set("task_vectors.sweeps.regmean.alpha", (1.5,)), r"sweeps.regmean.alpha .* in \[0, 1\]"),
+    (_set("task_vectors.sweeps.fisher.epsilon", (0.0,)), "sweeps.fisher.epsilon .* > 0"),
+    (_set("task_vectors.sweeps.task_arithmetic.scale", ()), "sweeps.task_arithmetic.scale"),
+    (_set("task_vectors.validation_fraction", 1.0), "validation_fraction 1.0 not in"),
+    (_set("task_vectors.seeds", ()), "seeds is empty"),
+    (_set("task_vectors.finetune.warmup_steps", 200), "finetune.warmup_steps 200 not in"),
+    (_set("members", ("t01", "t23", "t45", "t67", "base")), "must be distinct and not 'base'"),
+    (_set("task_vectors.base_transforms", (("sharpen", {}),)), "sharpen"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, edit, message):
+  config = _small_config()
+  edit(config)
+  with pytest.raises(ValueError, match=message):
+    task_vectors.run(config, tmp_path / "work")
+  assert not (tmp_path / "work").exists()
