@@ -9,14 +9,12 @@ a temporary directory, one model in memory at a time. Then, for each method
 and N, each in a fresh subprocess, it merges the first N models two ways: with
 `mj.io.merge_checkpoints` (leaf by leaf), and the baseline, which restores
 every model with `mj.io.restore`, merges in memory with `mj.merge` and saves
-the result with `mj.io.save`. The peak resident memory of each subprocess
-(`ru_maxrss` from `os.wait4`) and its wall time are printed, with a
-subprocess that only imports mergejax as the floor. The checkpoints are
-deleted at the end.
+the result with `mj.io.save`. It prints each subprocess's peak resident
+memory (VmHWM) and the merge's time, with a subprocess that only imports
+mergejax as the floor. The checkpoints are deleted at the end.
 """
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -63,35 +61,47 @@ def _write_models(root: pathlib.Path, num: int) -> tuple[pathlib.Path, list[path
   return base, models
 
 
+def _peak_resident_mb() -> float:
+  """This process's peak resident memory (VmHWM) in MB.
+
+  Not `ru_maxrss`: Linux carries a child's `ru_maxrss` over from the parent
+  it was forked from (across exec), so a child of a large parent would report
+  at least the parent's size. VmHWM belongs to the child's own address space.
+  """
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 1024  # kB
+  raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _run_child(spec: dict) -> None:
-  """One measurement in this process: a merge, or only the imports."""
-  if spec["mode"] == "imports":
-    return
-  method, out = spec["method"], spec["out"]
-  base_path = spec["base"] if method != "average" else None
-  if spec["mode"] == "out_of_core":
-    mj.io.merge_checkpoints(method, spec["models"], out, base_path=base_path)
-    return
-  models = [mj.io.restore(p) for p in spec["models"]]
-  if method == "average":
-    merged = mj.merge.average(models)
-  else:
-    merged = getattr(mj.merge, method)(mj.io.restore(base_path), models)
-  mj.io.save(out, merged)
+  """One measurement in this process (a merge, or nothing beyond the imports);
+  prints its peak resident MB and the merge's seconds as JSON."""
+  start = time.perf_counter()
+  mode, method = spec["mode"], spec.get("method")
+  base_path = None if method == "average" else spec.get("base")
+  if mode == "out_of_core":
+    mj.io.merge_checkpoints(method, spec["models"], spec["out"], base_path=base_path)
+  elif mode == "in_memory":
+    models = [mj.io.restore(p) for p in spec["models"]]
+    if method == "average":
+      merged = mj.merge.average(models)
+    else:
+      merged = getattr(mj.merge, method)(mj.io.restore(base_path), models)
+    mj.io.save(spec["out"], merged)
+  print(json.dumps({"peak_mb": _peak_resident_mb(), "seconds": time.perf_counter() - start}))
 
 
 def _measure(spec: dict) -> tuple[float, float]:
-  """(peak resident MB, seconds) of a fresh subprocess running `spec`."""
+  """(peak resident MB, seconds) of `spec` run in a fresh subprocess."""
   command = [sys.executable, "-m", "experiments.benchmarks.out_of_core", f"--child={json.dumps(spec)}"]
-  start = time.perf_counter()
-  child = subprocess.Popen(command, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  _, status, usage = os.wait4(child.pid, 0)
-  seconds = time.perf_counter() - start
-  if os.waitstatus_to_exitcode(status) != 0:
-    raise RuntimeError(f"measurement {spec} failed with status {status}")
+  child = subprocess.run(command, capture_output=True, text=True, check=False)
+  if child.returncode != 0:
+    raise RuntimeError(f"measurement {spec} failed:\n{child.stderr[-3000:]}")
   if "out" in spec:
     shutil.rmtree(spec["out"], ignore_errors=True)
-  return usage.ru_maxrss / 1024, seconds  # ru_maxrss is in KiB on Linux
+  result = json.loads(child.stdout.strip().splitlines()[-1])
+  return result["peak_mb"], result["seconds"]
 
 
 def main(argv):
@@ -107,9 +117,9 @@ def main(argv):
     base, models = _write_models(root, max(sizes))
     model_mb = _LEAVES.value * _LEAF_SIZE.value * 4 / 2**20
     print(f"{len(models) + 1} checkpoints of {_LEAVES.value} x {_LEAF_SIZE.value} float32"
-          f" ({model_mb:.0f} MB each) written in {time.perf_counter() - start:.0f} s")
+          f" ({model_mb:.0f} MB each) written in {time.perf_counter() - start:.0f} s", flush=True)
     floor, _ = _measure({"mode": "imports"})
-    print(f"floor (a subprocess that imports mergejax): {floor:.0f} MB")
+    print(f"floor (a subprocess that imports mergejax): {floor:.0f} MB", flush=True)
     print(f"{'method':8s} {'N':>3s} {'ooc MB':>8s} {'load-all MB':>12s} {'ooc/all':>8s}"
           f" {'ooc s':>7s} {'load-all s':>11s}")
     for method in _METHODS.value:

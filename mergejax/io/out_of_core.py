@@ -76,6 +76,7 @@ def _check_arguments(
     base_path: PathLike | None,
     fisher_paths: Sequence[PathLike] | None,
 ) -> None:
+  """Raises ValueError for an unknown method or inputs it does not take."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
   if not paths:
@@ -100,15 +101,8 @@ def _state(path: pathlib.Path) -> pathlib.Path:
   return path / checkpoint._STATE  # pylint: disable=protected-access
 
 
-def _nest(key_path: KeyPath, value: Any) -> dict[str, Any]:
-  """`value` in dicts nested along `key_path`: `{k1: {k2: value}}`."""
-  for key in reversed(key_path):
-    value = {key.key: value}
-  return value
-
-
 def _as_tree(leaves: dict[KeyPath, Any]) -> dict[str, Any]:
-  """The nested dicts that hold each value at its key path."""
+  """The nested dicts that hold each value at its key path: `{k1: {k2: value}}`."""
   tree = {}
   for key_path, value in leaves.items():
     node = tree
@@ -190,8 +184,8 @@ def _read_leaf(path: pathlib.Path, key_path: KeyPath, like: jax.ShapeDtypeStruct
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
       _state(path),
       args=ocp.args.PyTreeRestore(
-          item=_nest(key_path, like),
-          restore_args=_nest(key_path, ocp.RestoreArgs(restore_type=np.ndarray)),
+          item=_as_tree({key_path: like}),
+          restore_args=_as_tree({key_path: ocp.RestoreArgs(restore_type=np.ndarray)}),
           partial_restore=True,
       ),
   )

@@ -28,7 +28,8 @@ first pass, passed back as `thresholds=`) and `leaf_key` (DARE's random key
 of one leaf).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import functools
 import math
 from typing import Any
 import zlib
@@ -54,6 +55,11 @@ def keep_count(density: float, size: int) -> int:
   return min(size, max(1, math.ceil(density * size - 1e-6)))
 
 
+def _path_hash(path: Sequence[Any]) -> np.uint32:
+  """crc32 of the leaf's path as `a/b/c`: what `leaf_key` folds in."""
+  return np.uint32(zlib.crc32(tree.path_str(path).encode()))
+
+
 def leaf_key(key: jax.Array, model_index: int, path: Sequence[Any]) -> jax.Array:
   """The random key of DARE's drop mask for one leaf of one model.
 
@@ -67,8 +73,7 @@ def leaf_key(key: jax.Array, model_index: int, path: Sequence[Any]) -> jax.Array
     model_index: i, the model's index in `models`.
     path: the leaf's key path (JAX path entries or plain key names).
   """
-  path_hash = zlib.crc32(tree.path_str(path).encode())
-  return jax.random.fold_in(jax.random.fold_in(key, model_index), path_hash)
+  return jax.random.fold_in(jax.random.fold_in(key, model_index), _path_hash(path))
 
 
 def _check_models(base: PyTree, models: Sequence[PyTree]) -> list[PyTree]:
@@ -137,27 +142,37 @@ def _delta(x: jax.Array, b: jax.Array) -> jax.Array:
   return x.astype(dtype) - b.astype(dtype)
 
 
-def _task_vectors(
-    path: Sequence[Any],
-    b: jax.Array,
-    xs: Sequence[jax.Array],
-    key: jax.Array | None,
-    keep: float,
+def _leaf_task_vectors(
+    b: jax.Array, xs: Sequence[jax.Array], keys: jax.Array | None, keep: float
 ) -> jax.Array:
   """f32[N, *b.shape]: each model's task vector at one leaf.
 
-  With a key, DARE's: each entry is kept where
-  `jax.random.bernoulli(leaf_key(key, i, path), keep, b.shape)` and divided
-  by `keep`, and is 0 elsewhere.
+  With keys (key[N], the models' `leaf_key`s of this leaf), DARE's: model i
+  keeps an entry where `jax.random.bernoulli(keys[i], keep, b.shape)`,
+  divided by `keep`, and is 0 elsewhere.
   """
-  taus = [_delta(x, b) for x in xs]
-  if key is not None:
-    taus = [
-        jnp.where(jax.random.bernoulli(leaf_key(key, i, path), keep, t.shape),
-                  t / keep, 0)
-        for i, t in enumerate(taus)
-    ]
-  return jnp.stack(taus)
+  taus = jnp.stack([_delta(x, b) for x in xs])
+  if keys is None:
+    return taus
+  kept = jax.vmap(lambda k: jax.random.bernoulli(k, keep, b.shape))(keys)
+  return jnp.where(kept, taus / keep, 0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _leaf_keys(key: jax.Array, num: int, path_hashes: jax.Array) -> jax.Array:
+  """key[L, N]: `leaf_key(key, i, path)` of every leaf and model, in one call.
+
+  Args:
+    key: the merge's key.
+    num: N, a static count of models.
+    path_hashes: uint32[L], `_path_hash` of each leaf's path.
+  """
+  def leaf(path_hash):
+    return jax.vmap(
+        lambda i: jax.random.fold_in(jax.random.fold_in(key, i), path_hash)
+    )(jnp.arange(num))
+
+  return jax.vmap(leaf)(path_hashes)
 
 
 def _rebase(b: jax.Array, merged: jax.Array) -> jax.Array:
@@ -170,19 +185,52 @@ def _per_model(values: jax.Array, ndim: int) -> jax.Array:
   return values.reshape((-1,) + (1,) * ndim)
 
 
+def _map_leaves(
+    fn: Callable[[jax.Array, list[jax.Array], jax.Array | None], jax.Array],
+    base: PyTree,
+    models: list[PyTree],
+    key: jax.Array | None,
+) -> PyTree:
+  """`fn(b, xs, keys)` for each leaf of the base, in the base's structure.
+
+  `keys` are the models' DARE keys of the leaf (key[N], `leaf_key`), all
+  derived in one call; None without a key. `fn` is jit-compiled per leaf
+  shape, so the many layers of one shape in a deep model share a compilation
+  (and the random bits one generator).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(base)
+  model_leaves = [treedef.flatten_up_to(m) for m in models]
+  if key is None:
+    keys = [None] * len(flat)
+  else:
+    hashes = np.array([_path_hash(path) for path, _ in flat], np.uint32)
+    keys = list(_leaf_keys(key, len(models), hashes))
+  return treedef.unflatten([
+      fn(b, [leaves[j] for leaves in model_leaves], keys[j])
+      for j, (_, b) in enumerate(flat)
+  ])
+
+
 @jax.jit
+def _task_arithmetic_leaf(b, xs, keys, scales, keep):
+  """b + sum_i scales[i] tau_i at one leaf; scales: f32[N]."""
+  taus = _leaf_task_vectors(b, xs, keys, keep)
+  return _rebase(b, jnp.sum(_per_model(scales, b.ndim) * taus, axis=0))
+
+
 def _task_arithmetic(
     base: PyTree,
     models: list[PyTree],
-    scales: jax.Array,
+    scales: np.ndarray,
     key: jax.Array | None,
     keep: float,
 ) -> PyTree:
-  def leaf(path, b, *xs):
-    taus = _task_vectors(path, b, xs, key, keep)
-    return _rebase(b, jnp.sum(_per_model(scales, b.ndim) * taus, axis=0))
-
-  return jax.tree_util.tree_map_with_path(leaf, base, *models)
+  """base + sum_i scales[i] tau_i (DARE-dropped with a key); scales: f32[N]."""
+  scales = jnp.asarray(scales)
+  return _map_leaves(
+      lambda b, xs, keys: _task_arithmetic_leaf(b, xs, keys, scales, keep),
+      base, models, key,
+  )
 
 
 def _kth_largest(values: jax.Array, k: jax.Array) -> jax.Array:
@@ -206,61 +254,48 @@ def _disjoint_merge(trimmed: jax.Array) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
 
 
-@jax.jit
-def _ties(
-    base: PyTree,
-    models: list[PyTree],
-    counts: PyTree | None,
-    thresholds: jax.Array | None,
-    scale: jax.Array,
-    key: jax.Array | None,
-    keep: float,
-) -> PyTree:
-  """TIES over (with a key, DARE-dropped) task vectors.
-
-  Args:
-    counts: to trim per tensor, a pytree like `base` of int32[] counts k:
-      each model keeps the entries of the leaf whose magnitude is at least
-      its k-th largest. None with `thresholds`.
-    thresholds: f32[N], each model's global threshold.
-  """
-
-  def trim_and_merge(b, taus, thresholds):
-    trimmed = jnp.where(
-        jnp.abs(taus) >= _per_model(thresholds, b.ndim), taus, 0
-    )
-    return _rebase(b, scale * _disjoint_merge(trimmed))
-
-  def merge_tensor(path, b, k, *xs):
-    taus = _task_vectors(path, b, xs, key, keep)
-    magnitudes = jnp.abs(taus).reshape(len(xs), -1)
-    return trim_and_merge(b, taus, _kth_largest(magnitudes, k))
-
-  def merge_global(path, b, *xs):
-    return trim_and_merge(b, _task_vectors(path, b, xs, key, keep), thresholds)
-
-  if thresholds is None:
-    return jax.tree_util.tree_map_with_path(merge_tensor, base, counts, *models)
-  return jax.tree_util.tree_map_with_path(merge_global, base, *models)
+def _trim_and_merge(b, taus, thresholds, scale):
+  """b + scale * the disjoint merge of the taus trimmed at f32[N] thresholds."""
+  trimmed = jnp.where(jnp.abs(taus) >= _per_model(thresholds, b.ndim), taus, 0)
+  return _rebase(b, scale * _disjoint_merge(trimmed))
 
 
 @jax.jit
+def _ties_leaf_tensor(b, xs, keys, k, scale, keep):
+  """TIES at one leaf, each model keeping its k largest |tau_i| (and ties)."""
+  taus = _leaf_task_vectors(b, xs, keys, keep)
+  thresholds = _kth_largest(jnp.abs(taus).reshape(len(xs), -1), k)
+  return _trim_and_merge(b, taus, thresholds, scale)
+
+
+@jax.jit
+def _ties_leaf_global(b, xs, keys, thresholds, scale, keep):
+  """TIES at one leaf, each model trimmed at its threshold: f32[N]."""
+  taus = _leaf_task_vectors(b, xs, keys, keep)
+  return _trim_and_merge(b, taus, thresholds, scale)
+
+
+@jax.jit
+def _leaf_magnitudes(b, xs, keys, keep):
+  """f32[N, b.size]: |tau_i| at one leaf, flattened."""
+  return jnp.abs(_leaf_task_vectors(b, xs, keys, keep)).reshape(len(xs), -1)
+
+
+_kth_largest_jit = jax.jit(_kth_largest)
+
+
 def _global_thresholds(
     base: PyTree,
     models: list[PyTree],
-    k: jax.Array,
+    k: int,
     key: jax.Array | None,
     keep: float,
 ) -> jax.Array:
   """f32[N]: each model's k-th largest |tau_i| over all its leaves."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(base)
-  model_leaves = [jax.tree.leaves(m) for m in models]
-  magnitudes = [
-      jnp.abs(_task_vectors(path, b, [ls[j] for ls in model_leaves], key, keep))
-      .reshape(len(models), -1)
-      for j, (path, b) in enumerate(flat)
-  ]
-  return _kth_largest(jnp.concatenate(magnitudes, axis=1), k)
+  magnitudes = _map_leaves(
+      lambda b, xs, keys: _leaf_magnitudes(b, xs, keys, keep), base, models, key
+  )
+  return _kth_largest_jit(jnp.concatenate(jax.tree.leaves(magnitudes), axis=1), k)
 
 
 def task_vector(base: PyTree, tuned: PyTree) -> PyTree:
@@ -300,7 +335,7 @@ def task_arithmetic(
   """
   models = _check_models(base, models)
   scales = _model_scales(scale, len(models))
-  return _task_arithmetic(base, models, jnp.asarray(scales), None, 1.0)
+  return _task_arithmetic(base, models, scales, None, 1.0)
 
 
 def ties_thresholds(
@@ -352,15 +387,21 @@ def _ties_with_trim(
     key: jax.Array | None,
     keep: float,
 ) -> PyTree:
-  """`_ties` with its per-leaf counts or global thresholds worked out."""
+  """TIES (over DARE-dropped task vectors, with a key), leaf by leaf."""
   if trim == "tensor":
-    counts = jax.tree.map(lambda x: keep_count(density, np.size(x)), base)
-    return _ties(base, models, counts, None, scale, key, keep)
+    return _map_leaves(
+        lambda b, xs, keys: _ties_leaf_tensor(
+            b, xs, keys, keep_count(density, np.size(b)), scale, keep),
+        base, models, key,
+    )
   if thresholds is None:
     k = keep_count(density, tree.num_params(base))
     thresholds = _global_thresholds(base, models, k, key, keep)
-  return _ties(base, models, None, jnp.asarray(thresholds, jnp.float32), scale,
-               key, keep)
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  return _map_leaves(
+      lambda b, xs, keys: _ties_leaf_global(b, xs, keys, thresholds, scale, keep),
+      base, models, key,
+  )
 
 
 def ties(
@@ -449,7 +490,7 @@ def dare(
   models = _check_models(base, models)
   keep = _keep_probability(drop, key)
   scales = _model_scales(scale, len(models))
-  return _task_arithmetic(base, models, jnp.asarray(scales), key, keep)
+  return _task_arithmetic(base, models, scales, key, keep)
 
 
 def dare_ties(
