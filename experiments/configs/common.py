@@ -28,3 +28,25 @@ def pair_config(
   c.log_every = 100
   c.checkpoint_every = 250
   return c
+
+
+def pleas_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.pleas` of `experiments.pleas`: every budget and method, 3 seed pairs.
+
+  Fields: budgets, seeds, methods, ridge (relative), probe (also score a fresh
+  linear probe per task, the paper's fine-grained protocol), heads ("shared":
+  the global heads are merged, task-aware accuracy; "separate": each model
+  keeps its own task's head), batch_size, free_transforms (the inputs
+  PLeaS-free reads instead of the tasks': a domain the models never saw).
+  """
+  return ml_collections.ConfigDict({
+      "budgets": (1.0, 1.2, 1.5, 1.8, 2.0),
+      "seeds": (0, 1, 2),
+      "methods": ("permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
+      "ridge": 1e-3,
+      "probe": True,
+      "heads": "shared",
+      "batch_size": 256,
+      "free_transforms": (("blur", {"sigma": 2.0}), ("noise", {"std": 0.5})),
+      **overrides,
+  })

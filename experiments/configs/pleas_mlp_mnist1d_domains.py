@@ -8,8 +8,6 @@ from different initialisations; their outputs are merged (no task heads).
 PLeaS-free reads heavily noised signals, a domain neither model saw.
 """
 
-import ml_collections
-
 from experiments.configs import common
 
 
@@ -19,14 +17,5 @@ def get_config():
       model_config={"features": (256, 256)}, num_steps=3000,
       split_options={"transforms": ("identity", "blur")},
   )
-  c.pleas = ml_collections.ConfigDict({
-      "budgets": (1.0, 1.2, 1.5, 1.8, 2.0),
-      "seeds": (0, 1, 2),
-      "methods": ("permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
-      "ridge": 1e-3,
-      "probe": True,
-      "heads": "shared",  # one output space: the domains share their classes
-      "batch_size": 256,
-      "free_transforms": (("noise", {"std": 1.0}),),
-  })
+  c.pleas = common.pleas_config(free_transforms=(("noise", {"std": 1.0}),))
   return c
