@@ -26,6 +26,7 @@ head of its own).
 """
 
 from collections.abc import Mapping, Sequence
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -167,16 +168,22 @@ def merge_side(x: jax.Array, axes: Sequence[Axis], model: int) -> tuple[jax.Arra
     summed along input axes, and f32 broadcastable to it: the total weight
     the model has at each merged output position (the normaliser's share).
   """
+  return merge_parts(x, [(ax.axis, model_part(ax.map, model), ax.is_input) for ax in axes])
+
+
+def merge_parts(x: jax.Array, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[jax.Array, jax.Array]:
+  """`merge_side` given each grouped axis as `(axis, the model's part, is_input)`."""
   mass = jnp.float32(1.0)
-  for ax in axes:
-    part = model_part(ax.map, model)
-    if ax.is_input:
-      moved = jnp.moveaxis(x, ax.axis, 0)
-      x = jnp.moveaxis(jax.ops.segment_sum(moved, part.unmerge, num_segments=ax.map.width), 0, ax.axis)
+  for axis, part, is_input in axes:
+    width, k = part.index.shape
+    if is_input:
+      moved = jnp.moveaxis(x, axis, 0)
+      x = jnp.moveaxis(jax.ops.segment_sum(moved, part.unmerge, num_segments=width,
+                                                mode="promise_in_bounds"), 0, axis)
     else:
-      x = sum(jnp.take(x, part.index[:, k], axis=ax.axis) * _along(part.weight[:, k], ax.axis, x.ndim)
-              for k in range(part.index.shape[1]))
-      mass = mass * _along(part.weight.sum(1), ax.axis, x.ndim)
+      x = sum(jnp.take(x, part.index[:, j], axis=axis, mode="clip") * _along(part.weight[:, j], axis, x.ndim)
+              for j in range(k))
+      mass = mass * _along(part.weight.sum(1), axis, x.ndim)
   return x, mass
 
 
@@ -188,9 +195,15 @@ def combine_leaf(xs: Sequence[jax.Array], axes: Sequence[Axis], models: Sequence
     axes: the leaf's grouped axes (positions in `xs[0]`).
     models: the models whose contributions reach this leaf.
   """
+  return combine_parts(xs, {m: [(ax.axis, model_part(ax.map, m), ax.is_input) for ax in axes] for m in models})
+
+
+def combine_parts(xs: Sequence[jax.Array],
+                  sides: Mapping[int, Sequence[tuple[int, ModelPart, bool]]]) -> jax.Array:
+  """`combine_leaf` given, per model reaching the leaf, its `merge_parts` axes."""
   total, norm = 0.0, 0.0
-  for model in models:
-    part, mass = merge_side(jnp.asarray(xs[model]), axes, model)
+  for model, axes in sides.items():
+    part, mass = merge_parts(jnp.asarray(xs[model]), axes)
     total, norm = total + part, norm + mass
   return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0).astype(jnp.result_type(xs[0]))
 
@@ -282,18 +295,42 @@ def combine(
       raise ValueError(f"combine: group {g!r} has {spec.sizes[g]} units but its UnitMap {m.size}")
   inputs, models = inputs or {}, models or {}
   by_leaf = refs_by_leaf(spec)
-  leaves_b = tree.leaves_by_path(vb)
-  out = {}
-  for path, xa in tree.leaves_by_path(va).items():
-    refs = by_leaf.get(path, [])
-    view = leaf_view(np.shape(xa), refs, tree.path_str(path))
-    contracted = inputs.get(path, frozenset())
-    split_inputs = {p for a in contracted for p in _split_positions(view, a)}
-    axes = [Axis(pos, maps[g], pos in split_inputs) for pos, g in view.groups]
-    xs = [jnp.reshape(jnp.asarray(x), view.shape) for x in (xa, leaves_b[path])]
-    merged = combine_leaf(xs, axes, models.get(path, (0, 1)))
-    out[path] = jnp.reshape(merged, view.merged_shape({g: maps[g].width for g in maps}))
+  widths = {g: m.width for g, m in maps.items()}
+  leaves_a, leaves_b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
+  plan = []
+  for path, xa in leaves_a.items():
+    view = leaf_view(np.shape(xa), by_leaf.get(path, []), tree.path_str(path))
+    split_inputs = {p for a in inputs.get(path, frozenset()) for p in _split_positions(view, a)}
+    axes = tuple((pos, g, pos in split_inputs) for pos, g in view.groups)
+    plan.append(_LeafPlan(path, view.shape, axes, tuple(models.get(path, (0, 1))),
+                          view.merged_shape(widths)))
+  used = {g for p in plan for _, g, _ in p.axes}
+  parts = {g: (model_part(maps[g], 0), model_part(maps[g], 1)) for g in used}
+  out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
   return tree.replace_leaves(va, out)
+
+
+class _LeafPlan(NamedTuple):
+  """How `combine` merges one leaf: the static part of its work."""
+
+  path: tuple[str, ...]
+  split_shape: tuple[int, ...]
+  axes: tuple[tuple[int, str, bool], ...]  # (position in split_shape, group, is_input)
+  models: tuple[int, ...]
+  merged_shape: tuple[int, ...]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _combine_leaves(plan: tuple[_LeafPlan, ...], parts: Mapping[str, tuple[ModelPart, ModelPart]],
+                    leaves_a: Mapping[tuple[str, ...], jax.Array],
+                    leaves_b: Mapping[tuple[str, ...], jax.Array]) -> dict[tuple[str, ...], jax.Array]:
+  """Every leaf combined, in one compiled program (compiled once per plan)."""
+  out = {}
+  for p in plan:
+    sides = {m: [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes] for m in p.models}
+    xs = [jnp.reshape(leaves[p.path], p.split_shape) for leaves in (leaves_a, leaves_b)]
+    out[p.path] = jnp.reshape(combine_parts(xs, sides), p.merged_shape)
+  return out
 
 
 def _split_positions(view: LeafView, axis: int) -> range:
