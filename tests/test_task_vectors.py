@@ -148,6 +148,7 @@ def test_ties_thresholds_and_given_thresholds_match_numpy(case, density, given):
   )
 
 
+@hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(base_and_models(), drops, scales, keys)
 def test_dare_matches_numpy(case, drop, scale, key):
   base, models = case
@@ -155,6 +156,7 @@ def test_dare_matches_numpy(case, drop, scale, key):
   assert_trees_close(mj.merge.dare(base, models, drop=drop, key=key, scale=scale), want)
 
 
+@hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(
     base_and_models(), drops, densities, scales, keys, st.sampled_from(mj.merge.task_vectors.TRIMS)
 )
@@ -172,6 +174,7 @@ def test_dare_ties_matches_numpy(case, drop, density, scale, key, trim):
     )
 
 
+@hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(base_and_models(), keys)
 def test_zero_scale_and_zero_drop_identities(case, key):
   base, models = case
@@ -190,6 +193,7 @@ def test_zero_scale_and_zero_drop_identities(case, key):
     )
 
 
+@hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(base_and_models(), st.integers(1, 4), keys)
 def test_copies_of_one_model_merge_to_it(case, n, key):
   base, (model, *_) = case
@@ -235,6 +239,7 @@ def _nested(path, leaf):
   return leaf
 
 
+@hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(base_and_models(), drops, densities, keys)
 def test_one_leaf_at_a_time_reproduces_the_whole_merge(case, drop, density, key):
   base, models = case
