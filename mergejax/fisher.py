@@ -21,11 +21,15 @@ definitions):
                with n the example's index in the pass (0, 1, ... over all
                batches), so the draw depends on neither batching nor sharding.
 
-Each example takes one forward pass and one `jax.vjp` (vmapped over the
-examples); the exact Fisher then pulls back its classes together, in chunks of
-`class_chunk` (a `lax.scan` over chunks), so a device holds about `batch *
-class_chunk * num_params` floats at a time. There is no Python loop over
-examples or classes.
+Each example takes one forward pass and one `jax.vjp`, vmapped over
+`example_chunk` examples at a time with a `lax.scan` over the chunks of a
+batch; the exact Fisher then pulls back its classes together, in chunks of
+`class_chunk` (another scan), so a device holds about `example_chunk *
+class_chunk * num_params` floats at a time whatever the batch size. There is
+no Python loop over examples or classes. By default (`example_chunk=None`)
+a chunk is 1 example on CPU, where XLA computes one example's small products
+about as fast as a batch's and larger chunks only add memory traffic, and
+elsewhere as many as keep the per-example gradients under 1 GiB.
 
 `logits_fn` must run BatchNorm in eval mode (running statistics, `train=False`
 bound by the caller): in training mode an example's output would depend on the
@@ -51,11 +55,13 @@ LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 KINDS = ("exact", "empirical", "sampled")
 
 
-def _check_options(kind: str, class_chunk: int) -> None:
+def _check_options(kind: str, class_chunk: int, example_chunk: int | None) -> None:
   if kind not in KINDS:
     raise ValueError(f"fisher: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-  if isinstance(class_chunk, bool) or not isinstance(class_chunk, int) or class_chunk < 1:
-    raise ValueError(f"fisher: class_chunk must be a positive int, got {class_chunk!r}")
+  chunks = {"class_chunk": class_chunk, **({} if example_chunk is None else {"example_chunk": example_chunk})}
+  for name, value in chunks.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"fisher: {name} must be a positive int, got {value!r}")
 
 
 def _check_key(kind: str, key: jax.Array | None) -> None:
@@ -135,8 +141,8 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   return total
 
 
-def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, key: jax.Array | None,
-               variables: PyTree, x: jax.Array, labels: jax.Array, index: jax.Array,
+def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: int | None,
+               key: jax.Array | None, variables: PyTree, x: jax.Array, labels: jax.Array, index: jax.Array,
                mask: jax.Array) -> PyTree:
   """sum over the batch's real examples of each one's Fisher, shaped like `variables`.
 
@@ -163,10 +169,50 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, key: jax.Array 
       classes, weights = y[None], jnp.ones(1, jnp.float32)
     return _weighted_squares(pullback, classes, weights, num_classes, class_chunk)
 
-  per_example = jax.vmap(example)(x, labels, index)
-  sums = jax.tree.map(
-      lambda f: jnp.where(mask.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0).sum(0), per_example)
+  def chunk_sum(acc, chunk):
+    x_c, labels_c, index_c, mask_c = chunk
+    per_example = jax.vmap(example)(x_c, labels_c, index_c)
+    # A dot over the examples: XLA:CPU reduces a leading axis far slower.
+    return jax.tree.map(
+        lambda a, f: a + jnp.tensordot(
+            mask_c.astype(jnp.float32), jnp.where(mask_c.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0),
+            axes=1, precision=jax.lax.Precision.HIGHEST),
+        acc, per_example), None
+
+  n = x.shape[0]
+  size = _chunk_size(example_chunk, n, params, class_chunk)
+  steps = -(-n // size)
+  pad = steps * size - n  # padding repeats the last example, masked out
+
+  def chunks(a):
+    a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
+    return a.reshape(steps, size, *a.shape[1:])
+
+  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  mask = jnp.concatenate([mask, jnp.zeros(pad, bool)]) if pad else mask
+  sums, _ = jax.lax.scan(chunk_sum, zero, (chunks(x), chunks(labels), chunks(index),
+                                           mask.reshape(steps, size)))
   return _full_tree(variables, sums)
+
+
+# The default example chunk off CPU: per-example gradients of at most this many floats at once.
+_CHUNK_FLOATS = 2**28
+
+
+def _chunk_size(example_chunk: int | None, batch: int, params: PyTree, class_chunk: int) -> int:
+  """Examples whose gradients are vmapped together (the batch is scanned in chunks).
+
+  None picks 1 on CPU, where XLA runs one example's products about as fast as
+  a batch's and a larger chunk only costs memory traffic; elsewhere as many as
+  keep `chunk * class_chunk * num_params` under 2^28 floats (1 GiB).
+  """
+  if example_chunk is None:
+    if jax.default_backend() == "cpu":
+      example_chunk = 1
+    else:
+      num_params = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
+      example_chunk = max(1, _CHUNK_FLOATS // max(1, class_chunk * num_params))
+  return max(1, min(example_chunk, batch))
 
 
 def _split_batch(batch: Any, kind: str) -> tuple[Any, Any | None]:
@@ -182,7 +228,7 @@ def _split_batch(batch: Any, kind: str) -> tuple[Any, Any | None]:
 
 
 def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
-                     class_chunk: int = 16) -> Callable[..., PyTree]:
+                     class_chunk: int = 16, example_chunk: int | None = None) -> Callable[..., PyTree]:
   """The mean Fisher of one batch, as a function to jit (like `jax.grad`).
 
       batch_fisher = jax.jit(fisher_transform(logits_fn, kind="sampled"))
@@ -193,6 +239,8 @@ def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
       BatchNorm in eval mode (module docstring).
     kind: "exact", "empirical" or "sampled".
     class_chunk: classes pulled back together by the exact Fisher.
+    example_chunk: examples whose gradients are vmapped together; a batch is
+      scanned in chunks of this many (None: module docstring).
 
   Returns:
     `batch_fisher(variables, batch, key=None) -> PyTree`, the per-example mean
@@ -204,7 +252,7 @@ def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
     ValueError: at once for an unknown kind; when called (traced), for a
       missing key or labels, or logits or labels of the wrong shape.
   """
-  _check_options(kind, class_chunk)
+  _check_options(kind, class_chunk, example_chunk)
 
   def batch_fisher(variables: PyTree, batch: Any, key: jax.Array | None = None) -> PyTree:
     _check_key(kind, key)
@@ -213,7 +261,7 @@ def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
     _check_shapes(logits_fn, variables, x, labels)
     n = x.shape[0]
     labels = jnp.zeros(n, jnp.int32) if labels is None else jnp.asarray(labels)
-    sums = _batch_sum(logits_fn, kind, class_chunk, key, variables, x, labels,
+    sums = _batch_sum(logits_fn, kind, class_chunk, example_chunk, key, variables, x, labels,
                       jnp.arange(n), jnp.ones(n, bool))
     return jax.tree.map(lambda s: s / n, sums)
 
@@ -221,7 +269,7 @@ def fisher_transform(logits_fn: LogitsFn, *, kind: str = "exact",
 
 
 def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Array | None = None,
-                       class_chunk: int = 16) -> stats.Accumulator:
+                       class_chunk: int = 16, example_chunk: int | None = None) -> stats.Accumulator:
   """The Fisher as a streaming statistic, for `stats.accumulate` or a user's loop.
 
   The state is `(count: i32[], sums)`: the real examples seen and the sum of
@@ -238,12 +286,14 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
     kind: "exact", "empirical" or "sampled".
     key: the PRNG key of "sampled" (ignored by the others).
     class_chunk: classes pulled back together by the exact Fisher.
+    example_chunk: examples whose gradients are vmapped together; a batch is
+      scanned in chunks of this many (None: module docstring).
 
   Raises:
     ValueError: at once for an unknown kind or "sampled" without a key; in
       `init`, for logits or labels of the wrong shape.
   """
-  _check_options(kind, class_chunk)
+  _check_options(kind, class_chunk, example_chunk)
   _check_key(kind, key)
   labels = kind == "empirical"
 
@@ -263,7 +313,7 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
     size = x.shape[0]
     first = count if axis_name is None else count + jax.lax.axis_index(axis_name) * size
     y = jnp.zeros(size, jnp.int32) if y is None else y
-    batch_sums = _batch_sum(logits_fn, kind, class_chunk, key, variables, x, y,
+    batch_sums = _batch_sum(logits_fn, kind, class_chunk, example_chunk, key, variables, x, y,
                             first + jnp.arange(size), mask)
     seen = mask.sum(dtype=jnp.int32)
     if axis_name is not None:
@@ -303,6 +353,7 @@ def fisher(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     class_chunk: int = 16,
+    example_chunk: int | None = None,
 ) -> PyTree:
   """The diagonal Fisher over a data pass, sharded like every statistic.
 
@@ -324,8 +375,10 @@ def fisher(
       batching and any number of devices.
     mesh: a 1-D mesh whose axis is named "data"; default all local devices.
     progress: log batches/s at most every 10 s.
-    class_chunk: classes pulled back together by the exact Fisher (memory
-      about batch / devices * class_chunk * num_params floats per device).
+    class_chunk: classes pulled back together by the exact Fisher.
+    example_chunk: examples whose gradients are vmapped together (memory
+      about example_chunk * class_chunk * num_params floats per device);
+      None: 1 on CPU, elsewhere as many as fit in 1 GiB.
 
   Returns:
     The per-example mean Fisher, float32, shaped like `variables`.
@@ -337,7 +390,8 @@ def fisher(
       the first batch, or labels of the first batch out of range; during it,
       for a batch of another shape (`stats.accumulate`).
   """
-  stat = fisher_accumulator(logits_fn, kind=kind, key=key, class_chunk=class_chunk)
+  stat = fisher_accumulator(logits_fn, kind=kind, key=key, class_chunk=class_chunk,
+                            example_chunk=example_chunk)
   tree.check_finite(variables, "fisher: variables")
   it = iter(batches() if callable(batches) else batches)
   first = next(it, None)

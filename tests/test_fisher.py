@@ -116,6 +116,20 @@ def test_fisher_equals_the_transform_on_one_batch(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("example_chunk", [1, 3, 100])
+def test_every_example_chunk_gives_the_numpy_fisher(kind, example_chunk):
+  """Chunks of 1, of 3 (the last one padded) and of the whole batch."""
+  variables, x, y = _data(n=16)
+  key = jax.random.key(5)
+  labels = {"exact": None, "empirical": y,
+            "sampled": _drawn_labels(_softmax_regression, variables, x, key)}[kind]
+  weights = (lambda p: p) if labels is None else (lambda p: np.eye(CLASSES)[labels])
+  got = jax.jit(mj.fisher_transform(_softmax_regression, kind=kind, example_chunk=example_chunk))(
+      variables, (x, y), key)
+  _assert_close(got, _numpy_fisher(variables, x, weights))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_one_and_eight_devices_agree(kind):
   variables, x, y = _data()
   key = jax.random.key(1)
@@ -229,6 +243,10 @@ def test_bad_arguments_are_refused_before_any_work():
     mj.fisher_accumulator(fn, kind="fishy")
   with pytest.raises(ValueError, match="class_chunk"):
     mj.fisher_transform(fn, class_chunk=0)
+  with pytest.raises(ValueError, match="example_chunk must be a positive int"):
+    mj.fisher(fn, variables, [x], example_chunk=0, progress=False)
+  with pytest.raises(ValueError, match="example_chunk"):
+    mj.fisher_accumulator(fn, example_chunk=2.0)
   with pytest.raises(ValueError, match="needs a key"):
     mj.fisher(fn, variables, [x], kind="sampled", progress=False)
   with pytest.raises(ValueError, match="needs a key"):
