@@ -1,5 +1,7 @@
 """Tests for mergejax.merge.least_squares: lstsq oracles and the block structure."""
 
+import warnings
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -93,11 +95,16 @@ def _merged_features(x_a, x_b, m: combine.UnitMap):
 
 @hypothesis.settings(max_examples=10)
 @hypothesis.given(st.integers(2, 7), st.integers(2, 6), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
-                  st.sampled_from([0.0, 1e-2]), st.integers(0, 999))
-def test_each_block_is_lstsq_of_the_explicit_merged_problem(d_in, d_out, r_in, r_out, ridge, seed):
+                  st.sampled_from([0.0, 1e-2]), st.booleans(), st.integers(0, 999))
+def test_each_block_is_lstsq_of_the_explicit_merged_problem(d_in, d_out, r_in, r_out, ridge, dead, seed):
+  """With `dead`, input unit 0 is 0 in both models: without a ridge its Gram
+  is singular, the Cholesky factorisation fails, and the float64 fallback
+  (with a warning) must still give the least-squares fit."""
   rng = np.random.default_rng(seed)
   rows = 40
   x_a, x_b = rng.standard_normal((rows, d_in)), rng.standard_normal((rows, d_in))
+  if dead:
+    x_a[:, 0] = x_b[:, 0] = 0.0
   w_a, w_b = rng.standard_normal((d_in, d_out)), rng.standard_normal((d_in, d_out))
   m_in = combine.partial_map(rng.random(d_in) < r_in)
   m_out = combine.partial_map(rng.random(d_out) < r_out)
@@ -109,8 +116,12 @@ def test_each_block_is_lstsq_of_the_explicit_merged_problem(d_in, d_out, r_in, r
   z = np.concatenate([x_a, x_b], axis=1)
   gram = stats.Gram(jnp.float32(rows), jnp.asarray(z.T @ z, jnp.float32), (d_in, d_in))
   plan = least_squares.KernelPlan((0,), (1,))
-  w, report = least_squares.solve_layer(("k",), gram, (w_a, w_b), w0, view, plan, maps, ridge=ridge,
-                                        condition=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    w, report = least_squares.solve_layer(("k",), gram, (w_a, w_b), w0, view, plan, maps, ridge=ridge,
+                                          condition=False)
+  failed = [c for c in caught if "k: the Cholesky factorisation" in str(c.message)]
+  assert bool(failed) == (dead and ridge == 0), [str(c.message) for c in caught]
   # The oracle: explicit merged inputs and targets, one lstsq per output block.
   x = _merged_features(x_a, x_b, m_in) / np.sqrt(rows)
   y = _merged_features(x_a @ w_a, x_b @ w_b, m_out) / np.sqrt(rows)

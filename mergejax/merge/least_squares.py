@@ -110,18 +110,27 @@ def ridge_solve(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float, 
   Returns:
     f32[d, k].
   """
-  d = gram.shape[0]
-  lam = ridge * jnp.trace(gram) / d
-  a = gram + lam * jnp.eye(d, dtype=gram.dtype)
-  b = cross + lam * w0
-  with jax.default_matmul_precision("highest"):
-    w = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
+  a, b = _ridge_system(gram, cross, w0, ridge)
+  w = _cholesky_solve(a, b)
   if bool(jnp.all(jnp.isfinite(w))):
     return w
-  warnings.warn(f"{where}: the Cholesky factorisation of the Gram matrix failed (d={d}, ridge={ridge});"
-                " solving in float64 on the host", RuntimeWarning, stacklevel=2)
+  warnings.warn(f"{where}: the Cholesky factorisation of the Gram matrix failed (d={gram.shape[0]},"
+                f" ridge={ridge}); solving in float64 on the host", RuntimeWarning, stacklevel=2)
   a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return jnp.asarray(scipy.linalg.lstsq(a64, b64)[0], jnp.float32)
+
+
+def _ridge_system(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float) -> tuple[jax.Array, jax.Array]:
+  """(G + lam I, C + lam W0): the normal equations of `ridge_solve`."""
+  d = gram.shape[0]
+  lam = ridge * jnp.trace(gram) / d
+  return gram + lam * jnp.eye(d, dtype=gram.dtype), cross + lam * w0
+
+
+def _cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^-1 b for a symmetric positive definite `a` (NaN where it is not)."""
+  with jax.default_matmul_precision("highest"):
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
 
 
 class LayerReport(NamedTuple):
@@ -170,13 +179,16 @@ class _Side(NamedTuple):
   shape: tuple[int, ...]
   axes: tuple[combine.Axis, ...]
 
-  def mass(self, model: int) -> jax.Array:
+  def mass(self, model: int) -> np.ndarray:
     """f32[merged size]: model `model`'s weight at each merged feature."""
-    _, m = combine.merge_side(jnp.zeros(self.shape), self.axes, model)
     merged = list(self.shape)
     for ax in self.axes:
       merged[ax.axis] = ax.map.width
-    return jnp.broadcast_to(m, merged).reshape(-1)
+    m = np.ones(merged, np.float32)
+    for ax in self.axes:
+      weight = combine.model_part(ax.map, model).weight.sum(1)
+      m = m * weight.reshape([-1 if d == ax.axis else 1 for d in range(len(merged))])
+    return m.reshape(-1)
 
 
 def _side(view: combine.LeafView, positions: Sequence[int], maps: Mapping[str, combine.UnitMap]) -> _Side:
@@ -242,57 +254,68 @@ def solve_layer(
   expected = (d_m, d, d) if merged_inputs else (d, d)
   if tuple(gram.sizes) != expected:
     raise ValueError(f"{where}: the Gram's feature sizes {gram.sizes} are not the kernel's {expected}")
-  count = jnp.maximum(gram.count, 1.0)
-  starts = {"m": 0, 0: d_m, 1: d_m + d}
-  size = {"m": d_m, 0: d, 1: d}
-  block = lambda s, t: gram.gram[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / count
-  blocks = {(s, t): block(s, t) for s in (0, 1) for t in (0, 1)}
-  w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in kernels]
-  w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos)
+  # Which merged features each model reaches decides each block's rows and columns.
+  in_mass = [x_side.mass(s) for s in (0, 1)]
+  out_mass = [y_side.mass(s) if s in models else np.zeros_like(y_side.mass(s)) for s in (0, 1)]
+  blocks, sizes = [], []
+  for a, b in ((True, True), (True, False), (False, True)):
+    q = np.flatnonzero(((out_mass[0] > 0) == a) & ((out_mass[1] > 0) == b))
+    sizes.append(int(q.size))
+    if q.size:
+      blocks.append((np.flatnonzero(((in_mass[0] > 0) & a) | ((in_mass[1] > 0) & b)), q))
 
-  with jax.default_matmul_precision("highest"):
-    in_mass = [x_side.mass(s) for s in (0, 1)]
-    out_mass = [y_side.mass(s) if s in models else jnp.zeros_like(y_side.mass(s)) for s in (0, 1)]
-    n_in, n_out = sum(in_mass), sum(out_mass)
-    n_in = jnp.where(n_in > 0, n_in, 1.0)
-    n_out_safe = jnp.where(n_out > 0, n_out, 1.0)
-    if merged_inputs:
-      x_m = _Side((d_m,), ())
-      g_m = block("m", "m")
-      cross = sum(_merge_two_sided(block("m", t) @ w[t], x_m, t, y_side, t) for t in models)
-      cross = cross / n_out_safe
-    else:
-      g_m = sum(_merge_two_sided(blocks[s, t], x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
-      g_m = g_m / jnp.outer(n_in, n_in)
-      cross = sum(_merge_two_sided(blocks[s, t] @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
-      cross = cross / jnp.outer(n_in, n_out_safe)
-    yty = sum(_merge_two_sided(w[s].T @ blocks[s, t] @ w[t], y_side, s, y_side, t)
-              for s in models for t in models)
-    yty = jnp.diag(yty) / n_out_safe**2
-    in_member = [m > 0 for m in in_mass]
-    out_member = [m > 0 for m in out_mass]
-    solution = jnp.zeros_like(w0_mat)
-    before = after = 0.0
-    cond, sizes = 0.0, []
-    for a, b in ((True, True), (True, False), (False, True)):
-      q = np.flatnonzero(np.asarray((out_member[0] == a) & (out_member[1] == b)))
-      sizes.append(int(q.size))
-      if not q.size:
-        continue
-      p = np.flatnonzero(np.asarray((in_member[0] & a) | (in_member[1] & b)))
-      g_c, c_c, w0_c = g_m[np.ix_(p, p)], cross[np.ix_(p, q)], w0_mat[np.ix_(p, q)]
+  def fit(gram_matrix, count, w_a, w_b, w0):
+    """The blocks' solutions, all in one compiled program."""
+    count = jnp.maximum(count, 1.0)
+    starts = {"m": 0, 0: d_m, 1: d_m + d}
+    size = {"m": d_m, 0: d, 1: d}
+    block = lambda s, t: gram_matrix[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / count
+    w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in (w_a, w_b)]
+    w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos)
+    n_in = np.where(sum(in_mass) > 0, sum(in_mass), 1.0)
+    n_out = np.where(sum(out_mass) > 0, sum(out_mass), 1.0)
+    with jax.default_matmul_precision("highest"):
+      if merged_inputs:
+        x_m = _Side((d_m,), ())
+        g_m = block("m", "m")
+        cross = sum(_merge_two_sided(block("m", t) @ w[t], x_m, t, y_side, t) for t in models) / n_out
+      else:
+        g_m = sum(_merge_two_sided(block(s, t), x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
+        g_m = g_m / np.outer(n_in, n_in)
+        cross = sum(_merge_two_sided(block(s, t) @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
+        cross = cross / np.outer(n_in, n_out)
+      yty = sum(_merge_two_sided(w[s].T @ block(s, t) @ w[t], y_side, s, y_side, t)
+                for s in models for t in models)
+      total = jnp.sum(jnp.diag(yty) / n_out**2)
+      solution = jnp.zeros_like(w0_mat)
+      out = {"finite": [], "before": [], "after": [], "condition": []}
+      for p, q in blocks:
+        g_c, c_c, w0_c = g_m[np.ix_(p, p)], cross[np.ix_(p, q)], w0_mat[np.ix_(p, q)]
+        w_c = _cholesky_solve(*_ridge_system(g_c, c_c, w0_c, ridge))
+        solution = solution.at[np.ix_(p, q)].set(w_c)
+        out["finite"].append(jnp.all(jnp.isfinite(w_c)))
+        out["before"].append(_residual(g_c, c_c, w0_c))
+        out["after"].append(_residual(g_c, c_c, w_c))
+        if condition:
+          e = jnp.linalg.eigvalsh(g_c)
+          out["condition"].append(e[-1] / jnp.maximum(e[0], 1e-30 * e[-1]))
+    return solution, total, out, (g_m, cross, w0_mat)
+
+  solution, total, out, system = jax.jit(fit)(gram.gram, gram.count, *kernels, w0)
+  out = jax.device_get(out)
+  after = out["after"]
+  for i, (p, q) in enumerate(blocks):
+    if not out["finite"][i]:  # the float64 fallback, with its warning
+      g_c, c_c, w0_c = (m[np.ix_(p, r)] for m, r in zip(system, (p, q, q)))
       w_c = ridge_solve(g_c, c_c, w0_c, ridge, where)
       solution = solution.at[np.ix_(p, q)].set(w_c)
-      before += _residual(g_c, c_c, w0_c)
-      after += _residual(g_c, c_c, w_c)
-      if condition:
-        e = jnp.linalg.eigvalsh(g_c)
-        cond = max(cond, float(e[-1] / jnp.maximum(e[0], 1e-30 * e[-1])))
-    total = float(jnp.sum(yty))
+      after[i] = float(_residual(g_c, c_c, w_c))
+  total = float(total)
   kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
   norm = max(total, 1e-30)
-  return kernel, LayerReport(path, (float(before) + total) / norm, (float(after) + total) / norm,
-                             cond, tuple(sizes))
+  return kernel, LayerReport(path, (float(sum(out["before"])) + total) / norm,
+                             (float(sum(after)) + total) / norm,
+                             float(max(out["condition"], default=0.0)), tuple(sizes))
 
 
 def _residual(gram: jax.Array, cross: jax.Array, w: jax.Array) -> jax.Array:
