@@ -58,10 +58,14 @@ KINDS = ("exact", "empirical", "sampled")
 def _check_options(kind: str, class_chunk: int, example_chunk: int | None) -> None:
   if kind not in KINDS:
     raise ValueError(f"fisher: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-  chunks = {"class_chunk": class_chunk, **({} if example_chunk is None else {"example_chunk": example_chunk})}
-  for name, value in chunks.items():
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"fisher: {name} must be a positive int, got {value!r}")
+  _check_positive_int("class_chunk", class_chunk)
+  if example_chunk is not None:
+    _check_positive_int("example_chunk", example_chunk)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"fisher: {name} must be a positive int, got {value!r}")
 
 
 def _check_key(kind: str, key: jax.Array | None) -> None:
