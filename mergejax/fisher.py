@@ -41,13 +41,15 @@ Fisher 0; otherwise every leaf is differentiated.
 
 from collections.abc import Callable, Iterable, Mapping
 import itertools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mergejax import stats
+from mergejax import trace
 from mergejax import tree
 
 PyTree = Any
@@ -118,7 +120,8 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   """sum_k weights[k] (pullback of e_{classes[k]})^2: one example's Fisher term.
 
   Args:
-    pullback: the VJP of one example's log-probabilities f32[num_classes].
+    pullback: the VJP of one example's log-probabilities f32[num_classes];
+      the result is a tree of its cotangents.
     classes: i32[k], the classes whose gradients count.
     weights: f32[k], their weights.
     num_classes: the length of the log-probabilities.
@@ -126,7 +129,7 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   """
 
   def chunk_sum(chunk_classes, chunk_weights):
-    grads = jax.vmap(lambda c: pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32))[0])(
+    grads = jax.vmap(lambda c: pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32)))(
         chunk_classes)
     return jax.tree.map(
         lambda g: jnp.tensordot(chunk_weights, jnp.square(g.astype(jnp.float32)), axes=1,
@@ -145,10 +148,72 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   return total
 
 
+class _RankOneKernel(NamedTuple):
+  """A kernel whose per-example gradient is an outer product `x (x) delta`.
+
+  A kernel used once, by a `dot_general` without batch dimensions whose input
+  has a single row per example (a Dense layer on a flat input): its squared
+  per-example gradient is `x^2 (x) delta^2`, so the Fisher sums to one matrix
+  product `(x^2)^T (sum_y q(y) delta_y^2)` over the examples and never holds
+  a per-example gradient.
+
+  Attributes:
+    path: the kernel's path in the variables.
+    input_axes: the input's axes in the order of the kernel's contracted axes,
+      then its free axes (all of size 1).
+    output_axes: the output's axes in the order of the kernel's free axes,
+      then the others (all of size 1).
+    output_shape: one example's output shape.
+    layout: the kernel's axes in the order (contracted..., free...), to be
+      put back with its inverse.
+    contracted: the number of the kernel's contracted axes.
+  """
+
+  path: tuple[str, ...]
+  input_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  layout: tuple[int, ...]
+  contracted: int
+
+
+def _rank_one_kernels(logits_fn: LogitsFn, variables: PyTree, x_one: jax.Array,
+                      params_paths: set[tuple[str, ...]]) -> tuple[_RankOneKernel, ...]:
+  """The kernels among `params_paths` whose per-example gradient is rank one."""
+  found = []
+
+  def run(v, x):
+    out, uses, other_reads = trace.probed_kernel_uses(logits_fn)(v, {}, x)
+    for path, path_uses in uses.items():
+      if path not in params_paths or path in other_reads or len(path_uses) != 1:
+        continue
+      use, = path_uses
+      if use.primitive != "dot_general" or use.params["dimension_numbers"][1][0]:
+        continue
+      contracted = [a for a, _ in use.input_axes]
+      rest_in = [a for a in range(use.input.ndim) if a not in contracted]
+      if any(use.input.shape[a] != 1 for a in rest_in):
+        continue
+      produced = [a for a, _ in use.output_axes]
+      rest_out = [a for a in range(use.output.ndim) if a not in produced]
+      found.append(_RankOneKernel(
+          path, tuple(contracted + rest_in), tuple(produced + rest_out), tuple(use.output.shape),
+          tuple(k for _, k in use.input_axes) + tuple(k for _, k in use.output_axes),
+          len(contracted)))
+    return out
+
+  jax.eval_shape(run, variables, x_one)
+  return tuple(found)
+
+
 def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: int | None,
                key: jax.Array | None, variables: PyTree, x: jax.Array, labels: jax.Array, index: jax.Array,
                mask: jax.Array) -> PyTree:
   """sum over the batch's real examples of each one's Fisher, shaped like `variables`.
+
+  Rank-one kernels (`_RankOneKernel`) are summed as matrix products of their
+  inputs' and output cotangents' squares; every other differentiated leaf
+  from its per-example gradients.
 
   Args:
     x: f32[batch, ...], the inputs.
@@ -157,13 +222,23 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     mask: bool[batch], the real examples.
   """
   params, rebuild = _differentiated(variables)
+  prefix = ("params",) if params is not variables else ()
+  by_path = tree.leaves_by_path(params)
+  rank_one = _rank_one_kernels(logits_fn, variables, x[:1], {prefix + p for p in by_path})
+  factored = {k.path[len(prefix):] for k in rank_one}
+  free = {p: v for p, v in by_path.items() if p not in factored}
+  apply = trace.probed_kernel_uses(logits_fn)
 
-  def log_probs(p, x_n):
-    logits = logits_fn(rebuild(p), x_n[None])
-    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0])
+  def log_probs(free_leaves, probes, x_n):
+    v = rebuild(tree.replace_leaves(params, free_leaves))
+    logits, uses, _ = apply(v, {k.path: [probes[k.path]] for k in rank_one}, x_n[None])
+    inputs = {k.path: uses[k.path][0].input for k in rank_one}
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0]), inputs
 
   def example(x_n, label, i):
-    log_p, pullback = jax.vjp(lambda p: log_probs(p, x_n), params)
+    probes = {k.path: jnp.zeros(k.output_shape, jnp.float32) for k in rank_one}
+    log_p, pullback, inputs = jax.vjp(lambda f, pr: log_probs(f, pr, x_n), free, probes,
+                                      has_aux=True)
     log_p = jax.lax.stop_gradient(log_p)
     num_classes = log_p.shape[0]
     if kind == "exact":
@@ -171,20 +246,28 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     else:
       y = label if kind == "empirical" else jax.random.categorical(jax.random.fold_in(key, i), log_p)
       classes, weights = y[None], jnp.ones(1, jnp.float32)
-    return _weighted_squares(pullback, classes, weights, num_classes, class_chunk)
+    free_sq, delta_sq = _weighted_squares(pullback, classes, weights, num_classes, class_chunk)
+    outer = {k.path: (jnp.square(jnp.transpose(inputs[k.path], k.input_axes).astype(jnp.float32)).ravel(),
+                      jnp.transpose(delta_sq[k.path], k.output_axes).ravel()) for k in rank_one}
+    return free_sq, outer
 
   def chunk_sum(acc, chunk):
     x_c, labels_c, index_c, mask_c = chunk
-    per_example = jax.vmap(example)(x_c, labels_c, index_c)
+    free_sq, outer = jax.vmap(example)(x_c, labels_c, index_c)
+    weight = mask_c.astype(jnp.float32)
     # A dot over the examples: XLA:CPU reduces a leading axis far slower.
-    return jax.tree.map(
+    free_acc = jax.tree.map(
         lambda a, f: a + jnp.tensordot(
-            mask_c.astype(jnp.float32), jnp.where(mask_c.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0),
+            weight, jnp.where(mask_c.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0),
             axes=1, precision=jax.lax.Precision.HIGHEST),
-        acc, per_example), None
+        acc[0], free_sq)
+    outer_acc = {path: a + jnp.dot((xs * weight[:, None]).T, jnp.where(mask_c[:, None], ds, 0.0),
+                                   precision=jax.lax.Precision.HIGHEST)
+                 for path, a, (xs, ds) in ((p, acc[1][p], outer[p]) for p in acc[1])}
+    return (free_acc, outer_acc), None
 
   n = x.shape[0]
-  size = _chunk_size(example_chunk, n, params, class_chunk)
+  size = _chunk_size(example_chunk, n, free, rank_one, class_chunk)
   steps = -(-n // size)
   pad = steps * size - n  # padding repeats the last example, masked out
 
@@ -192,30 +275,42 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
     return a.reshape(steps, size, *a.shape[1:])
 
-  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  shapes = {path: jnp.shape(by_path[path[len(prefix):]]) for path in (k.path for k in rank_one)}
+  zero = (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), free),
+          {k.path: jnp.zeros((math.prod(shapes[k.path][a] for a in k.layout[:k.contracted]),
+                              math.prod(shapes[k.path][a] for a in k.layout[k.contracted:])), jnp.float32)
+           for k in rank_one})
   mask = jnp.concatenate([mask, jnp.zeros(pad, bool)]) if pad else mask
-  sums, _ = jax.lax.scan(chunk_sum, zero, (chunks(x), chunks(labels), chunks(index),
-                                           mask.reshape(steps, size)))
-  return _full_tree(variables, sums)
+  (free_sums, outer_sums), _ = jax.lax.scan(
+      chunk_sum, zero, (chunks(x), chunks(labels), chunks(index), mask.reshape(steps, size)))
+  kernel_sums = {}
+  for k in rank_one:
+    shape = shapes[k.path]
+    laid_out = outer_sums[k.path].reshape([shape[a] for a in k.layout])
+    kernel_sums[k.path[len(prefix):]] = jnp.transpose(laid_out, np.argsort(k.layout))
+  return _full_tree(variables, tree.replace_leaves(params, {**free_sums, **kernel_sums}))
 
 
-# The default example chunk off CPU: per-example gradients of at most this many floats at once.
-_CHUNK_FLOATS = 2**28
+# The default example chunk: per-example squares of at most this many floats at once.
+_CHUNK_FLOATS = {"cpu": 2**20}
+_CHUNK_FLOATS_ACCELERATOR = 2**28
 
 
-def _chunk_size(example_chunk: int | None, batch: int, params: PyTree, class_chunk: int) -> int:
+def _chunk_size(example_chunk: int | None, batch: int, free: PyTree,
+                rank_one: tuple[_RankOneKernel, ...], class_chunk: int) -> int:
   """Examples whose gradients are vmapped together (the batch is scanned in chunks).
 
-  None picks 1 on CPU, where XLA runs one example's products about as fast as
-  a batch's and a larger chunk only costs memory traffic; elsewhere as many as
-  keep `chunk * class_chunk * num_params` under 2^28 floats (1 GiB).
+  None picks as many as keep the chunk's per-example squares (`class_chunk`
+  gradients of the leaves not factored, and the inputs and output cotangents
+  of the rank-one kernels) under 2^20 floats (4 MiB) on CPU, where larger
+  working sets leave the caches and vmapped convolution gradients run slowly,
+  and under 2^28 (1 GiB) elsewhere.
   """
   if example_chunk is None:
-    if jax.default_backend() == "cpu":
-      example_chunk = 1
-    else:
-      num_params = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
-      example_chunk = max(1, _CHUNK_FLOATS // max(1, class_chunk * num_params))
+    per_example = class_chunk * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(free))
+    per_example += sum((class_chunk + 1) * math.prod(k.output_shape) for k in rank_one)
+    limit = _CHUNK_FLOATS.get(jax.default_backend(), _CHUNK_FLOATS_ACCELERATOR)
+    example_chunk = max(1, limit // max(1, per_example))
   return max(1, min(example_chunk, batch))
 
 

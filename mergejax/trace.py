@@ -543,14 +543,57 @@ def kernel_uses(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[t
   """
 
   def run(variables: PyTree, *args: Any):
-    closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *args)
-    provenance = _paths(variables) + [None] * len(jax.tree.leaves(args))
-    uses: dict[tuple[str, ...], list[KernelUse]] = {}
-    values = jax.tree.leaves(variables) + jax.tree.leaves(args)
-    outs = _evaluate(closed.jaxpr, closed.consts, values, provenance, uses)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), uses
+    out, record = _run(apply_fn, variables, args, {})
+    return out, record.uses
 
   return run
+
+
+def probed_kernel_uses(
+    apply_fn: Callable[..., Any],
+) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]], frozenset[tuple[str, ...]]]]:
+  """`kernel_uses` with a probe added to each use's output, for its cotangent.
+
+      fn = probed_kernel_uses(apply_fn)
+      probes = {path: [jnp.zeros_like(u.output) for u in uses] for path, uses in ...}
+      out, pullback = jax.vjp(lambda pr: fn(variables, pr, x)[0], probes)
+      pullback(out_bar)[0][path][i]  # d out / d (output of the kernel's use i)
+
+  The probes are zeros, so the function's value is unchanged; their gradient
+  is the cotangent at each kernel use's output (the `delta` of a layer), from
+  which per-example kernel gradients factorise (`mj.fisher`).
+
+  Returns:
+    `(variables, probes, *args) -> (out, uses, other_reads)`: `probes[path][i]`
+    is added to the output of use i of the kernel at `path` (paths missing
+    from `probes` get none); `other_reads` holds the paths of variables read
+    other than as a kernel (by an elementwise op, as both operands of a
+    product, or returned), whose gradient the kernel uses alone do not give.
+  """
+
+  def run(variables: PyTree, probes: Mapping[tuple[str, ...], Sequence[Any]], *args: Any):
+    out, record = _run(apply_fn, variables, args, probes)
+    return out, record.uses, frozenset(record.other_reads)
+
+  return run
+
+
+class _Record:
+  """What `_evaluate` records: kernel uses, other reads of variables, probes."""
+
+  def __init__(self, probes: Mapping[tuple[str, ...], Sequence[Any]]):
+    self.uses: dict[tuple[str, ...], list[KernelUse]] = {}
+    self.other_reads: set[tuple[str, ...]] = set()
+    self.probes = probes
+
+
+def _run(apply_fn, variables: PyTree, args: tuple, probes) -> tuple[Any, _Record]:
+  closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *args)
+  provenance = _paths(variables) + [None] * len(jax.tree.leaves(args))
+  record = _Record(probes)
+  values = jax.tree.leaves(variables) + jax.tree.leaves(args)
+  outs = _evaluate(closed.jaxpr, closed.consts, values, provenance, record)
+  return jax.tree.unflatten(jax.tree.structure(out_shape), outs), record
 
 
 _PASS_THROUGH = frozenset(["convert_element_type", "copy", "copy_p"])
@@ -575,7 +618,7 @@ def _kernel_axes(eqn, kernel_is_lhs: bool) -> tuple[tuple, tuple]:
   return contracted, out
 
 
-def _evaluate(jaxpr, consts, args, provenance, uses) -> list:
+def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
   """Evaluates a jaxpr, recording kernels' uses; recurses into calls."""
   env, origin = {}, {}
   env.update(zip(jaxpr.constvars, consts))
@@ -589,23 +632,34 @@ def _evaluate(jaxpr, consts, args, provenance, uses) -> list:
     values = [read(v) for v in eqn.invars]
     sources = [None if isinstance(v, jex_core.Literal) else origin.get(v) for v in eqn.invars]
     name = eqn.primitive.name
-    if name in CALLS and CALLS[name] in eqn.params:
+    if name in CALLS and CALLS[name] in eqn.params and any(sources):
+      # Interpreted inside only where variables flow in: elsewhere the call is
+      # bound as it is, so custom derivative rules (relu's at 0) still hold.
       inner = eqn.params[CALLS[name]]
       inner_jaxpr = getattr(inner, "jaxpr", inner)
       n = len(inner_jaxpr.invars)
-      outs = _evaluate(inner_jaxpr, getattr(inner, "consts", []), values[-n:], sources[-n:], uses)
+      record.other_reads.update(s for s in sources[:-n] if s)
+      outs = _evaluate(inner_jaxpr, getattr(inner, "consts", []), values[-n:], sources[-n:], record)
+      env.update(zip(eqn.outvars, outs))
+      continue
+    with eqn.ctx.manager:
+      outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    kernel_is_lhs = name == "dot_general" and bool(sources[0])
+    if (name == "dot_general" and bool(sources[0]) != bool(sources[1])) or (
+        name == "conv_general_dilated" and sources[1] and not sources[0]):
+      contracted, produced = _kernel_axes(eqn, kernel_is_lhs)
+      kernel = sources[0] if kernel_is_lhs else sources[1]
+      data = values[1] if kernel_is_lhs else values[0]
+      kernel_uses_ = record.uses.setdefault(kernel, [])
+      if kernel in record.probes:
+        outs[0] = outs[0] + record.probes[kernel][len(kernel_uses_)]
+      kernel_uses_.append(KernelUse(data, outs[0], contracted, produced, name, dict(eqn.params)))
+    elif name in _PASS_THROUGH and sources[0]:
+      origin[eqn.outvars[0]] = sources[0]
     else:
-      with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-      outs = outs if eqn.primitive.multiple_results else [outs]
-      kernel_is_lhs = name == "dot_general" and bool(sources[0])
-      if (name == "dot_general" and bool(sources[0]) != bool(sources[1])) or (
-          name == "conv_general_dilated" and sources[1] and not sources[0]):
-        contracted, produced = _kernel_axes(eqn, kernel_is_lhs)
-        kernel = sources[0] if kernel_is_lhs else sources[1]
-        data = values[1] if kernel_is_lhs else values[0]
-        uses.setdefault(kernel, []).append(KernelUse(data, outs[0], contracted, produced, name, dict(eqn.params)))
-      if name in _PASS_THROUGH and sources[0]:
-        origin[eqn.outvars[0]] = sources[0]
+      record.other_reads.update(s for s in sources if s)
     env.update(zip(eqn.outvars, outs))
+  record.other_reads.update(origin[v] for v in jaxpr.outvars
+                            if not isinstance(v, jex_core.Literal) and origin.get(v))
   return [read(v) for v in jaxpr.outvars]

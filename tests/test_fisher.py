@@ -1,5 +1,7 @@
 """Tests for mergejax.fisher: NumPy references, 1 vs 8 devices, invariances, errors."""
 
+import importlib
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -230,6 +232,55 @@ def test_batchnorm_zoo_model_has_finite_fisher_and_zero_for_running_statistics()
                          jacobian(variables["params"], example))
     want = jax.tree.map(np.add, want, terms)
   _assert_close(got["params"], want, rtol=1e-4, atol=1e-7)
+
+
+def _sequence_model(v, x):  # x: [batch, tokens, d]; the kernel reads several rows per example
+  return jnp.mean(jax.nn.relu(x @ v["w"]), axis=1) @ v["head"]
+
+
+def _tied_model(v, x):  # the same kernel used twice
+  return jnp.tanh(jnp.tanh(x @ v["w"]) @ v["w"]) @ v["head"]
+
+
+def _kernel_read_elsewhere(v, x):  # the head kernel also enters elementwise
+  return jnp.tanh(x @ v["w"]) @ v["head"] + jnp.sum(v["head"], axis=0)
+
+
+@pytest.mark.parametrize("logits_fn, x_shape", [
+    (_sequence_model, (7, 3, 4)), (_tied_model, (7, 4)), (_kernel_read_elsewhere, (7, 4))])
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_kernels_that_do_not_factorise_match_per_example_jacobians(logits_fn, x_shape, kind):
+  rng = np.random.default_rng(1)
+  variables = {"w": rng.standard_normal((4, 4)).astype(np.float32),
+               "head": rng.standard_normal((4, CLASSES)).astype(np.float32)}
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  y = rng.integers(0, CLASSES, x_shape[0]).astype(np.int32)
+  got = jax.jit(mj.fisher_transform(logits_fn, kind=kind, example_chunk=3))(variables, (x, y))
+
+  def log_probs(v, example):
+    return jax.nn.log_softmax(logits_fn(v, example[None])[0])
+
+  want = jax.tree.map(np.zeros_like, variables)
+  for example, label in zip(x, y):
+    p = np.exp(log_probs(variables, example))
+    weights = p if kind == "exact" else np.eye(CLASSES)[label]
+    jacobian = jax.jacrev(log_probs)(variables, example)
+    want = jax.tree.map(lambda w, j: w + np.einsum("c,c...->...", weights, np.square(j)) / len(x),
+                        want, jacobian)
+  _assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_kernels_on_flat_inputs_take_the_factored_path():
+  """Their per-example gradients are never formed (the matrix-product form)."""
+  variables, x, _ = _data(n=4)
+  fisher_module = importlib.import_module("mergejax.fisher")
+  found = fisher_module._rank_one_kernels(_mlp, _mlp_variables(0), x[:1],
+                                          {("w1",), ("b1",), ("w2",), ("b2",)})
+  assert {k.path for k in found} == {("w1",), ("w2",)}
+  found = fisher_module._rank_one_kernels(_tied_model, {"w": np.eye(4, dtype=np.float32),
+                                                        "head": np.ones((4, CLASSES), np.float32)},
+                                          x[:1], {("w",), ("head",)})
+  assert {k.path for k in found} == {("head",)}
 
 
 def test_bad_arguments_are_refused_before_any_work():

@@ -357,6 +357,30 @@ def test_capture_of_a_shared_kernel_is_a_tuple_in_call_order():
   np.testing.assert_array_equal(second, 2 * x)
 
 
+def test_probe_gradients_are_the_cotangents_at_each_kernel_use():
+  rng = np.random.default_rng(0)
+  w1, w2 = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
+  x = rng.standard_normal((5, 4)).astype(np.float32)
+  x[0] = 0  # relu's input exactly 0: its custom derivative (0 there) must hold
+
+  def fn(p, x):
+    return jax.nn.relu(x @ p["w1"]) @ p["w2"] + jnp.sum(p["w2"])
+
+  probed = trace.probed_kernel_uses(fn)
+  variables = {"w1": w1, "w2": w2}
+  probes = {("w1",): [np.zeros((5, 3), np.float32)]}
+  out_bar = rng.standard_normal((5, 2)).astype(np.float32)
+  out, pullback = jax.vjp(lambda v, pr: probed(v, pr, x)[0], variables, probes)
+  np.testing.assert_allclose(out, fn(variables, x), rtol=1e-6)
+  grads, probe_grads = pullback(out_bar)
+  want = jax.vjp(fn, variables, x)[1](out_bar)[0]
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), grads, want)
+  hidden_bar = jax.vjp(lambda h: jax.nn.relu(h) @ w2, x @ w1)[1](out_bar)[0]
+  np.testing.assert_allclose(probe_grads[("w1",)][0], hidden_bar, rtol=1e-5, atol=1e-6)
+  _, uses, other_reads = probed(variables, probes, x)
+  assert set(uses) == {("w1",), ("w2",)} and other_reads == {("w2",)}
+
+
 def test_linen_module_with_submodule_sharing_is_sound():
   class Tied(nn.Module):
 
