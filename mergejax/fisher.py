@@ -116,24 +116,23 @@ def _full_tree(variables: PyTree, params_fisher: PyTree) -> PyTree:
 
 
 def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_classes: int,
-                      class_chunk: int) -> PyTree:
-  """sum_k weights[k] (pullback of e_{classes[k]})^2: one example's Fisher term.
+                      class_chunk: int, squares: Callable[[Any], PyTree]) -> PyTree:
+  """sum_k weights[k] squares(pullback of e_{classes[k]}): one example's Fisher terms.
 
   Args:
-    pullback: the VJP of one example's log-probabilities f32[num_classes];
-      the result is a tree of its cotangents.
+    pullback: the VJP of one example's log-probabilities f32[num_classes].
     classes: i32[k], the classes whose gradients count.
     weights: f32[k], their weights.
     num_classes: the length of the log-probabilities.
     class_chunk: classes pulled back together; more than that take a scan.
+    squares: one class's cotangents -> the tree of its squared terms.
   """
 
   def chunk_sum(chunk_classes, chunk_weights):
-    grads = jax.vmap(lambda c: pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32)))(
+    terms = jax.vmap(lambda c: squares(pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32))))(
         chunk_classes)
     return jax.tree.map(
-        lambda g: jnp.tensordot(chunk_weights, jnp.square(g.astype(jnp.float32)), axes=1,
-                                precision=jax.lax.Precision.HIGHEST), grads)
+        lambda t: jnp.tensordot(chunk_weights, t, axes=1, precision=jax.lax.Precision.HIGHEST), terms)
 
   k = classes.shape[0]
   if k <= class_chunk:
@@ -148,62 +147,176 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   return total
 
 
-class _RankOneKernel(NamedTuple):
-  """A kernel whose per-example gradient is an outer product `x (x) delta`.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
-  A kernel used once, by a `dot_general` without batch dimensions whose input
-  has a single row per example (a Dense layer on a flat input): its squared
-  per-example gradient is `x^2 (x) delta^2`, so the Fisher sums to one matrix
-  product `(x^2)^T (sum_y q(y) delta_y^2)` over the examples and never holds
-  a per-example gradient.
+
+class _OuterKernel(NamedTuple):
+  """A Dense kernel on one row per example: its per-example gradient is `x (x) delta`.
+
+  A `dot_general` without batch dimensions whose input has a single row per
+  example: the squared per-example gradient is `x^2 (x) delta^2`, so the
+  Fisher sums to one matrix product `(x^2)^T (sum_y q(y) delta_y^2)` over the
+  examples and never holds a per-example gradient.
 
   Attributes:
     path: the kernel's path in the variables.
-    input_axes: the input's axes in the order of the kernel's contracted axes,
-      then its free axes (all of size 1).
-    output_axes: the output's axes in the order of the kernel's free axes,
-      then the others (all of size 1).
-    output_shape: one example's output shape.
-    layout: the kernel's axes in the order (contracted..., free...), to be
-      put back with its inverse.
+    shape: the kernel's shape.
+    output_shape: one example's output shape (its probe's).
+    input_axes: the input's axes, those the kernel contracts first (in the
+      kernel's order), then the others (all of size 1).
+    output_axes: the output's axes, the kernel's free axes first, then the
+      others (all of size 1).
+    layout: the kernel's axes in the order (contracted..., free...).
     contracted: the number of the kernel's contracted axes.
   """
 
   path: tuple[str, ...]
+  shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
   input_axes: tuple[int, ...]
   output_axes: tuple[int, ...]
-  output_shape: tuple[int, ...]
   layout: tuple[int, ...]
   contracted: int
 
+  def _sizes(self) -> tuple[int, int]:
+    inner = math.prod(self.shape[a] for a in self.layout[:self.contracted])
+    return inner, math.prod(self.shape) // inner
 
-def _rank_one_kernels(logits_fn: LogitsFn, variables: PyTree, x_one: jax.Array,
-                      params_paths: set[tuple[str, ...]]) -> tuple[_RankOneKernel, ...]:
-  """The kernels among `params_paths` whose per-example gradient is rank one."""
+  def floats(self, pulled: int) -> int:
+    """Floats held per example while `pulled` classes are pulled back."""
+    return self._sizes()[0] + pulled * self._sizes()[1]
+
+  def class_term(self, x: jax.Array, delta: jax.Array) -> jax.Array:
+    del x
+    return jnp.square(jnp.transpose(delta, self.output_axes).astype(jnp.float32)).ravel()
+
+  def example_term(self, x: jax.Array, class_sum: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.square(jnp.transpose(x, self.input_axes).astype(jnp.float32)).ravel(), class_sum
+
+  def zero(self) -> jax.Array:
+    return jnp.zeros(self._sizes(), jnp.float32)
+
+  def chunk_sum(self, weight: jax.Array, terms: tuple[jax.Array, jax.Array]) -> jax.Array:
+    x_sq, delta_sq = terms  # f32[chunk, inner], f32[chunk, outer]
+    return jnp.dot((x_sq * weight[:, None]).T, delta_sq, precision=_HIGHEST)
+
+  def kernel(self, total: jax.Array) -> jax.Array:
+    laid_out = total.reshape([self.shape[a] for a in self.layout])
+    return jnp.transpose(laid_out, np.argsort(self.layout))
+
+
+class _PatchKernel(NamedTuple):
+  """A convolution kernel (no feature groups): per-example gradient `patches^T delta`.
+
+  Each example's gradient is a matrix product of its input patches and its
+  output cotangent, batched over examples and classes: never the grouped
+  convolution that vmapping a convolution's kernel gradient over examples
+  becomes.
+
+  Attributes:
+    path: the kernel's path in the variables.
+    shape: the kernel's shape.
+    output_shape: one example's output shape (its probe's).
+    conv: the convolution's window_strides, padding, lhs_dilation and
+      rhs_dilation.
+    specs: its dimension numbers (lhs_spec, rhs_spec, out_spec), as axis
+      indices.
+  """
+
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  conv: tuple[tuple[Any, ...], ...]
+  specs: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+  def floats(self, pulled: int) -> int:
+    """Floats held per example while `pulled` classes are pulled back."""
+    out = self.shape[self.specs[1][0]]
+    window = math.prod(self.shape) // out  # input features x window
+    return pulled * math.prod(self.shape) + window * math.prod(self.output_shape) // out
+
+  def class_term(self, x: jax.Array, delta: jax.Array) -> jax.Array:
+    lhs_spec, rhs_spec, out_spec = self.specs
+    strides, padding, lhs_dilation, rhs_dilation = self.conv
+    patches = jax.lax.conv_general_dilated_patches(  # f32[1, C * window, positions...]
+        jnp.transpose(x, lhs_spec).astype(jnp.float32), [self.shape[a] for a in rhs_spec[2:]],
+        strides, padding, lhs_dilation, rhs_dilation, precision=_HIGHEST)
+    patches = patches.reshape(patches.shape[1], -1)
+    delta = jnp.transpose(delta, out_spec).astype(jnp.float32)
+    grad = jnp.dot(patches, delta.reshape(delta.shape[1], -1).T, precision=_HIGHEST)
+    return jnp.square(grad)  # f32[C * window, O]
+
+  def example_term(self, x: jax.Array, class_sum: jax.Array) -> jax.Array:
+    del x
+    return class_sum
+
+  def zero(self) -> jax.Array:
+    out = self.shape[self.specs[1][0]]
+    return jnp.zeros((math.prod(self.shape) // out, out), jnp.float32)
+
+  def chunk_sum(self, weight: jax.Array, terms: jax.Array) -> jax.Array:
+    return jnp.tensordot(weight, terms, axes=1, precision=_HIGHEST)
+
+  def kernel(self, total: jax.Array) -> jax.Array:
+    rhs_spec = self.specs[1]
+    # Rows run over (input feature, window...) in rhs_spec order: kernel axes
+    # rhs_spec[1], rhs_spec[2:], then the output feature rhs_spec[0].
+    laid_out = total.reshape([self.shape[a] for a in (*rhs_spec[1:], rhs_spec[0])])
+    return jnp.transpose(laid_out, np.argsort((*rhs_spec[1:], rhs_spec[0])))
+
+
+_ProbedKernel = _OuterKernel | _PatchKernel
+
+
+def _probed_kernels(logits_fn: LogitsFn, variables: PyTree, x_one: jax.Array,
+                    shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> tuple[_ProbedKernel, ...]:
+  """The kernels among `shapes` (path -> shape) whose squared gradients factorise.
+
+  A kernel qualifies when it is used once and read nowhere else, by a
+  `dot_general` on one row per example (`_OuterKernel`) or by a convolution
+  without feature or batch groups (`_PatchKernel`).
+  """
   found = []
 
   def run(v, x):
     out, uses, other_reads = trace.probed_kernel_uses(logits_fn)(v, {}, x)
     for path, path_uses in uses.items():
-      if path not in params_paths or path in other_reads or len(path_uses) != 1:
+      if path not in shapes or path in other_reads or len(path_uses) != 1:
         continue
       use, = path_uses
-      if use.primitive != "dot_general" or use.params["dimension_numbers"][1][0]:
-        continue
-      contracted = [a for a, _ in use.input_axes]
-      rest_in = [a for a in range(use.input.ndim) if a not in contracted]
-      if any(use.input.shape[a] != 1 for a in rest_in):
-        continue
-      produced = [a for a, _ in use.output_axes]
-      rest_out = [a for a in range(use.output.ndim) if a not in produced]
-      found.append(_RankOneKernel(
-          path, tuple(contracted + rest_in), tuple(produced + rest_out), tuple(use.output.shape),
-          tuple(k for _, k in use.input_axes) + tuple(k for _, k in use.output_axes),
-          len(contracted)))
+      kernel = _outer_kernel(path, shapes[path], use) or _patch_kernel(path, shapes[path], use)
+      if kernel is not None:
+        found.append(kernel)
     return out
 
   jax.eval_shape(run, variables, x_one)
   return tuple(found)
+
+
+def _outer_kernel(path, shape, use: trace.KernelUse) -> _OuterKernel | None:
+  if use.primitive != "dot_general" or use.params["dimension_numbers"][1][0]:
+    return None
+  contracted = [a for a, _ in use.input_axes]
+  rest_in = [a for a in range(use.input.ndim) if a not in contracted]
+  if any(use.input.shape[a] != 1 for a in rest_in):
+    return None
+  produced = [a for a, _ in use.output_axes]
+  rest_out = [a for a in range(use.output.ndim) if a not in produced]
+  layout = tuple(k for _, k in use.input_axes) + tuple(k for _, k in use.output_axes)
+  return _OuterKernel(path, tuple(shape), tuple(use.output.shape), tuple(contracted + rest_in),
+                      tuple(produced + rest_out), layout, len(contracted))
+
+
+def _patch_kernel(path, shape, use: trace.KernelUse) -> _PatchKernel | None:
+  p = use.params
+  if (use.primitive != "conv_general_dilated" or p["feature_group_count"] != 1
+      or p["batch_group_count"] != 1):
+    return None
+  dn = p["dimension_numbers"]
+  conv = (tuple(p["window_strides"]), tuple(map(tuple, p["padding"])), tuple(p["lhs_dilation"]),
+          tuple(p["rhs_dilation"]))
+  return _PatchKernel(path, tuple(shape), tuple(use.output.shape), conv,
+                      (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)))
 
 
 def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: int | None,
@@ -211,9 +324,9 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
                mask: jax.Array) -> PyTree:
   """sum over the batch's real examples of each one's Fisher, shaped like `variables`.
 
-  Rank-one kernels (`_RankOneKernel`) are summed as matrix products of their
-  inputs' and output cotangents' squares; every other differentiated leaf
-  from its per-example gradients.
+  Kernels whose squared gradients factorise (`_probed_kernels`) are summed
+  from their inputs and the cotangents at their outputs (probes); every other
+  differentiated leaf from its per-example gradient.
 
   Args:
     x: f32[batch, ...], the inputs.
@@ -224,19 +337,20 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
   params, rebuild = _differentiated(variables)
   prefix = ("params",) if params is not variables else ()
   by_path = tree.leaves_by_path(params)
-  rank_one = _rank_one_kernels(logits_fn, variables, x[:1], {prefix + p for p in by_path})
-  factored = {k.path[len(prefix):] for k in rank_one}
-  free = {p: v for p, v in by_path.items() if p not in factored}
+  kernels = _probed_kernels(logits_fn, variables, x[:1],
+                            {prefix + p: jnp.shape(v) for p, v in by_path.items()})
+  probed = {k.path[len(prefix):] for k in kernels}
+  free = {p: v for p, v in by_path.items() if p not in probed}
   apply = trace.probed_kernel_uses(logits_fn)
 
   def log_probs(free_leaves, probes, x_n):
     v = rebuild(tree.replace_leaves(params, free_leaves))
-    logits, uses, _ = apply(v, {k.path: [probes[k.path]] for k in rank_one}, x_n[None])
-    inputs = {k.path: uses[k.path][0].input for k in rank_one}
+    logits, uses, _ = apply(v, {k.path: [probes[k.path]] for k in kernels}, x_n[None])
+    inputs = {k.path: uses[k.path][0].input for k in kernels}
     return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0]), inputs
 
   def example(x_n, label, i):
-    probes = {k.path: jnp.zeros(k.output_shape, jnp.float32) for k in rank_one}
+    probes = {k.path: jnp.zeros(k.output_shape, jnp.float32) for k in kernels}
     log_p, pullback, inputs = jax.vjp(lambda f, pr: log_probs(f, pr, x_n), free, probes,
                                       has_aux=True)
     log_p = jax.lax.stop_gradient(log_p)
@@ -246,28 +360,33 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     else:
       y = label if kind == "empirical" else jax.random.categorical(jax.random.fold_in(key, i), log_p)
       classes, weights = y[None], jnp.ones(1, jnp.float32)
-    free_sq, delta_sq = _weighted_squares(pullback, classes, weights, num_classes, class_chunk)
-    outer = {k.path: (jnp.square(jnp.transpose(inputs[k.path], k.input_axes).astype(jnp.float32)).ravel(),
-                      jnp.transpose(delta_sq[k.path], k.output_axes).ravel()) for k in rank_one}
-    return free_sq, outer
+
+    def squares(cotangents):
+      grads, deltas = cotangents
+      return (jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads),
+              {k.path: k.class_term(inputs[k.path], deltas[k.path]) for k in kernels})
+
+    free_sq, class_sums = _weighted_squares(pullback, classes, weights, num_classes, class_chunk,
+                                            squares)
+    return free_sq, {k.path: k.example_term(inputs[k.path], class_sums[k.path]) for k in kernels}
 
   def chunk_sum(acc, chunk):
     x_c, labels_c, index_c, mask_c = chunk
-    free_sq, outer = jax.vmap(example)(x_c, labels_c, index_c)
+    free_sq, terms = jax.vmap(example)(x_c, labels_c, index_c)
     weight = mask_c.astype(jnp.float32)
     # A dot over the examples: XLA:CPU reduces a leading axis far slower.
     free_acc = jax.tree.map(
         lambda a, f: a + jnp.tensordot(
             weight, jnp.where(mask_c.reshape(-1, *[1] * (f.ndim - 1)), f, 0.0),
-            axes=1, precision=jax.lax.Precision.HIGHEST),
+            axes=1, precision=_HIGHEST),
         acc[0], free_sq)
-    outer_acc = {path: a + jnp.dot((xs * weight[:, None]).T, jnp.where(mask_c[:, None], ds, 0.0),
-                                   precision=jax.lax.Precision.HIGHEST)
-                 for path, a, (xs, ds) in ((p, acc[1][p], outer[p]) for p in acc[1])}
-    return (free_acc, outer_acc), None
+    kernel_acc = {k.path: acc[1][k.path] + k.chunk_sum(weight, terms[k.path]) for k in kernels}
+    return (free_acc, kernel_acc), None
 
   n = x.shape[0]
-  size = _chunk_size(example_chunk, n, free, rank_one, class_chunk)
+  num_classes = jax.eval_shape(logits_fn, variables, x[:1]).shape[1]
+  pulled = min(class_chunk, num_classes) if kind == "exact" else 1
+  size = _chunk_size(example_chunk, n, free, kernels, pulled)
   steps = -(-n // size)
   pad = steps * size - n  # padding repeats the last example, masked out
 
@@ -275,19 +394,12 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
     return a.reshape(steps, size, *a.shape[1:])
 
-  shapes = {path: jnp.shape(by_path[path[len(prefix):]]) for path in (k.path for k in rank_one)}
   zero = (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), free),
-          {k.path: jnp.zeros((math.prod(shapes[k.path][a] for a in k.layout[:k.contracted]),
-                              math.prod(shapes[k.path][a] for a in k.layout[k.contracted:])), jnp.float32)
-           for k in rank_one})
+          {k.path: k.zero() for k in kernels})
   mask = jnp.concatenate([mask, jnp.zeros(pad, bool)]) if pad else mask
-  (free_sums, outer_sums), _ = jax.lax.scan(
+  (free_sums, kernel_sums), _ = jax.lax.scan(
       chunk_sum, zero, (chunks(x), chunks(labels), chunks(index), mask.reshape(steps, size)))
-  kernel_sums = {}
-  for k in rank_one:
-    shape = shapes[k.path]
-    laid_out = outer_sums[k.path].reshape([shape[a] for a in k.layout])
-    kernel_sums[k.path[len(prefix):]] = jnp.transpose(laid_out, np.argsort(k.layout))
+  kernel_sums = {k.path[len(prefix):]: k.kernel(kernel_sums[k.path]) for k in kernels}
   return _full_tree(variables, tree.replace_leaves(params, {**free_sums, **kernel_sums}))
 
 
@@ -297,18 +409,17 @@ _CHUNK_FLOATS_ACCELERATOR = 2**28
 
 
 def _chunk_size(example_chunk: int | None, batch: int, free: PyTree,
-                rank_one: tuple[_RankOneKernel, ...], class_chunk: int) -> int:
+                kernels: tuple[_ProbedKernel, ...], pulled: int) -> int:
   """Examples whose gradients are vmapped together (the batch is scanned in chunks).
 
-  None picks as many as keep the chunk's per-example squares (`class_chunk`
-  gradients of the leaves not factored, and the inputs and output cotangents
-  of the rank-one kernels) under 2^20 floats (4 MiB) on CPU, where larger
-  working sets leave the caches and vmapped convolution gradients run slowly,
-  and under 2^28 (1 GiB) elsewhere.
+  None picks as many as keep a chunk's per-example terms (the gradients of the
+  leaves not probed and the probed kernels' terms, for the `pulled` classes
+  pulled back together) under 2^20 floats (4 MiB) on CPU, where larger
+  working sets leave the caches, and under 2^28 (1 GiB) elsewhere.
   """
   if example_chunk is None:
-    per_example = class_chunk * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(free))
-    per_example += sum((class_chunk + 1) * math.prod(k.output_shape) for k in rank_one)
+    per_example = pulled * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(free))
+    per_example += sum(k.floats(pulled) for k in kernels)
     limit = _CHUNK_FLOATS.get(jax.default_backend(), _CHUNK_FLOATS_ACCELERATOR)
     example_chunk = max(1, limit // max(1, per_example))
   return max(1, min(example_chunk, batch))

@@ -246,13 +246,32 @@ def _kernel_read_elsewhere(v, x):  # the head kernel also enters elementwise
   return jnp.tanh(x @ v["w"]) @ v["head"] + jnp.sum(v["head"], axis=0)
 
 
-@pytest.mark.parametrize("logits_fn, x_shape", [
-    (_sequence_model, (7, 3, 4)), (_tied_model, (7, 4)), (_kernel_read_elsewhere, (7, 4))])
+def _conv_model(v, x, groups=1):  # x: [batch, 4, 5, 6] (NCHW); strided, padded, dilated
+  h = jax.lax.conv_general_dilated(x, v["conv"], (2, 1), ((1, 2), (0, 1)), rhs_dilation=(1, 2),
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                   feature_group_count=groups)
+  return jnp.mean(jnp.tanh(h), axis=(2, 3)) @ v["head"]
+
+
+def _grouped_conv_model(v, x):
+  return _conv_model(v, x, groups=2)
+
+
+_MODELS = {  # logits_fn, input shape, variables' shapes
+    "sequence": (_sequence_model, (7, 3, 4), {"w": (4, 4), "head": (4, CLASSES)}),
+    "tied": (_tied_model, (7, 4), {"w": (4, 4), "head": (4, CLASSES)}),
+    "read elsewhere": (_kernel_read_elsewhere, (7, 4), {"w": (4, 4), "head": (4, CLASSES)}),
+    "conv": (_conv_model, (7, 4, 5, 6), {"conv": (6, 4, 2, 3), "head": (6, CLASSES)}),
+    "grouped conv": (_grouped_conv_model, (7, 4, 5, 6), {"conv": (6, 2, 2, 3), "head": (6, CLASSES)}),
+}
+
+
+@pytest.mark.parametrize("model", list(_MODELS))
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
-def test_kernels_that_do_not_factorise_match_per_example_jacobians(logits_fn, x_shape, kind):
+def test_every_kind_of_kernel_matches_per_example_jacobians(model, kind):
+  logits_fn, x_shape, shapes = _MODELS[model]
   rng = np.random.default_rng(1)
-  variables = {"w": rng.standard_normal((4, 4)).astype(np.float32),
-               "head": rng.standard_normal((4, CLASSES)).astype(np.float32)}
+  variables = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
   x = rng.standard_normal(x_shape).astype(np.float32)
   y = rng.integers(0, CLASSES, x_shape[0]).astype(np.int32)
   got = jax.jit(mj.fisher_transform(logits_fn, kind=kind, example_chunk=3))(variables, (x, y))
@@ -270,17 +289,18 @@ def test_kernels_that_do_not_factorise_match_per_example_jacobians(logits_fn, x_
   _assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_kernels_on_flat_inputs_take_the_factored_path():
-  """Their per-example gradients are never formed (the matrix-product form)."""
-  variables, x, _ = _data(n=4)
+@pytest.mark.parametrize("model, factored", [
+    ("sequence", {"head": "outer"}), ("tied", {"head": "outer"}), ("read elsewhere", {"w": "outer"}),
+    ("conv", {"conv": "patch", "head": "outer"}), ("grouped conv", {"head": "outer"})])
+def test_kernels_that_factorise_are_found(model, factored):
+  """Dense kernels on flat inputs and ungrouped convolutions: no per-example gradients."""
+  logits_fn, x_shape, shapes = _MODELS[model]
   fisher_module = importlib.import_module("mergejax.fisher")
-  found = fisher_module._rank_one_kernels(_mlp, _mlp_variables(0), x[:1],
-                                          {("w1",), ("b1",), ("w2",), ("b2",)})
-  assert {k.path for k in found} == {("w1",), ("w2",)}
-  found = fisher_module._rank_one_kernels(_tied_model, {"w": np.eye(4, dtype=np.float32),
-                                                        "head": np.ones((4, CLASSES), np.float32)},
-                                          x[:1], {("w",), ("head",)})
-  assert {k.path for k in found} == {("head",)}
+  found = fisher_module._probed_kernels(logits_fn, {n: np.ones(s, np.float32) for n, s in shapes.items()},
+                                        np.ones((1, *x_shape[1:]), np.float32),
+                                        {(n,): s for n, s in shapes.items()})
+  kinds = {fisher_module._OuterKernel: "outer", fisher_module._PatchKernel: "patch"}
+  assert {k.path[0]: kinds[type(k)] for k in found} == factored
 
 
 def test_bad_arguments_are_refused_before_any_work():
