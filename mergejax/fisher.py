@@ -24,12 +24,23 @@ definitions):
 Each example takes one forward pass and one `jax.vjp`, vmapped over
 `example_chunk` examples at a time with a `lax.scan` over the chunks of a
 batch; the exact Fisher then pulls back its classes together, in chunks of
-`class_chunk` (another scan), so a device holds about `example_chunk *
-class_chunk * num_params` floats at a time whatever the batch size. There is
-no Python loop over examples or classes. By default (`example_chunk=None`)
-a chunk is 1 example on CPU, where XLA computes one example's small products
-about as fast as a batch's and larger chunks only add memory traffic, and
-elsewhere as many as keep the per-example gradients under 1 GiB.
+`class_chunk` (another scan). There is no Python loop over examples or
+classes. Kernels are not differentiated per example: probes at their outputs
+(`trace.probed_kernel_uses`) give each example's output cotangent `delta`,
+and
+
+  a Dense kernel on one row per example (per-example gradient `x (x) delta`)
+      sums to one matrix product `(x^2)^T (sum_y q(y) delta_y^2)` over the
+      batch, with no per-example gradient at all;
+  a convolution kernel without feature groups gets `patches^T delta`, a
+      matrix product batched over examples and classes;
+
+every other leaf (biases, norms, kernels used twice or read elsewhere) gets
+its per-example gradient from the VJP. By default (`example_chunk=None`) a
+chunk holds as many examples as keep these per-example terms under 4 MiB on
+CPU (larger working sets leave the caches) and under 1 GiB elsewhere
+(experiments/benchmarks/RESULTS.md has the speed against a per-example
+loop).
 
 `logits_fn` must run BatchNorm in eval mode (running statistics, `train=False`
 bound by the caller): in training mode an example's output would depend on the
@@ -587,8 +598,8 @@ def fisher(
     progress: log batches/s at most every 10 s.
     class_chunk: classes pulled back together by the exact Fisher.
     example_chunk: examples whose gradients are vmapped together (memory
-      about example_chunk * class_chunk * num_params floats per device);
-      None: 1 on CPU, elsewhere as many as fit in 1 GiB.
+      at most about example_chunk * class_chunk * num_params floats per
+      device); None: as many as fit in 4 MiB on CPU, 1 GiB elsewhere.
 
   Returns:
     The per-example mean Fisher, float32, shaped like `variables`.
