@@ -103,13 +103,6 @@ class _WeightCosts:
         by_path.setdefault(ref.path, []).append((g, ref))
     self.by_path = by_path
 
-  def neighbours(self, g: str) -> list[str]:
-    """The groups whose permutations g's cost reads (g itself if on two axes of a leaf)."""
-    found = set()
-    for ref in self.spec.groups[g]:
-      found.update(h for h, r in self.by_path[ref.path] if r != ref)
-    return [h for h in self.names if h in found]
-
   def cost(self, g: str, perm: Perm, a: dict, b: dict) -> jax.Array:
     """f32[n, n]: sum over g's axes of <A's unit i, B's unit j>, B's other axes permuted."""
     n = self.spec.sizes[g]
@@ -145,9 +138,7 @@ def weight_matching(
   objective rose by more than 1e-6 of it (Git Re-Basin's test, at float32
   resolution), when the total objective no longer grows by more than `tol`
   (relative), or after `max_sweeps`. The whole loop is one compiled program:
-  a sweep is a `fori_loop` over a `lax.switch` on groups. A group is solved
-  again only once a group its cost reads has moved (else its cost, and so its
-  assignment, are what they were), which saves most of the late sweeps' work.
+  a sweep is a `fori_loop` over a `lax.switch` on groups.
 
   Args:
     spec: the permutation groups (e.g. `permutation_spec(...)`).
@@ -211,58 +202,46 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
       total += jnp.vdot(jnp.asarray(leaf, jnp.float32), jnp.asarray(vb_p[path], jnp.float32))
     return total
 
-  def branch(i, g):
-    readers = jnp.asarray([g in costs.neighbours(h) for h in names])
-
-    def solve(args):
-      perm, a, b, stale = args
+  def branch(g):
+    def update(args):
+      perm, a, b = args
       c = costs.cost(g, perm, a, b)
       new = lap(c, maximize=True, method=lap_method).astype(jnp.int32)
       rows = jnp.arange(c.shape[0])
       old_score, new_score = c[rows, perm[g]].sum(), c[rows, new].sum()
       # Git Re-Basin's progress test: this group's own objective rose.
       improved = new_score > old_score + 1e-6 * jnp.abs(old_score)
-      stale = stale.at[i].set(False)
-      stale = jnp.where(readers & jnp.any(new != perm[g]), True, stale)
-      return {**perm, g: new}, improved, stale
-
-    def update(args):
-      # A group none of whose neighbours moved since it was solved has the
-      # same cost, so the same assignment: skipping it changes no result.
-      return jax.lax.cond(args[3][i], solve, lambda args: (args[0], jnp.bool_(False), args[3]), args)
-
+      return {**perm, g: new}, improved
     return update
 
-  branches = [branch(i, g) for i, g in enumerate(names)]
+  branches = [branch(g) for g in names]
 
   @jax.jit
   def run(key, perm, va, vb):
     a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
 
     def sweep(state):
-      s, perm, _, obj, key, history, _, stale = state
+      s, perm, _, obj, key, history, _ = state
       key, sub = jax.random.split(key)
       order = jax.random.permutation(sub, len(names))
 
       def visit(k, carry):
-        perm, improved, stale = carry
-        perm, better, stale = jax.lax.switch(order[k], branches, (perm, a, b, stale))
-        return perm, improved | better, stale
+        perm, improved = carry
+        perm, better = jax.lax.switch(order[k], branches, (perm, a, b))
+        return perm, improved | better
 
-      perm, improved, stale = jax.lax.fori_loop(0, len(names), visit,
-                                                (perm, jnp.bool_(False), stale))
+      perm, improved = jax.lax.fori_loop(0, len(names), visit, (perm, jnp.bool_(False)))
       new = objective(perm, a, b)
-      return s + 1, perm, obj, new, key, history.at[s].set(new), improved, stale
+      return s + 1, perm, obj, new, key, history.at[s].set(new), improved
 
     def keep_going(state):
-      s, _, prev, obj, _, _, changed, _ = state
+      s, _, prev, obj, _, _, changed = state
       return (s < max_sweeps) & changed & ((s < 2) | (obj - prev > tol * jnp.abs(prev)))
 
     start = objective(perm, a, b)
     history = jnp.zeros(max_sweeps, jnp.float32)
-    stale = jnp.ones(len(names), bool)  # a group whose cost may have changed
-    state = (jnp.int32(0), perm, -jnp.inf, start, key, history, jnp.bool_(True), stale)
-    s, perm, _, _, _, history, _, _ = jax.lax.while_loop(keep_going, sweep, state)
+    state = (jnp.int32(0), perm, -jnp.inf, start, key, history, jnp.bool_(True))
+    s, perm, _, _, _, history, _ = jax.lax.while_loop(keep_going, sweep, state)
     return perm, history, s
 
   return run
