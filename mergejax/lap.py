@@ -19,6 +19,8 @@ Costs must be square and finite. Concrete costs with NaN or Inf are refused;
 under jit they cannot be checked, and the result is then unspecified.
 """
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -53,30 +55,26 @@ def lap(cost: jax.Array, maximize: bool = True, method: str = "auto") -> jax.Arr
   if method not in METHODS:
     raise ValueError(f"lap: method must be one of {METHODS}, got {method!r}")
   _check(cost)
+  if method != "jax" and not isinstance(cost, jax.core.Tracer):
+    # Concrete costs: SciPy directly, without a callback's overhead.
+    return jnp.asarray(_scipy_host(np.asarray(cost, np.float32), maximize))
   cost = jnp.asarray(cost, jnp.float32)
-  batch = cost.shape[:-2]
-  flat = cost.reshape((-1,) + cost.shape[-2:])
-  signed = -flat if maximize else flat
   if method == "jax":
-    out = jax.vmap(_hungarian)(signed)
-  elif isinstance(signed, jax.core.Tracer):
-    out = _scipy(signed)
-  else:  # Concrete costs: SciPy directly, without a callback's overhead.
-    out = jnp.asarray(_scipy_host(np.asarray(signed)))
-  return out.reshape(batch + cost.shape[-1:])
+    flat = cost.reshape((-1,) + cost.shape[-2:])
+    out = jax.vmap(_hungarian)(-flat if maximize else flat)
+    return out.reshape(cost.shape[:-1])
+  out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
+  return jax.pure_callback(functools.partial(_scipy_host, maximize=maximize), out, cost,
+                           vmap_method="expand_dims")
 
 
-def _scipy_host(c: np.ndarray) -> np.ndarray:
-  """Minimising assignments of f32[..., n, n] with SciPy."""
+def _scipy_host(c: np.ndarray, maximize: bool) -> np.ndarray:
+  """Optimal assignments of f32[..., n, n] with SciPy: int32[..., n]."""
   c = np.asarray(c)
-  cols = [scipy.optimize.linear_sum_assignment(m)[1] for m in c.reshape((-1,) + c.shape[-2:])]
+  if c.ndim == 2:
+    return scipy.optimize.linear_sum_assignment(c, maximize)[1].astype(np.int32)
+  cols = [scipy.optimize.linear_sum_assignment(m, maximize)[1] for m in c.reshape((-1,) + c.shape[-2:])]
   return np.stack(cols).reshape(c.shape[:-1]).astype(np.int32)
-
-
-def _scipy(costs: jax.Array) -> jax.Array:
-  """Minimising assignments of f32[b, n, n] on the host, from inside jit."""
-  out = jax.ShapeDtypeStruct(costs.shape[:-1], jnp.int32)
-  return jax.pure_callback(_scipy_host, out, costs, vmap_method="expand_dims")
 
 
 def _hungarian(cost: jax.Array) -> jax.Array:

@@ -4,7 +4,8 @@ r"""Linear assignment: mergejax.lap against SciPy and optax's Hungarian algorith
 
 For each size and cost kind (uniform random; weight-matching-like C = A B^T),
 times (median of --repeats runs, after compilation) of our on-device solver
-(`method="jax"`), `method="auto"`, `scipy.optimize.linear_sum_assignment` and
+(`method="jax"`), `method="auto"` under jit ("auto") and called on a NumPy
+array ("eager"), `scipy.optimize.linear_sum_assignment` and
 a jitted `optax.assignment.hungarian_algorithm`, on the same inputs, with each
 result's objective and whether it equals SciPy's optimum.
 """
@@ -65,6 +66,7 @@ def main(argv):
           "scipy": lambda: scipy.optimize.linear_sum_assignment(c, maximize=True)[1],
           "jax": lambda: ours(cj),
           "auto": lambda: auto(cj),
+          "eager": lambda: lap(c, maximize=True),
       }
       if n <= _OPTAX_MAX_N.value:
         solvers["optax"] = lambda: hungarian(cj)
