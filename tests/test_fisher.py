@@ -12,6 +12,8 @@ import pytest
 import mergejax as mj
 from mergejax import models
 from mergejax import stats
+from test_models import SMALL
+from test_models import _init
 
 CLASSES = 5
 KINDS = ("exact", "empirical", "sampled")
@@ -287,6 +289,28 @@ def test_every_kind_of_kernel_matches_per_example_jacobians(model, kind):
     want = jax.tree.map(lambda w, j: w + np.einsum("c,c...->...", weights, np.square(j)) / len(x),
                         want, jacobian)
   _assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_zoo_models_match_per_example_jacobians(name):
+  """Residual convolutions (patch kernels, BatchNorm) and attention (vmapped leaves)."""
+  config, input_shape = SMALL[name]
+  model = models.build(name, num_classes=CLASSES, **config)
+  variables, x = _init(model, input_shape, batch=3)
+  logits_fn = lambda v, x: model.apply(v, x, train=False)
+  got = jax.jit(mj.fisher_transform(logits_fn, kind="exact", example_chunk=2))(variables, x)
+
+  def log_probs(params, example):
+    return jax.nn.log_softmax(logits_fn({**variables, "params": params}, example[None])[0])
+
+  jacobian_fn = jax.jit(jax.jacrev(log_probs))
+  want = jax.tree.map(np.zeros_like, variables["params"])
+  for example in x:
+    p = np.exp(log_probs(variables["params"], example))
+    jacobian = jacobian_fn(variables["params"], example)
+    want = jax.tree.map(lambda w, j: w + np.einsum("c,c...->...", p, np.square(j)) / len(x),
+                        want, jacobian)
+  _assert_close(got["params"], want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("model, factored", [
