@@ -276,6 +276,12 @@ class _PatchKernel(NamedTuple):
     return jnp.transpose(laid_out, np.argsort((*rhs_spec[1:], rhs_spec[0])))
 
 
+# Both forms answer: `class_term(x, delta)`, one class's squared term from the
+# kernel's input and output cotangent (one example); `example_term(x,
+# class_sum)`, the example's term from the weighted sum over classes;
+# `chunk_sum(weight, terms)`, the weighted sum of a chunk's terms; `zero()` and
+# `kernel(total)`, the accumulator and the kernel-shaped Fisher it holds;
+# `floats(pulled)`, the memory per example.
 _ProbedKernel = _OuterKernel | _PatchKernel
 
 

@@ -554,8 +554,9 @@ def probed_kernel_uses(
 ) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]], frozenset[tuple[str, ...]]]]:
   """`kernel_uses` with a probe added to each use's output, for its cotangent.
 
+      _, uses = kernel_uses(apply_fn)(variables, x)
+      probes = {path: [jnp.zeros_like(u.output) for u in us] for path, us in uses.items()}
       fn = probed_kernel_uses(apply_fn)
-      probes = {path: [jnp.zeros_like(u.output) for u in uses] for path, uses in ...}
       out, pullback = jax.vjp(lambda pr: fn(variables, pr, x)[0], probes)
       pullback(out_bar)[0][path][i]  # d out / d (output of the kernel's use i)
 
