@@ -51,6 +51,7 @@ Fisher 0; otherwise every leaf is differentiated.
 """
 
 from collections.abc import Callable, Iterable, Mapping
+import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -499,13 +500,18 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
                        class_chunk: int = 16, example_chunk: int | None = None) -> stats.Accumulator:
   """The Fisher as a streaming statistic, for `stats.accumulate` or a user's loop.
 
-  The state is `(count: i32[], sums)`: the real examples seen and the sum of
-  their Fishers. `update(state, variables, x, mask, axis_name=None)` adds a
-  (padded) batch; with `axis_name` it `psum`s over that axis and numbers the
-  examples as laid out along it (device i holds rows `i * batch` onwards of
-  the global batch, as `shard_map` and `pmap` split it), so "sampled" draws
-  the same labels however the batch is split. "empirical" reads labels: its
-  `x` is the pair `(x, y)` (`labels=True`). `finalize` gives `sums / count`.
+  The state is `(count: i32[], sums, key)`: the real examples seen, the sum of
+  their Fishers, and the key of "sampled" (None for the other kinds).
+  `update(state, variables, x, mask, axis_name=None)` adds a (padded) batch;
+  with `axis_name` it `psum`s over that axis and numbers the examples as laid
+  out along it (device i holds rows `i * batch` onwards of the global batch,
+  as `shard_map` and `pmap` split it), so "sampled" draws the same labels
+  however the batch is split. "empirical" reads labels: its `x` is the pair
+  `(x, y)` (`labels=True`). `finalize` gives `sums / count`.
+
+  `update` and `finalize` are the same functions for the same `logits_fn`,
+  kind and chunks (the key lives in the state), so `stats.accumulate`
+  compiles one pass for all the models a user computes Fishers of.
 
   Args:
     logits_fn: `(variables, x: f32[batch, ...]) -> f32[batch, classes]`,
@@ -522,21 +528,27 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
   """
   _check_options(kind, class_chunk, example_chunk)
   _check_key(kind, key)
+  update, finalize = _fisher_update(logits_fn, kind, class_chunk, example_chunk)
   labels = kind == "empirical"
 
-  def split(batch):
-    return batch if labels else (batch, None)
-
   def init(variables, batch):
-    x, y = split(batch)
+    x, y = batch if labels else (batch, None)
     _check_shapes(logits_fn, variables, x, y)
     params, _ = _differentiated(variables)
     zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    return jnp.zeros((), jnp.int32), _full_tree(variables, zero)
+    return jnp.zeros((), jnp.int32), _full_tree(variables, zero), key if kind == "sampled" else None
+
+  return stats.Accumulator(init, update, finalize, labels=labels)
+
+
+@functools.lru_cache(maxsize=32)
+def _fisher_update(logits_fn: LogitsFn, kind: str, class_chunk: int,
+                   example_chunk: int | None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """`fisher_accumulator`'s update and finalize, made once per options."""
 
   def update(state, variables, batch, mask, axis_name=None):
-    count, sums = state
-    x, y = split(batch)
+    count, sums, key = state
+    x, y = batch if kind == "empirical" else (batch, None)
     size = x.shape[0]
     first = count if axis_name is None else count + jax.lax.axis_index(axis_name) * size
     y = jnp.zeros(size, jnp.int32) if y is None else y
@@ -545,13 +557,13 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
     seen = mask.sum(dtype=jnp.int32)
     if axis_name is not None:
       seen, batch_sums = jax.lax.psum((seen, batch_sums), axis_name)
-    return count + seen, jax.tree.map(jnp.add, sums, batch_sums)
+    return count + seen, jax.tree.map(jnp.add, sums, batch_sums), key
 
   def finalize(state):
-    count, sums = state
+    count, sums, _ = state
     return jax.tree.map(lambda s: s / jnp.maximum(count, 1), sums)
 
-  return stats.Accumulator(init, update, finalize, labels=labels)
+  return update, finalize
 
 
 def _check_first_batch(logits_fn: LogitsFn, variables: PyTree, batch: Any, kind: str) -> None:

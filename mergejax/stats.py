@@ -24,6 +24,7 @@ compiles once, and is split over the devices of a 1-D mesh by
 """
 
 from collections.abc import Callable, Iterable, Sequence
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -295,7 +296,6 @@ def accumulate(
   """
   if mesh is None:
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-  (axis,) = mesh.axis_names
   devices = mesh.devices.size
   spec = jax.sharding.PartitionSpec
   it = iter(_examples(batches, stat.labels))
@@ -307,12 +307,10 @@ def accumulate(
   def arg(arrays):  # what init and update take as x
     return arrays if stat.labels else arrays[0]
 
-  update = jax.jit(jax.shard_map(
-      lambda s, v, x, m: stat.update(s, v, x, m, axis_name=axis), mesh=mesh,
-      in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
+  update = _sharded_update(stat.update, mesh)
   replicated = jax.sharding.NamedSharding(mesh, spec())
   variables = jax.device_put(variables, replicated)  # also when committed to one device
-  state = jax.device_put(jax.jit(stat.init)(variables, arg(first)), replicated)
+  state = jax.device_put(stat.init(variables, arg(first)), replicated)
   start, last_log, count = time.perf_counter(), time.perf_counter(), 0
   for arrays in _chain(first, it):
     x = arrays[0]
@@ -332,6 +330,20 @@ def accumulate(
       last_log = time.perf_counter()
       logging.info("accumulate: %d batches, %.1f batches/s", count, count / (last_log - start))
   return stat.finalize(jax.device_put(state, jax.local_devices()[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_update(update: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """`update` jitted and sharded over the mesh's axis, made once per (update, mesh).
+
+  So passes of one accumulator's update (the Fishers of several models, say)
+  share a compilation.
+  """
+  (axis,) = mesh.axis_names
+  spec = jax.sharding.PartitionSpec
+  return jax.jit(jax.shard_map(
+      functools.partial(update, axis_name=axis), mesh=mesh,
+      in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
 
 
 def _chain(first, rest):

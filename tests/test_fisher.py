@@ -327,6 +327,32 @@ def test_kernels_that_factorise_are_found(model, factored):
   assert {k.path[0]: kinds[type(k)] for k in found} == factored
 
 
+def test_the_fishers_of_further_models_compile_nothing():
+  variables, x, y = _data()
+  batches = _batches(x, y, 16)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  for kind in ("empirical", "sampled"):
+    mj.fisher(_softmax_regression, variables, batches, kind=kind, key=jax.random.key(0), progress=False)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    other = jax.tree.map(lambda v: v + 1, variables)
+    got = {kind: mj.fisher(_softmax_regression, other, batches, kind=kind, key=jax.random.key(1),
+                           progress=False) for kind in ("empirical", "sampled")}
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  # The reused pass computes the new model's Fisher, with the new key's labels.
+  _assert_close(got["empirical"], _numpy_fisher(other, x, lambda p: np.eye(CLASSES)[y]))
+  drawn = _drawn_labels(_softmax_regression, other, x, jax.random.key(1))
+  _assert_close(got["sampled"], _numpy_fisher(other, x, lambda p: np.eye(CLASSES)[drawn]))
+
+
 def test_bad_arguments_are_refused_before_any_work():
   variables, x, y = _data(n=8)
   fn = _softmax_regression
