@@ -249,14 +249,14 @@ def pleas(
   else:
     result = align.activation_matching(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
   vb = permute.apply_permutation(spec, result.perm, vb)
-  similarity = _similarity(spec, result, va, vb, matching)
+  vb, similarity = jax.block_until_ready((vb, _similarity(spec, result, va, vb, matching)))
   seconds["match"] = time.perf_counter() - start
 
   start = time.perf_counter()
   alloc, chosen = allocate(spec, terms, similarity, budget, grid=grid, method=allocation, fixed=fixed)
   maps = {g: combine.partial_map(chosen[g]) for g in spec.groups}
   layout = combine.layout_of(maps)
-  merged = combine.combine(spec, maps, va, vb, inputs=in_axes, models=heads_models)
+  merged = jax.block_until_ready(combine.combine(spec, maps, va, vb, inputs=in_axes, models=heads_models))
   seconds["allocation"] = time.perf_counter() - start
   if progress:
     logging.info("pleas: budget %.3f -> cost %.3f, ratios %s", budget, alloc.cost,
@@ -275,7 +275,7 @@ def pleas(
 
   start = time.perf_counter()
   if build_fn is not None:
-    merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
+    merged = jax.block_until_ready(repair.reset_batch_norm(build_fn(layout), merged, batches()))
   elif isinstance(va, Mapping) and "batch_stats" in va:
     logging.warning("pleas: no build_fn, so the merged BatchNorm statistics are the combined ones, not reset")
   seconds["repair"] = time.perf_counter() - start
@@ -299,7 +299,7 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads
 
   def timed(stage, fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn(*args, **kwargs)
+    out = jax.block_until_ready(fn(*args, **kwargs))  # dispatch is asynchronous
     seconds[stage] += time.perf_counter() - start
     return out
 
