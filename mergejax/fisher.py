@@ -65,6 +65,7 @@ from mergejax import trace
 from mergejax import tree
 
 PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 KINDS = ("exact", "empirical", "sampled")
 
@@ -144,7 +145,7 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
     terms = jax.vmap(lambda c: squares(pullback(jax.nn.one_hot(c, num_classes, dtype=jnp.float32))))(
         chunk_classes)
     return jax.tree.map(
-        lambda t: jnp.tensordot(chunk_weights, t, axes=1, precision=jax.lax.Precision.HIGHEST), terms)
+        lambda t: jnp.tensordot(chunk_weights, t, axes=1, precision=_HIGHEST), terms)
 
   k = classes.shape[0]
   if k <= class_chunk:
@@ -157,9 +158,6 @@ def _weighted_squares(pullback, classes: jax.Array, weights: jax.Array, num_clas
   total, _ = jax.lax.scan(
       lambda acc, cw: (jax.tree.map(jnp.add, acc, chunk_sum(*cw)), None), zero, (classes, weights))
   return total
-
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class _OuterKernel(NamedTuple):
@@ -287,12 +285,16 @@ _ProbedKernel = _OuterKernel | _PatchKernel
 
 
 def _probed_kernels(logits_fn: LogitsFn, variables: PyTree, x_one: jax.Array,
-                    shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> tuple[_ProbedKernel, ...]:
+                    shapes: Mapping[tuple[str, ...], tuple[int, ...]]
+                    ) -> tuple[tuple[_ProbedKernel, ...], jax.ShapeDtypeStruct]:
   """The kernels among `shapes` (path -> shape) whose squared gradients factorise.
 
   A kernel qualifies when it is used once and read nowhere else, by a
   `dot_general` on one row per example (`_OuterKernel`) or by a convolution
   without feature or batch groups (`_PatchKernel`).
+
+  Returns:
+    The kernels, and the shape of `logits_fn(variables, x_one)` (one trace).
   """
   found = []
 
@@ -307,8 +309,8 @@ def _probed_kernels(logits_fn: LogitsFn, variables: PyTree, x_one: jax.Array,
         found.append(kernel)
     return out
 
-  jax.eval_shape(run, variables, x_one)
-  return tuple(found)
+  out = jax.eval_shape(run, variables, x_one)
+  return tuple(found), out
 
 
 def _outer_kernel(path, shape, use: trace.KernelUse) -> _OuterKernel | None:
@@ -355,8 +357,8 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
   params, rebuild = _differentiated(variables)
   prefix = ("params",) if params is not variables else ()
   by_path = tree.leaves_by_path(params)
-  kernels = _probed_kernels(logits_fn, variables, x[:1],
-                            {prefix + p: jnp.shape(v) for p, v in by_path.items()})
+  kernels, logits = _probed_kernels(logits_fn, variables, x[:1],
+                                    {prefix + p: jnp.shape(v) for p, v in by_path.items()})
   probed = {k.path[len(prefix):] for k in kernels}
   free = {p: v for p, v in by_path.items() if p not in probed}
   apply = trace.probed_kernel_uses(logits_fn)
@@ -402,8 +404,7 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     return (free_acc, kernel_acc), None
 
   n = x.shape[0]
-  num_classes = jax.eval_shape(logits_fn, variables, x[:1]).shape[1]
-  pulled = min(class_chunk, num_classes) if kind == "exact" else 1
+  pulled = min(class_chunk, logits.shape[1]) if kind == "exact" else 1
   size = _chunk_size(example_chunk, n, free, kernels, pulled)
   steps = -(-n // size)
   pad = steps * size - n  # padding repeats the last example, masked out
@@ -421,9 +422,9 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
   return _full_tree(variables, tree.replace_leaves(params, {**free_sums, **kernel_sums}))
 
 
-# The default example chunk: per-example squares of at most this many floats at once.
-_CHUNK_FLOATS = {"cpu": 2**20}
-_CHUNK_FLOATS_ACCELERATOR = 2**28
+# The default example chunk: per-example terms of at most this many floats at once.
+_CHUNK_FLOATS_CPU = 2**20
+_CHUNK_FLOATS = 2**28
 
 
 def _chunk_size(example_chunk: int | None, batch: int, free: PyTree,
@@ -438,7 +439,7 @@ def _chunk_size(example_chunk: int | None, batch: int, free: PyTree,
   if example_chunk is None:
     per_example = pulled * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(free))
     per_example += sum(k.floats(pulled) for k in kernels)
-    limit = _CHUNK_FLOATS.get(jax.default_backend(), _CHUNK_FLOATS_ACCELERATOR)
+    limit = _CHUNK_FLOATS_CPU if jax.default_backend() == "cpu" else _CHUNK_FLOATS
     example_chunk = max(1, limit // max(1, per_example))
   return max(1, min(example_chunk, batch))
 

@@ -320,9 +320,9 @@ def test_kernels_that_factorise_are_found(model, factored):
   """Dense kernels on flat inputs and ungrouped convolutions: no per-example gradients."""
   logits_fn, x_shape, shapes = _MODELS[model]
   fisher_module = importlib.import_module("mergejax.fisher")
-  found = fisher_module._probed_kernels(logits_fn, {n: np.ones(s, np.float32) for n, s in shapes.items()},
-                                        np.ones((1, *x_shape[1:]), np.float32),
-                                        {(n,): s for n, s in shapes.items()})
+  found, _ = fisher_module._probed_kernels(
+      logits_fn, {n: np.ones(s, np.float32) for n, s in shapes.items()},
+      np.ones((1, *x_shape[1:]), np.float32), {(n,): s for n, s in shapes.items()})
   kinds = {fisher_module._OuterKernel: "outer", fisher_module._PatchKernel: "patch"}
   assert {k.path[0]: kinds[type(k)] for k in found} == factored
 
