@@ -2,7 +2,9 @@
 
     import mergejax as mj
 
-The public API is what this module exports; see DESIGN.md for the contracts.
+The public API is what this module exports (and `mergejax.merge`'s); DESIGN.md,
+at the root of the repository, lists it with its signatures and holds the
+contracts; CONTRIBUTING.md says how to build, test and extend mergejax.
 """
 
 from mergejax import align
