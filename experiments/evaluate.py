@@ -1,4 +1,4 @@
-"""Accuracy of models, ensembles and merges, per task of a split.
+"""Accuracy of models, ensembles and merges, per task of a split; perplexity of language models.
 
 A task is scored *task-aware*: the prediction is the argmax over the task's own
 classes, as in the model-merging literature's per-task accuracy for models
@@ -118,3 +118,40 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         + "".join(f"{100 * row[c]:>{n - 1}.1f}%" for c, n in zip(columns, sizes))
     )
   return "\n".join(lines)
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Per-token cross-entropy in nats: logits f32[..., V], targets int[...] -> f64[...]."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  log_norm = np.log(np.exp(z).sum(-1))
+  return log_norm - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0]
+
+
+def perplexity(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, chunk: int = 64) -> dict[str, float]:
+  """Perplexity and bits per byte of a byte-level language model.
+
+  Args:
+    logits_fn: ids i32[n, t] -> logits f32[n, t, V].
+    x: i32[n, t], the inputs (e.g. `TextDataset.x_test`).
+    y: i32[n, t], the next tokens.
+    chunk: windows per call (the last chunk is padded, so one compilation).
+
+  Returns:
+    `{"nll": mean per-token cross-entropy in nats, "perplexity": exp(nll),
+    "bits_per_byte": nll / ln 2}` (a token is a byte).
+  """
+  x, y = np.asarray(x), np.asarray(y)
+  if x.shape != y.shape or x.ndim != 2 or not len(x):
+    raise ValueError(f"perplexity: x {x.shape} and y {y.shape} must be the same [n, t], n >= 1")
+  size = min(chunk, len(x))
+  total = 0.0
+  for start in range(0, len(x), size):
+    part = x[start:start + size]
+    pad = size - len(part)
+    if pad:
+      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+    logits = np.asarray(logits_fn(part))[: size - pad]
+    total += token_nll(logits, y[start:start + size]).sum()
+  nll = total / y.size
+  return {"nll": float(nll), "perplexity": float(np.exp(nll)), "bits_per_byte": float(nll / np.log(2))}

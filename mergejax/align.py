@@ -65,8 +65,10 @@ def _permuted_leaves(spec: spec_lib.PermutationSpec, perm: Perm, leaves: dict) -
 
 
 def unit_rows(x: jax.Array, ref: spec_lib.AxisRef) -> jax.Array:
-  """The units of `ref`'s axis as rows: f32[n, everything else]."""
+  """The units of `ref`'s axis (its part, if it has one) as rows: f32[n, everything else]."""
   axis = ref.axis
+  if ref.part is not None:
+    x = jax.lax.slice_in_dim(x, ref.part[0], ref.part[1], axis=axis)
   if ref.factor is not None:
     view, index = ref.factor
     x = x.reshape(x.shape[:axis] + tuple(view) + x.shape[axis + 1:])
@@ -266,6 +268,7 @@ class _Feature(NamedTuple):
   is_output: bool
   summed: tuple[int, ...]
   sum_view: bool
+  part: tuple[int, int] | None = None
 
 
 def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Feature]:
@@ -273,7 +276,7 @@ def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Featur
   by_axis: dict[tuple, list[tuple[str, Any]]] = {}
   for g, rs in spec.groups.items():
     for r in rs:
-      by_axis.setdefault((r.path, r.axis), []).append((g, r.factor))
+      by_axis.setdefault((r.path, r.axis), []).append((g, r.factor, r.part))
   plan = {g: ([], []) for g in spec.groups}
   for path, kernel_uses in uses.items():
     for k, use in enumerate(kernel_uses):
@@ -282,9 +285,10 @@ def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Featur
         for data_axis, kernel_axis in pairs:
           summed = tuple(d for d in grouped if d != data_axis)
           claims = by_axis.get((path, kernel_axis), [])
-          for g, factor in claims:
+          for g, factor, part in claims:
+            same_part = [c for c in claims if c[2] == part]
             plan[g][is_output].append(
-                _Feature(g, path, k, data_axis, factor, is_output, summed, len(claims) > 1))
+                _Feature(g, path, k, data_axis, factor, is_output, summed, len(same_part) > 1, part))
   return [f for g in spec.groups for f in (plan[g][0] or plan[g][1])]
 
 
@@ -293,6 +297,8 @@ def _feature_rows(x: jax.Array, feature: _Feature) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   axis = feature.axis - sum(d < feature.axis for d in feature.summed)
   x = jnp.moveaxis(x.sum(axis=feature.summed), axis, -1)
+  if feature.part is not None:
+    x = x[..., feature.part[0]:feature.part[1]]
   if feature.factor is not None:
     view, index = feature.factor
     x = jnp.moveaxis(x.reshape(x.shape[:-1] + tuple(view)), x.ndim - 1 + index, -1)

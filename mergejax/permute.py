@@ -36,7 +36,9 @@ def take_units(x: jax.Array, perm: jax.Array, ref: spec_lib.AxisRef) -> jax.Arra
     perm: int[n], the units' new order: unit i of the result is unit
       `perm[i]` of `x`.
     ref: the axis; with a factor `(view, index)` the axis is reshaped to
-      `view`, gathered along component `index`, and reshaped back.
+      `view`, gathered along component `index`, and reshaped back; with a
+      part `(start, stop)` only those units are gathered (the factor views
+      them), the others stay.
 
   Returns:
     An array of `x`'s shape and dtype (a NumPy array when `x` is one and
@@ -44,6 +46,11 @@ def take_units(x: jax.Array, perm: jax.Array, ref: spec_lib.AxisRef) -> jax.Arra
   """
   xp = np if isinstance(x, np.ndarray) and not _is_traced(perm) else jnp
   perm = np.asarray(perm) if xp is np else perm
+  if ref.part is not None:
+    start, stop = ref.part
+    cut = lambda a, b: x[(slice(None),) * ref.axis + (slice(a, b),)]
+    inside = take_units(cut(start, stop), perm, ref._replace(part=None))
+    return xp.concatenate([cut(0, start), inside, cut(stop, None)], axis=ref.axis)
   if ref.factor is None:
     return xp.take(x, perm, axis=ref.axis)
   view, index = ref.factor

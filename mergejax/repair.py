@@ -130,7 +130,8 @@ def repair(
   tree.check_same_shapes(va, merged)
   if not callable(batches):
     batches = list(batches)
-  written = {(r.path, r.axis) for refs in spec.groups.values() for r in refs if r.factor is None}
+  written = {(r.path, r.axis) for refs in spec.groups.values() for r in refs
+             if r.factor is None and r.part is None}
   targets = {}
   uses = _uses_in_order(apply_fn, va, next(iter(_inputs(batches))))
   layers = [(path, out_axis, k_axis) for path, (out_axis, k_axis) in uses if (path, k_axis) in written]

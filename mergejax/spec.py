@@ -50,21 +50,28 @@ class AxisRef(NamedTuple):
       of that view. A PermutationSpec keeps factors canonical: `(outer, n,
       inner)` with outer and inner dropped where they are 1, and None where
       both are (see `canonical_ref`).
+    part: None (the whole axis), or `(start, stop)`: the group permutes only
+      units `start..stop-1` of the axis, a part of it that the function uses
+      apart from the rest (one of the q, k, v of a fused projection split by
+      `jnp.split`); a factor then views the part, not the whole axis. The
+      units outside the part are left where they are.
   """
 
   path: tuple[str, ...]
   axis: int
   factor: tuple[tuple[int, ...], int] | None = None
+  part: tuple[int, int] | None = None
 
 
 def _where(ref: AxisRef) -> str:
-  return f"{tree.path_str(ref.path)} axis {ref.axis}"
+  part = "" if ref.part is None else f" [{ref.part[0]}:{ref.part[1]}]"
+  return f"{tree.path_str(ref.path)} axis {ref.axis}{part}"
 
 
 def _as_ref(value: Any) -> AxisRef:
-  """An AxisRef from an AxisRef or a `(path, axis[, factor])` sequence."""
-  if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in (2, 3):
-    raise ValueError(f"an AxisRef is (path, axis[, factor]), got {value!r}")
+  """An AxisRef from an AxisRef or a `(path, axis[, factor[, part]])` sequence."""
+  if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in (2, 3, 4):
+    raise ValueError(f"an AxisRef is (path, axis[, factor[, part]]), got {value!r}")
   path, axis, *rest = value
   if isinstance(path, str) or not isinstance(path, Sequence):
     raise ValueError(f"AxisRef path must be a tuple of key names, got {path!r}")
@@ -75,6 +82,14 @@ def _as_ref(value: Any) -> AxisRef:
   if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or axis < 0:
     raise ValueError(f"{tree.path_str(path)}: axis must be a non-negative int, got {axis!r}")
   factor = rest[0] if rest else None
+  part = rest[1] if len(rest) > 1 else None
+  if part is not None:
+    if (isinstance(part, str) or not isinstance(part, Sequence) or len(part) != 2
+        or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in part)
+        or not 0 <= part[0] < part[1]):
+      raise ValueError(f"{tree.path_str(path)} axis {axis}: part must be (start, stop), 0 <= start < stop,"
+                       f" got {part!r}")
+    part = (int(part[0]), int(part[1]))
   if factor is not None:
     if isinstance(factor, str) or not isinstance(factor, Sequence) or len(factor) != 2:
       raise ValueError(f"{tree.path_str(path)} axis {axis}: factor must be (shape, index), got {factor!r}")
@@ -88,7 +103,9 @@ def _as_ref(value: Any) -> AxisRef:
           f" it), got {factor!r}"
       )
     factor = (tuple(int(d) for d in shape), int(index))
-  return AxisRef(path, int(axis), factor)
+    if part is not None and math.prod(factor[0]) != part[1] - part[0]:
+      raise ValueError(f"{tree.path_str(path)} axis {axis}: factor {factor} does not view the part {part}")
+  return AxisRef(path, int(axis), factor, part)
 
 
 def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
@@ -99,6 +116,7 @@ def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
   outer and inner are dropped where they are 1 (n is always kept), and a
   factor whose outer and inner are both 1 becomes None (the whole axis). So
   `((4, 4, 32), 2)` becomes `((16, 32), 1)` and `((1, 8), 1)` becomes None.
+  A part is kept as it is (the factor views it).
 
   Raises:
     ValueError: naming the path, for a malformed path, axis or factor.
@@ -109,9 +127,9 @@ def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
   shape, index = ref.factor
   outer, n, inner = math.prod(shape[:index]), shape[index], math.prod(shape[index + 1:])
   if outer == 1 and inner == 1:
-    return AxisRef(ref.path, ref.axis, None)
+    return AxisRef(ref.path, ref.axis, None, ref.part)
   view = ((outer,) if outer > 1 else ()) + (n,) + ((inner,) if inner > 1 else ())
-  return AxisRef(ref.path, ref.axis, (view, 1 if outer > 1 else 0))
+  return AxisRef(ref.path, ref.axis, (view, 1 if outer > 1 else 0), ref.part)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -178,12 +196,16 @@ class PermutationSpec:
     """`{"groups": {name: [[path, axis, factor], ...]}, "sizes": {name: n}}`.
 
     Groups keep their order (and their AxisRefs theirs), so the text is
-    deterministic; `factor` is null or `[shape, index]`.
+    deterministic; `factor` is null or `[shape, index]`; a ref with a part
+    has a fourth entry `[start, stop]` (refs without one have three).
     """
+    def entry(r):
+      out = [list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
+      return out if r.part is None else out + [list(r.part)]
+
     return {
         "groups": {
-            g: [[list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
-                for r in refs]
+            g: [entry(r) for r in refs]
             for g, refs in self.groups.items()
         },
         "sizes": dict(self.sizes),
@@ -219,21 +241,33 @@ def load_spec(path: str | os.PathLike) -> PermutationSpec:
 
 
 class _Claim(NamedTuple):
-  """The units one AxisRef permutes: the middle of `(outer, n, inner)` of its axis."""
+  """The units one AxisRef permutes: the middle of `(outer, n, inner)` of units start..stop-1."""
 
   group: str
   outer: int
   n: int
   inner: int
   factored: bool
+  start: int = 0
+  stop: int = 0
 
 
 def _claim(group: str, ref: AxisRef, size: int) -> _Claim:
+  start, stop = ref.part if ref.part is not None else (0, size)
   if ref.factor is None:
-    return _Claim(group, 1, size, 1, False)
+    return _Claim(group, 1, stop - start, 1, False, start, stop)
   view, index = ref.factor
   outer = math.prod(view[:index])
-  return _Claim(group, outer, view[index], size // (outer * view[index]), True)
+  return _Claim(group, outer, view[index], (stop - start) // (outer * view[index]), True, start, stop)
+
+
+def _restrict(a: _Claim, start: int, stop: int) -> _Claim | None:
+  """Claim `a` seen on units start..stop-1 inside its own; None if that cuts its blocks."""
+  block = a.n * a.inner
+  if (start - a.start) % block or (stop - a.start) % block:
+    return None
+  outer = (stop - start) // block
+  return _Claim(a.group, outer, a.n, a.inner, outer > 1 or a.inner > 1, start, stop)
 
 
 def _conflict(a: _Claim, b: _Claim, where: str) -> str | None:
@@ -242,8 +276,21 @@ def _conflict(a: _Claim, b: _Claim, where: str) -> str | None:
   Two factored claims hold together when they permute different components
   of one common view of the axis: one's block `n * inner` divides the
   other's `inner` (e.g. `(2, 12)` and `(6, 4)` are components 0 and 2 of the
-  view `(2, 3, 4)`).
+  view `(2, 3, 4)`). Claims on disjoint parts always hold together; a claim
+  on a part inside another's is compared with the other's blocks inside that
+  part (which must not be cut by it).
   """
+  if a.stop <= b.start or b.stop <= a.start:
+    return None
+  if (a.start, a.stop) != (b.start, b.stop):
+    inner_, outer_ = (a, b) if b.start <= a.start and a.stop <= b.stop else (b, a)
+    if not (outer_.start <= inner_.start and inner_.stop <= outer_.stop):
+      return f"{where}: groups {a.group!r} and {b.group!r} claim overlapping parts of it"
+    restricted = _restrict(outer_, inner_.start, inner_.stop)
+    if restricted is None:
+      return (f"{where}: group {inner_.group!r} claims units {inner_.start}..{inner_.stop - 1}, which cut"
+              f" the blocks of group {outer_.group!r}")
+    a, b = inner_, restricted
   if not (a.factored and b.factored) or (a.outer, a.n, a.inner) == (b.outer, b.n, b.inner):
     return f"{where} is claimed by groups {a.group!r} and {b.group!r}"
   if a.inner % (b.n * b.inner) == 0 or b.inner % (a.n * a.inner) == 0:
@@ -263,7 +310,8 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
   agree: a whole axis has the group's size; a factored one is viewed by a
   shape whose product is the axis size and whose permuted component has the
   group's size. No axis is claimed twice: a whole-axis AxisRef excludes any
-  other on the same axis, and factored ones must permute different
+  other on the same axis (or overlapping part), parts of one axis are
+  disjoint or nested, and factored ones must permute different
   components of one common view of it.
 
   Args:
@@ -286,6 +334,10 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
       if not 0 <= ref.axis < len(shape):
         raise ValueError(f"group {g!r}: {where} out of range for shape {shape}")
       size = shape[ref.axis]
+      if ref.part is not None:
+        if ref.part[1] > size:
+          raise ValueError(f"{where}: part out of range for size {size}")
+        size = ref.part[1] - ref.part[0]
       if ref.factor is None and size != n:
         raise ValueError(f"{where}: size {size}, group {g!r} has {n}")
       if ref.factor is not None:
@@ -294,7 +346,7 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
           raise ValueError(
               f"{where}: factor {ref.factor} does not view size {size} with {n} units of group {g!r}"
           )
-      claim = _claim(g, ref, size)
+      claim = _claim(g, ref, shape[ref.axis])
       for seen in claims.get((ref.path, ref.axis), []):
         problem = _conflict(seen, claim, where)
         if problem:

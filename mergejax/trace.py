@@ -13,16 +13,24 @@ reshapes. A class that a reshape splits (the heads and head_dim of plain-jnp
 attention, the (h*w, c) of a flatten before a Dense layer) is split in every
 member, so factored axes come out as `AxisRef.factor`.
 
+A `split`, contiguous `slice` or `concatenate` cuts a class into consecutive
+parts instead (q | k | v of a fused projection), which come out as
+`AxisRef.part`; a `gather` that takes an axis whole passes it on (embedding
+tables join the residual stream); `cond` joins its branches' constraints.
+
 Fixed are the example arguments, the function's outputs (except outputs that
 are variables, like BatchNorm statistics under `mutable`), constants, `iota`,
 and every axis an operation does not treat alike for all its units: the
 spatial window of a convolution, reductions other than sum/max/min/prod/and/
-or, cumulative ops, sorts, slices, pads, reversals, concatenations, gathers
-and scatters, control flow (`scan`, `cond`, `while`). A primitive the
-interpreter does not know fixes every axis it touches and is named in a
-warning: a coverage gap is visible, never unsound. Every equation that
-carries a jaxpr (`pjit`, `remat2`, `custom_jvp_call`, `custom_vjp_call`,
-`closed_call`) is interpreted inside, in a scope of its own per call site.
+or, cumulative ops, sorts, strided slices, pads, reversals, indexed axes of
+gathers, `scan` and `while`. What fixes variable axes beyond the function's
+structure (arguments, outputs, constants, windows, looked-up axes) is named
+in one warning with the variables concerned, as are variables never read
+(which are in no group) and primitives the interpreter does not know (which
+fix every axis they touch): a coverage gap is visible, never unsound
+(`spec_report` gives the same as data). Every equation that carries a jaxpr
+(`pjit`, `remat2`, `custom_jvp_call`, `custom_vjp_call`, `closed_call`) is
+interpreted inside, in a scope of its own per call site.
 
 The groups are the classes that hold at least one variable axis, no fixed
 axis, and more than one unit. Group names are deterministic: the first
@@ -63,18 +71,29 @@ CALLS = {  # primitive -> the param holding the jaxpr it calls
 
 
 class _Classes:
-  """Union-find over axis components, with class-wide splits and fixing."""
+  """Union-find over axis components, with class-wide splits and fixing.
+
+  A component (node) is a leaf of the union-find, or split class-wide in one
+  of two ways: into a product of components (`children`, row-major: a
+  reshape's view, heads x head_dim) or into consecutive parts (`parts`: a
+  `split`, `slice` or `concatenate` of the axis, q | k | v of a fused
+  projection). Every member of a class is split alike, corresponding pieces
+  joined. `events` records what fixed which nodes (None: structure, e.g.
+  arguments, outputs, constants; else the construct), for the warning.
+  """
 
   def __init__(self):
     self.parent: list[int] = []
     self.size: list[int] = []
     self.children: dict[int, list[int]] = {}
+    self.parts: dict[int, list[tuple[int, Axis]]] = {}  # node -> [(size, part's axis)]
     self.members: dict[int, list[int]] = {}
     self.fixed: set[int] = set()  # roots
+    self.events: list[tuple[str | None, list[int]]] = []
 
-  def new(self, size: int, fixed: bool = False) -> list[int]:
-    """A fresh axis of `size` units: one component, or none when size is 1."""
-    if size == 1:
+  def new(self, size: int, fixed: bool = False, why: str | None = None) -> list[int]:
+    """A fresh axis of `size` units: one component, or none when size is 0 or 1."""
+    if size <= 1:
       return []
     node = len(self.parent)
     self.parent.append(node)
@@ -82,6 +101,7 @@ class _Classes:
     self.members[node] = [node]
     if fixed:
       self.fixed.add(node)
+      self.events.append((why, [node]))
     return [node]
 
   def find(self, node: int) -> int:
@@ -93,10 +113,25 @@ class _Classes:
     return root
 
   def leaves(self, axis: Sequence[int]) -> Axis:
-    """The current components of an axis (nodes split since are expanded)."""
+    """The current components of an axis (product splits expanded; a node cut in parts stays)."""
     out = []
     for node in axis:
       out.extend(self.leaves(self.children[node]) if node in self.children else [node])
+    return out
+
+  def current(self, node: int) -> list[int]:
+    """Every union-find leaf below `node`, through both kinds of split."""
+    if node in self.children:
+      return [m for c in self.children[node] for m in self.current(c)]
+    if node in self.parts:
+      return [m for _, p in self.parts[node] for c in p for m in self.current(c)]
+    return [node]
+
+  def flat_parts(self, node: int) -> list[tuple[int, Axis]]:
+    """`node`'s consecutive parts, parts that are themselves cut in parts expanded."""
+    out = []
+    for size, p in self.parts[node]:
+      out.extend(self.flat_parts(p[0]) if len(p) == 1 and p[0] in self.parts else [(size, p)])
     return out
 
   def union(self, a: int, b: int) -> None:
@@ -114,26 +149,103 @@ class _Classes:
   def is_fixed(self, node: int) -> bool:
     return self.find(node) in self.fixed
 
-  def fix(self, axes: Sequence[Sequence[int]]) -> None:
-    for axis in axes:
-      for node in self.leaves(axis):
-        self.fixed.add(self.find(node))
+  def fix(self, axes: Sequence[Sequence[int]], why: str | None = None) -> None:
+    """Fixes every unit of `axes`; `why` names the construct (None: structure)."""
+    nodes = [n for axis in axes for n in axis]
+    if nodes:
+      self.events.append((why, nodes))
+    for n in nodes:
+      for m in self.current(n):
+        self.fixed.add(self.find(m))
 
-  def split(self, node: int, sizes: Sequence[int]) -> None:
-    """Splits `node`'s whole class into components of `sizes` (row-major)."""
+  def _reassign(self, node: int, sizes: Sequence[int], concatenated: bool) -> None:
     root = self.find(node)
     fixed = root in self.fixed
     members = self.members.pop(root)
     self.fixed.discard(root)
     first = None
     for m in members:
-      parts = [c for s in sizes for c in self.new(s, fixed)]
-      self.children[m] = parts
-      if first is None:
-        first = parts
+      if concatenated:
+        parts = [(s, self.new(s)) for s in sizes]
+        self.parts[m] = parts
+        flat = [c for _, p in parts for c in p]
       else:
-        for p, q in zip(first, parts):
+        flat = [c for s in sizes for c in self.new(s)]
+        self.children[m] = flat
+      if first is None:
+        first = flat
+      else:
+        for p, q in zip(first, flat):
           self.union(p, q)
+    if fixed:
+      self.fixed.update(self.find(c) for c in first)
+
+  def split(self, node: int, sizes: Sequence[int]) -> None:
+    """Splits `node`'s whole class into components of `sizes` (row-major)."""
+    self._reassign(node, sizes, concatenated=False)
+
+  def cat(self, node: int, sizes: Sequence[int]) -> None:
+    """Cuts `node`'s whole class into consecutive parts of `sizes` (none 0)."""
+    self._reassign(node, sizes, concatenated=True)
+
+  def _refine(self, node: int, bounds: Sequence[int]) -> bool:
+    """Cuts `node`'s parts at `bounds` (offsets in it); False where a part has components."""
+    while True:
+      offset, changed = 0, False
+      for size, p in self.flat_parts(node):
+        inner = [b - offset for b in bounds if offset < b < offset + size]
+        if inner:
+          if len(p) != 1 or p[0] in self.children:
+            return False
+          edges = [0, *sorted(set(inner)), size]
+          self.cat(p[0], [b - a for a, b in zip(edges, edges[1:])])
+          changed = True
+          break
+        offset += size
+      if not changed:
+        return True
+
+  def cut(self, axis: Axis, sizes: Sequence[int]) -> list[Axis] | None:
+    """`axis` as consecutive parts of `sizes`, cutting its class; None where its components do not allow."""
+    keep = [s for s in sizes if s > 0]
+    found = self._cut_parts(axis, keep) if len(keep) > 1 else [axis]
+    if found is None:
+      return None
+    it = iter(found)
+    return [next(it) if s > 0 else [] for s in sizes]
+
+  def _cut_parts(self, axis: Axis, sizes: Sequence[int]) -> list[Axis] | None:
+    nodes = self.leaves(axis)
+    if not nodes:
+      return [[] for _ in sizes]
+    if len(nodes) > 1:  # a product: cut its outer component, the inner ones shared by all parts
+      inner = math.prod(self.size[n] for n in nodes[1:])
+      if any(s % inner for s in sizes):
+        return None
+      outer = self._cut_parts([nodes[0]], [s // inner for s in sizes])
+      return None if outer is None else [p + nodes[1:] for p in outer]
+    (node,) = nodes
+    if node not in self.parts:
+      self.cat(node, sizes)
+      return [p for _, p in self.parts[node]]
+    if not self._refine(node, _cumulative_sum(sizes)[:-1]):
+      return None
+    parts, out = iter(self.flat_parts(node)), []
+    for s in sizes:
+      group, total = [], 0
+      while total < s:
+        size, p = next(parts)
+        group.append((size, p))
+        total += size
+      if len(group) == 1:
+        out.append(group[0][1])
+      else:  # several parts make this one: a fresh node cut like them, joined with them
+        fresh = self.new(s)
+        self.cat(fresh[0], [size for size, _ in group])
+        for (_, a), (_, b) in zip(self.parts[fresh[0]], group):
+          self.unify(a, b)
+        out.append(fresh)
+    return out
 
   def unify(self, a: Sequence[int], b: Sequence[int]) -> None:
     """Joins two axes of equal size, refining their components to agree."""
@@ -142,21 +254,45 @@ class _Classes:
       sa, sb = [self.size[n] for n in la], [self.size[n] for n in lb]
       if sa == sb:
         for x, y in zip(la, lb):
-          self.union(x, y)
+          self._unify_nodes(x, y)
         return
       cuts = sorted(set(_cumulative(sa)) | set(_cumulative(sb)))
       if any(b % a for a, b in zip(cuts, cuts[1:])):
-        self.fix([la, lb])  # views that no common refinement reconciles
+        self.fix([la, lb], "reshape")  # views that no common refinement reconciles
         return
-      self._cut(la, cuts) or self._cut(lb, cuts)
+      done = self._cut(la, cuts) or self._cut(lb, cuts)
+      if done is None:
+        self.fix([la, lb], "reshape")  # a product view of an axis cut in parts
+        return
 
-  def _cut(self, axis: Axis, cuts: Sequence[int]) -> bool:
-    """Splits the first component of `axis` that straddles a cut; True if any."""
+  def _unify_nodes(self, x: int, y: int) -> None:
+    if x == y:
+      return
+    if x not in self.parts and y not in self.parts:
+      self.union(x, y)
+      return
+    if x not in self.parts:
+      x, y = y, x
+    if y not in self.parts:
+      self.cat(y, [s for s, _ in self.flat_parts(x)])
+    else:
+      bounds = sorted(set(_cumulative_sum([s for s, _ in self.flat_parts(x)]))
+                      | set(_cumulative_sum([s for s, _ in self.flat_parts(y)])))
+      if not (self._refine(x, bounds) and self._refine(y, bounds)):
+        self.fix([[x], [y]], "reshape")
+        return
+    for (_, p), (_, q) in zip(self.flat_parts(x), self.flat_parts(y)):
+      self.unify(p, q)
+
+  def _cut(self, axis: Axis, cuts: Sequence[int]) -> bool | None:
+    """Splits the first component of `axis` that straddles a cut; True if any, None if it is cut in parts."""
     start = 1
     for node in axis:
       end = start * self.size[node]
       inner = [c for c in cuts if start < c < end]
       if inner:
+        if node in self.parts:
+          return None
         bounds = [start, *inner, end]
         self.split(node, [b // a for a, b in zip(bounds, bounds[1:])])
         return True
@@ -172,51 +308,90 @@ def _cumulative(sizes: Sequence[int]) -> list[int]:
   return out
 
 
+def _cumulative_sum(sizes: Sequence[int]) -> list[int]:
+  out, total = [], 0
+  for s in sizes:
+    total += s
+    out.append(total)
+  return out
+
+
 class _Interpreter:
   """Abstract interpretation of a jaxpr over axis classes."""
 
   def __init__(self):
     self.classes = _Classes()
     self.unknown: set[str] = set()
+    self.read: set[int] = set()  # indices of the variables some equation reads
+    self.srcs: list[int | None] = []  # the current equation's operands: variable index or None
+    self.selected: list[Axis] = []  # parts of axes that a slice or split takes
+    self.dropped: list[Axis] = []  # parts a slice leaves out
 
-  def fresh(self, shape: Sequence[int], fixed: bool = False) -> list[Axis]:
-    return [self.classes.new(d, fixed) for d in shape]
+  def fresh(self, shape: Sequence[int], fixed: bool = False, why: str | None = None) -> list[Axis]:
+    return [self.classes.new(d, fixed, why) for d in shape]
 
-  def read(self, env: dict, atom) -> list[Axis]:
+  def value(self, env: dict, atom) -> list[Axis]:
     if isinstance(atom, jex_core.Literal):
       return self.fresh(getattr(atom.aval, "shape", ()), fixed=True)
     return env[atom]
 
-  def run(self, jaxpr, in_axes: Sequence[list[Axis]]) -> list[list[Axis]]:
+  def run(self, jaxpr, in_axes: Sequence[list[Axis]], in_srcs: Sequence[int | None] | None = None) -> list[list[Axis]]:
     """Interprets an open jaxpr; its constants are fixed. Returns output axes."""
     env = {v: self.fresh(v.aval.shape, fixed=True) for v in jaxpr.constvars}
     env.update(zip(jaxpr.invars, in_axes))
+    src = {v: s for v, s in zip(jaxpr.invars, in_srcs or ()) if s is not None}
     for eqn in jaxpr.eqns:
-      ins = [self.read(env, v) for v in eqn.invars]
-      outs = self.equation(eqn, ins)
+      ins = [self.value(env, v) for v in eqn.invars]
+      srcs = [None if isinstance(v, jex_core.Literal) else src.get(v) for v in eqn.invars]
+      outs = self.equation(eqn, ins, srcs)
       env.update(zip(eqn.outvars, outs))
-    return [self.read(env, v) for v in jaxpr.outvars]
+      if eqn.primitive.name in _PASS_THROUGH and srcs[0] is not None:
+        src[eqn.outvars[0]] = srcs[0]
+    self.read.update(src[v] for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in src)
+    return [self.value(env, v) for v in jaxpr.outvars]
 
-  def equation(self, eqn, ins: list[list[Axis]]) -> list[list[Axis]]:
+  def equation(self, eqn, ins: list[list[Axis]], srcs: list[int | None]) -> list[list[Axis]]:
     name = eqn.primitive.name
     out_shapes = [v.aval.shape for v in eqn.outvars]
     p = eqn.params
     if name in CALLS and CALLS[name] in p:
       inner = getattr(p[CALLS[name]], "jaxpr", p[CALLS[name]])
-      return self.run(inner, ins[len(ins) - len(inner.invars):])
+      n = len(inner.invars)
+      self.read.update(s for s in srcs[:len(ins) - n] if s is not None)
+      return self.run(inner, ins[len(ins) - n:], srcs[len(ins) - n:])
+    if name == "cond":
+      return self.cond(eqn, ins, srcs)
+    self.read.update(s for s in srcs if s is not None)
+    self.srcs = srcs
     if name in ELEMENTWISE:
       return [self.elementwise(ins, shape) for shape in out_shapes]
     rule = getattr(self, f"rule_{name}", None)
     if rule is not None:
       return rule(eqn, ins, out_shapes)
-    if name not in ("cond", "while", "scan"):
+    if name not in ("while", "scan"):
       self.unknown.add(name)
-    return self.opaque(ins, out_shapes)
+    return self.opaque(ins, out_shapes, name)
 
-  def opaque(self, ins, out_shapes) -> list[list[Axis]]:
+  def cond(self, eqn, ins, srcs) -> list[list[Axis]]:
+    """Every branch interpreted on the same operands; their outputs joined."""
+    if srcs[0] is not None:
+      self.read.add(srcs[0])
+    self.classes.fix(ins[0])
+    outs = None
+    for branch in eqn.params["branches"]:
+      got = self.run(branch.jaxpr, ins[1:], srcs[1:])
+      if outs is None:
+        outs = got
+        continue
+      for x, y in zip(outs, got):
+        for a, b in zip(x, y):
+          self.classes.unify(a, b)
+    return outs
+
+  def opaque(self, ins, out_shapes, why: str | None) -> list[list[Axis]]:
     """Fixes every axis in and out: for what the interpreter cannot see into."""
-    self.classes.fix([a for axes in ins for a in axes])
-    return [self.fresh(s, fixed=True) for s in out_shapes]
+    self.classes.fix([a for axes in ins for a in axes], why)
+    return [self.fresh(s, True, why) for s in out_shapes]
 
   def elementwise(self, ins: list[list[Axis]], shape: Sequence[int]) -> list[Axis]:
     same_rank = [axes for axes in ins if len(axes) == len(shape)]
@@ -247,7 +422,7 @@ class _Interpreter:
   def rule_reshape(self, eqn, ins, out_shapes):
     (shape,) = out_shapes
     if eqn.params.get("dimensions") is not None:
-      return self.opaque(ins, out_shapes)
+      return self.opaque(ins, out_shapes, "reshape")
     flat = [n for axis in ins[0] for n in self.classes.leaves(axis)]
     out = []
     for size in shape:
@@ -255,77 +430,140 @@ class _Interpreter:
       while product < size and flat:
         node = flat[0]
         need = size // product
-        if size % product or (self.classes.size[node] > need and self.classes.size[node] % need):
-          return self.opaque(ins, out_shapes)
-        if self.classes.size[node] > need:
+        big = self.classes.size[node] > need
+        if size % product or (big and (self.classes.size[node] % need or node in self.classes.parts)):
+          return self.opaque(ins, out_shapes, "reshape")
+        if big:
           self.classes.split(node, [need, self.classes.size[node] // need])
           flat = self.classes.leaves([node]) + flat[1:]
           continue
         take.append(flat.pop(0))
         product *= self.classes.size[take[-1]]
       if product != size:
-        return self.opaque(ins, out_shapes)
+        return self.opaque(ins, out_shapes, "reshape")
       out.append(take)
     return [out]
 
-  def _reduce(self, eqn, ins, out_shapes, fix: bool):
+  def _reduce(self, eqn, ins, out_shapes, why: str | None):
     axes = set(eqn.params["axes"])
-    if fix:
-      self.classes.fix([ins[0][d] for d in axes])
+    if why:
+      self.classes.fix([ins[0][d] for d in axes], why)
     kept = [axis for d, axis in enumerate(ins[0]) if d not in axes]
     return [kept for _ in out_shapes]
 
   def rule_argmax(self, eqn, ins, out_shapes):
-    return self._reduce(eqn, ins, out_shapes, fix=True)
+    return self._reduce(eqn, ins, out_shapes, eqn.primitive.name)
 
   rule_argmin = rule_argmax
 
   def _cumulative_op(self, eqn, ins, out_shapes):
-    self.classes.fix([ins[0][eqn.params["axis"]]])
+    self.classes.fix([ins[0][eqn.params["axis"]]], eqn.primitive.name)
     return [ins[0]]
 
   def rule_sort(self, eqn, ins, out_shapes):
     out = self.elementwise(ins, out_shapes[0])
-    self.classes.fix([out[eqn.params["dimension"]]])
+    self.classes.fix([out[eqn.params["dimension"]]], "sort")
     return [out for _ in out_shapes]
 
   def rule_top_k(self, eqn, ins, out_shapes):
-    self.classes.fix([ins[0][-1]])
-    out = ins[0][:-1] + [self.classes.new(out_shapes[0][-1], fixed=True)]
+    self.classes.fix([ins[0][-1]], "top_k")
+    out = ins[0][:-1] + [self.classes.new(out_shapes[0][-1], True, "top_k")]
     return [out, out]
 
   def rule_concatenate(self, eqn, ins, out_shapes):
+    """The output's axis is cut in parts, each joined with its operand's axis."""
     d = eqn.params["dimension"]
-    self.classes.fix([axes[d] for axes in ins])
     out = self.elementwise([axes[:d] + axes[d + 1:] for axes in ins], out_shapes[0][:d] + out_shapes[0][d + 1:])
-    return [out[:d] + [self.classes.new(out_shapes[0][d], fixed=True)] + out[d:]]
+    sizes = [v.aval.shape[d] for v in eqn.invars]
+    joined = self.classes.new(out_shapes[0][d])
+    used = [(s, axes[d]) for s, axes in zip(sizes, ins) if s > 0]
+    if joined and len(used) > 1:
+      self.classes.cat(joined[0], [s for s, _ in used])
+      for (_, part), (_, axis) in zip(self.classes.parts[joined[0]], used):
+        self.classes.unify(part, axis)
+    elif joined:
+      self.classes.unify(joined, used[0][1])
+    return [out[:d] + [joined] + out[d:]]
 
-  def _windowed(self, ins, out_shape, whole: Sequence[bool]):
+  def _windowed(self, ins, out_shape, whole: Sequence[bool], why: str | None):
     """Axes kept whole are carried; the others are fixed, in and out."""
     out = []
     for d, (axis, keep) in enumerate(zip(ins[0], whole)):
       if keep:
         out.append(axis)
       else:
-        self.classes.fix([axis])
-        out.append(self.classes.new(out_shape[d], fixed=True))
+        self.classes.fix([axis], why)
+        out.append(self.classes.new(out_shape[d], True, why))
     return out
 
   def rule_pad(self, eqn, ins, out_shapes):
     whole = [cfg == (0, 0, 0) for cfg in eqn.params["padding_config"]]
-    return [self._windowed(ins, out_shapes[0], whole)]
+    return [self._windowed(ins, out_shapes[0], whole, "pad")]
 
   def rule_slice(self, eqn, ins, out_shapes):
+    """A contiguous slice cuts the axis in parts and takes one; strided slices fix it."""
     shape = eqn.invars[0].aval.shape
     strides = eqn.params["strides"] or (1,) * len(shape)
-    whole = [s == 0 and l == n and st == 1 for s, l, n, st in
-             zip(eqn.params["start_indices"], eqn.params["limit_indices"], shape, strides)]
-    return [self._windowed(ins, out_shapes[0], whole)]
+    out = []
+    for d, (axis, s, l, n, st) in enumerate(
+        zip(ins[0], eqn.params["start_indices"], eqn.params["limit_indices"], shape, strides)):
+      if s == 0 and l == n and st == 1:
+        out.append(axis)
+        continue
+      parts = self.classes.cut(axis, [s, l - s, n - l]) if st == 1 else None
+      if parts is None:
+        self.classes.fix([axis], "slice")
+        out.append(self.classes.new(out_shapes[0][d], True, "slice"))
+        continue
+      self.dropped += [parts[0], parts[2]]
+      self.selected.append(parts[1])
+      out.append(parts[1])
+    return [out]
+
+  def rule_split(self, eqn, ins, out_shapes):
+    d = eqn.params["axis"]
+    parts = self.classes.cut(ins[0][d], [s[d] for s in out_shapes])
+    if parts is None:
+      self.classes.fix([ins[0][d]], "split")
+      parts = [self.classes.new(s[d], True, "split") for s in out_shapes]
+    self.selected.extend(parts)
+    return [ins[0][:d] + [part] + ins[0][d + 1:] for part in parts]
+
+  def rule_unstack(self, eqn, ins, out_shapes):
+    d = eqn.params["axis"]
+    self.classes.fix([ins[0][d]])  # each output is one index of it, as a slice and squeeze
+    return [ins[0][:d] + ins[0][d + 1:] for _ in out_shapes]
+
+  def rule_gather(self, eqn, ins, out_shapes):
+    """Axes taken whole and not indexed pass to their output axes; all others are fixed.
+
+    A lookup of a variable (`E[ids]`, `jnp.take(E, ids, axis=0)`, `nn.Embed`):
+    its indexed axes are fixed by the data, like an argument's, without a
+    warning; any other gather's fixed axes are named in it.
+    """
+    dn = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    operand, indices = ins
+    shape = eqn.invars[0].aval.shape
+    not_offset = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    offset_axes = [a for a in range(len(shape)) if a not in not_offset]
+    passed = {a for a in offset_axes if sizes[a] == shape[a] and a not in dn.start_index_map}
+    lookup = (self.srcs[0] is not None and not dn.operand_batching_dims
+              and set(dn.start_index_map) == set(dn.collapsed_slice_dims)
+              and all(a in passed for a in offset_axes))
+    why = None if lookup else "gather"
+    self.classes.fix([operand[a] for a in range(len(shape)) if a not in passed], why)
+    self.classes.fix(indices)
+    out = self.fresh(out_shapes[0], True, why)
+    for a, o in zip(offset_axes, dn.offset_dims):
+      if a in passed:
+        out[o] = operand[a]
+    return [out]
 
   def rule_dynamic_slice(self, eqn, ins, out_shapes):
     whole = [a == b for a, b in zip(eqn.invars[0].aval.shape, out_shapes[0])]
     self.classes.fix([a for axes in ins[1:] for a in axes])
-    return [self._windowed(ins, out_shapes[0], whole)]
+    return [self._windowed(ins, out_shapes[0], whole, "dynamic_slice")]
 
   def rule_dynamic_update_slice(self, eqn, ins, out_shapes):
     operand, update = ins[0], ins[1]
@@ -333,7 +571,7 @@ class _Interpreter:
       if a == b:
         self.classes.unify(operand[d], update[d])
       else:
-        self.classes.fix([operand[d], update[d]])
+        self.classes.fix([operand[d], update[d]], "dynamic_update_slice")
     self.classes.fix([a for axes in ins[2:] for a in axes])
     return [operand]
 
@@ -342,18 +580,13 @@ class _Interpreter:
     p = eqn.params
     whole = [w == 1 and st == 1 and pad == (0, 0) for w, st, pad in
              zip(p["window_dimensions"], p["window_strides"], p["padding"])]
-    return [self._windowed(ins, out_shapes[0], whole)]
+    return [self._windowed(ins, out_shapes[0], whole, None)]
 
   rule_reduce_window_max = rule_reduce_window_min = rule_reduce_window_sum = _pooled
 
   def rule_rev(self, eqn, ins, out_shapes):
-    self.classes.fix([ins[0][d] for d in eqn.params["dimensions"]])
+    self.classes.fix([ins[0][d] for d in eqn.params["dimensions"]], "rev")
     return [ins[0]]
-
-  def rule_split(self, eqn, ins, out_shapes):
-    d = eqn.params["axis"]
-    self.classes.fix([ins[0][d]])
-    return [ins[0][:d] + [self.classes.new(s[d], fixed=True)] + ins[0][d + 1:] for s in out_shapes]
 
   def rule_iota(self, eqn, ins, out_shapes):
     return [self.fresh(s, fixed=True) for s in out_shapes]
@@ -374,7 +607,7 @@ class _Interpreter:
     lhs, rhs = ins
     dn = p["dimension_numbers"]
     if p["batch_group_count"] != 1:
-      return self.opaque(ins, out_shapes)
+      return self.opaque(ins, out_shapes, "conv_general_dilated with batch_group_count > 1")
     l_batch, l_feat, *l_space = dn.lhs_spec
     r_out, r_in, *r_space = dn.rhs_spec
     o_batch, o_feat, *o_space = dn.out_spec
@@ -404,13 +637,50 @@ class _Interpreter:
 
 
 for _name in INVARIANT_REDUCTIONS:
-  setattr(_Interpreter, f"rule_{_name}", lambda self, eqn, ins, outs: self._reduce(eqn, ins, outs, fix=False))
+  setattr(_Interpreter, f"rule_{_name}", lambda self, eqn, ins, outs: self._reduce(eqn, ins, outs, None))
 for _name in CUMULATIVE:
   setattr(_Interpreter, f"rule_{_name}", _Interpreter._cumulative_op)
 
 
 def _paths(tree_: PyTree) -> list[tuple[str, ...]]:
   return list(tree.leaves_by_path(tree_))
+
+
+class SpecReport(NamedTuple):
+  """A traced spec and what kept variable axes out of it (`spec_report`).
+
+  Attributes:
+    spec: the PermutationSpec `permutation_spec` returns.
+    fixed_by: construct -> the paths of the variables with an axis (or a
+      part or component of one) that the construct alone fixed, e.g.
+      `{"scan": (("params", "layers", "kernel"),)}`. Axes fixed by the
+      function's structure (arguments, outputs, constants, `iota`, the
+      spatial axes of convolutions and windows, the looked-up axis of an
+      embedding) are not listed.
+    unread: the paths of variables the function never reads; they are in no
+      group.
+    unknown: primitives the interpreter has no rule for (they fix every axis
+      they touch).
+  """
+
+  spec: spec_lib.PermutationSpec
+  fixed_by: Mapping[str, tuple[tuple[str, ...], ...]]
+  unread: tuple[tuple[str, ...], ...]
+  unknown: tuple[str, ...]
+
+  def message(self) -> str | None:
+    """The one warning `permutation_spec` gives for this report, or None."""
+    lines = []
+    if self.unknown:
+      lines.append(f"unknown primitives {list(self.unknown)} fix every axis they touch")
+    for why, paths in self.fixed_by.items():
+      lines.append(f"{why} fixed axes of {', '.join(tree.path_str(p) for p in paths)}")
+    if self.unread:
+      lines.append(f"never read, in no group: {', '.join(tree.path_str(p) for p in self.unread)}")
+    if not lines:
+      return None
+    return ("permutation_spec: " + "; ".join(lines)
+            + ". Such axes are left out of every group (DESIGN.md, 'Other definitions', Tracer).")
 
 
 def permutation_spec(
@@ -424,63 +694,135 @@ def permutation_spec(
       `nnx.split`, or plain `jax.numpy` code.
     variables: the whole variables tree (arrays or `jax.ShapeDtypeStruct`s).
     *example_args: example inputs (arrays or shapes); only their shapes matter.
-    warn: warn naming the primitives the interpreter does not know (which it
-      treats as fixing every axis they touch).
+    warn: give one UserWarning naming the constructs that fixed variable
+      axes (scan, while, sort, argmax, gathers other than embeddings, unknown
+      primitives...), with the variables concerned, and the variables never
+      read (`spec_report` returns the same as data).
 
   Returns:
     A PermutationSpec whose groups are the variable axes that can be permuted
     together without changing the function; factored axes carry
-    `AxisRef.factor`.
+    `AxisRef.factor`, parts of an axis used apart (q | k | v) `AxisRef.part`.
+  """
+  report = spec_report(apply_fn, variables, *example_args)
+  message = report.message()
+  if warn and message:
+    warnings.warn(message, stacklevel=2)
+  return report.spec
+
+
+def spec_report(apply_fn: Callable[..., Any], variables: PyTree, *example_args: Any) -> SpecReport:
+  """`permutation_spec`'s spec, with what fixed variable axes and which variables are unread.
+
+  Arguments as for `permutation_spec`; nothing is warned.
   """
   closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *example_args)
   var_paths = _paths(variables)
   var_shapes = [tuple(x.shape) for x in jax.tree.leaves(variables)]
   arg_shapes = [tuple(x.shape) for x in jax.tree.leaves(example_args)]
   interp = _Interpreter()
+  classes = interp.classes
   var_axes = [interp.fresh(s) for s in var_shapes]
   arg_axes = [interp.fresh(s, fixed=True) for s in arg_shapes]
-  outs = interp.run(closed.jaxpr, var_axes + arg_axes)
+  sources = list(range(len(var_paths))) + [None] * len(arg_shapes)
+  outs = interp.run(closed.jaxpr, var_axes + arg_axes, sources)
 
   by_path = dict(zip(var_paths, var_axes))
   for out_path, axes in zip(_paths(out_shape), outs):
     match = next((p for p in var_paths if len(p) <= len(out_path) and out_path[-len(p):] == p), None)
     if match is not None and len(by_path[match]) == len(axes):
       for a, b in zip(by_path[match], axes):
-        interp.classes.unify(a, b)
+        classes.unify(a, b)
     else:
-      interp.classes.fix(axes)
-  if warn and interp.unknown:
-    warnings.warn(
-        f"permutation_spec: unknown primitives {sorted(interp.unknown)} fix every axis they touch",
-        stacklevel=2,
-    )
-  return _collect(interp.classes, var_paths, var_axes)
+      classes.fix(axes)
+  # Parts a slice left out that nothing selects are fixed: what the traced
+  # shapes do not read (position embeddings past the example's length).
+  selected = {classes.find(m) for axis in interp.selected for n in axis for m in classes.current(n)}
+  classes.fix([[m for n in axis for m in classes.current(n) if classes.find(m) not in selected]
+               for axis in interp.dropped])
+  read = [i in interp.read for i in range(len(var_paths))]
+  described = [[_describe(classes, axis) for axis in axes] if r else [] for axes, r in zip(var_axes, read)]
+  return SpecReport(
+      _collect(classes, var_paths, described),
+      _fixed_by(classes, var_paths, var_axes, read),
+      tuple(p for p, r in zip(var_paths, read) if not r),
+      tuple(sorted(interp.unknown)),
+  )
 
 
-def _collect(classes: _Classes, paths, var_axes) -> spec_lib.PermutationSpec:
+def _describe(classes: _Classes, axis: Axis) -> list[tuple[int, Any, Any]]:
+  """`(node, factor, part)` of every current component of a variable's axis.
+
+  An axis cut in parts has each part viewed by a factor; a part cut inside a
+  product component (half of each head's head_dim) has no AxisRef, so its
+  class is fixed here.
+  """
+  top = classes.leaves(axis)
+  out = []
+
+  def components(nodes, part):
+    sizes = [classes.size[n] for n in nodes]
+    for k, node in enumerate(nodes):
+      if node in classes.parts:
+        classes.fix([[node]], "a slice inside a factored axis")
+        continue
+      factor = None
+      if len(nodes) > 1:
+        outer, inner = math.prod(sizes[:k]), math.prod(sizes[k + 1:])
+        view = tuple(s for s in (outer, sizes[k], inner) if s != 1)
+        factor = (view, 0 if outer == 1 else 1)
+      out.append((node, factor, part))
+
+  if len(top) == 1 and top[0] in classes.parts:
+    start = 0
+    for size, p in classes.flat_parts(top[0]):
+      components(classes.leaves(p), (start, start + size))
+      start += size
+  else:
+    components(top, None)
+  return out
+
+
+def _collect(classes: _Classes, paths, described) -> spec_lib.PermutationSpec:
   groups: dict[int, list[spec_lib.AxisRef]] = {}
   names: dict[int, str] = {}
-  for path, axes in zip(paths, var_axes):
-    for d, axis in enumerate(axes):
-      nodes = classes.leaves(axis)
-      sizes = [classes.size[n] for n in nodes]
-      for k, node in enumerate(nodes):
+  for path, axes in zip(paths, described):
+    for d, comps in enumerate(axes):
+      for k, (node, factor, part) in enumerate(comps):
         if classes.is_fixed(node):
           continue
-        factor = None
-        if len(nodes) > 1:
-          outer, inner = math.prod(sizes[:k]), math.prod(sizes[k + 1:])
-          view = tuple(s for s in (outer, sizes[k], inner) if s != 1)
-          factor = (view, 0 if outer == 1 else 1)
         root = classes.find(node)
         if root not in groups:
           groups[root] = []
-          names[root] = f"{tree.path_str(path)}:{d}" + (f"[{k}]" if factor else "")
-        groups[root].append(spec_lib.AxisRef(path, d, factor))
+          where = "" if part is None else f"@{part[0]}"
+          names[root] = f"{tree.path_str(path)}:{d}{where}" + (f"[{k}]" if factor else "")
+        groups[root].append(spec_lib.AxisRef(path, d, factor, part))
   return spec_lib.PermutationSpec(
       {names[r]: refs for r, refs in groups.items()},
       {names[r]: classes.size[r] for r in groups},
   )
+
+
+def _fixed_by(classes: _Classes, paths, var_axes, read) -> dict[str, tuple[tuple[str, ...], ...]]:
+  """Construct -> variables it alone fixed (classes no structural cause fixed)."""
+  causes: dict[int, set[str | None]] = {}
+  for why, nodes in classes.events:
+    for n in nodes:
+      for m in classes.current(n):
+        causes.setdefault(classes.find(m), set()).add(why)
+  out: dict[str, list[tuple[str, ...]]] = {}
+  for path, axes, r in zip(paths, var_axes, read):
+    if not r:
+      continue
+    whys = set()
+    for axis in axes:
+      for n in axis:
+        for m in classes.current(n):
+          if classes.is_fixed(m) and None not in causes.get(classes.find(m), {None}):
+            whys |= causes[classes.find(m)]
+    for why in sorted(whys):
+      out.setdefault(why, []).append(path)
+  return {why: tuple(ps) for why, ps in sorted(out.items())}
 
 
 def capture(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple[str, ...], Any]]]:
@@ -664,3 +1006,47 @@ def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
   record.other_reads.update(origin[v] for v in jaxpr.outvars
                             if not isinstance(v, jex_core.Literal) and origin.get(v))
   return [read(v) for v in jaxpr.outvars]
+
+
+def read_order(apply_fn: Callable[..., Any], variables: PyTree, *example_args: Any) -> list[tuple[str, ...]]:
+  """The variables' paths in the order `apply_fn(variables, *example_args)` first reads them.
+
+  A read is an equation of the traced jaxpr that takes the variable as an
+  operand; calls (`pjit`, `remat2`, custom derivatives...) are followed
+  inside, so a jitted `apply_fn` reads its variables where its layers do.
+  `scan`, `cond` and `while` read all their operands at once. Variables the
+  function never reads are left out.
+
+  Args:
+    apply_fn: as for `permutation_spec`.
+    variables: the whole variables tree (arrays or `jax.ShapeDtypeStruct`s).
+    *example_args: example inputs; only their shapes matter.
+
+  Returns:
+    The paths (tuples of key names, as in AxisRef.path), first read first.
+  """
+  closed = jax.make_jaxpr(apply_fn)(variables, *example_args)
+  sources = _paths(variables) + [None] * len(jax.tree.leaves(example_args))
+  order: dict[tuple[str, ...], None] = {}
+  _first_reads(closed.jaxpr, sources, order)
+  return list(order)
+
+
+def _first_reads(jaxpr, sources: Sequence[tuple[str, ...] | None], order: dict) -> None:
+  """Adds to `order`, in equation order, the variables each equation reads."""
+  origin = {v: s for v, s in zip(jaxpr.invars, sources) if s}
+  for eqn in jaxpr.eqns:
+    read = [None if isinstance(v, jex_core.Literal) else origin.get(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in CALLS and CALLS[name] in eqn.params:
+      inner = eqn.params[CALLS[name]]
+      inner_jaxpr = getattr(inner, "jaxpr", inner)
+      n = len(inner_jaxpr.invars)
+      for path in read[:len(read) - n]:
+        if path:
+          order.setdefault(path)
+      _first_reads(inner_jaxpr, read[len(read) - n:], order)
+      continue
+    for path in read:
+      if path:
+        order.setdefault(path)

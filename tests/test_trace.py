@@ -266,7 +266,6 @@ def test_flax_nnx_through_split():
 @pytest.mark.parametrize("op", [
     lambda h: jnp.cumsum(h, axis=-1),
     lambda h: jnp.sort(h, axis=-1),
-    lambda h: jnp.concatenate([h[:, :3], h[:, 3:] * 2], axis=-1),
     lambda h: jnp.pad(h, ((0, 0), (1, 0)))[:, :-1],
     lambda h: h[:, ::-1],
     lambda h: h * jnp.arange(h.shape[-1]),
@@ -282,6 +281,24 @@ def test_operations_that_order_units_fix_them(op):
 
   spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
   assert not spec.groups
+
+
+def test_slices_concatenated_back_are_parts_of_one_axis():
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.standard_normal((4, 6)).astype(np.float32),
+            "w2": rng.standard_normal((6, 2)).astype(np.float32)}
+
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    return jnp.concatenate([h[:, :3], h[:, 3:] * 2], axis=-1) @ p["w2"]
+
+  x = np.ones((3, 4), np.float32)
+  spec = trace.permutation_spec(fn, params, x)
+  assert _as_sets(spec) == {
+      (3, frozenset([AxisRef(("w1",), 1, None, (0, 3)), AxisRef(("w2",), 0, None, (0, 3))])),
+      (3, frozenset([AxisRef(("w1",), 1, None, (3, 6)), AxisRef(("w2",), 0, None, (3, 6))])),
+  }
+  _assert_invariant(fn, params, spec, x)
 
 
 def test_unknown_primitive_fixes_its_axes_and_is_named():

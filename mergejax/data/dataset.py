@@ -115,3 +115,75 @@ def relabel(y: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     unknown = sorted(set(y[missing].tolist()))
     raise ValueError(f"labels {unknown} are not among classes {classes.tolist()}")
   return order[pos].astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextDataset:
+  """A byte-level language-modelling dataset: windows of a byte stream.
+
+  Window i of a part holds `context` consecutive bytes as the input and the
+  same bytes shifted by one as the targets (the next byte at each position).
+
+  Attributes:
+    name: e.g. `"stdlib_text"`, or `"stdlib_text/code"` for one domain.
+    x_train: i32[n_train, context], bytes in [0, vocab_size).
+    y_train: i32[n_train, context], the next bytes: `y[i, t]` follows `x[i, t]`.
+    x_test: i32[n_test, context].
+    y_test: i32[n_test, context].
+    domain_train: i32[n_train], each window's domain, an index into `domains`.
+    domain_test: i32[n_test].
+    domains: the domains' names, e.g. `("code", "prose")`.
+    vocab_size: the number of byte values, 256.
+  """
+
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  domain_train: np.ndarray
+  domain_test: np.ndarray
+  domains: tuple[str, ...]
+  vocab_size: int = 256
+
+  def __post_init__(self):
+    object.__setattr__(self, "domains", tuple(self.domains))
+    for part in ("train", "test"):
+      x, y = (np.asarray(getattr(self, f"{k}_{part}")) for k in ("x", "y"))
+      d = np.asarray(getattr(self, f"domain_{part}"))
+      if x.ndim != 2 or x.shape != y.shape or d.shape != x.shape[:1]:
+        raise ValueError(
+            f"{self.name}: x_{part} {x.shape}, y_{part} {y.shape} and domain_{part} {d.shape}"
+            " must be [n, context], [n, context] and [n]"
+        )
+      for k, a in (("x", x), ("y", y)):
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+          raise ValueError(f"{self.name}: {k}_{part} has tokens outside [0, {self.vocab_size})")
+      if d.size and (d.min() < 0 or d.max() >= len(self.domains)):
+        raise ValueError(f"{self.name}: domain_{part} outside [0, {len(self.domains)})")
+      object.__setattr__(self, f"x_{part}", x.astype(np.int32))
+      object.__setattr__(self, f"y_{part}", y.astype(np.int32))
+      object.__setattr__(self, f"domain_{part}", d.astype(np.int32))
+    if self.x_train.shape[1] != self.x_test.shape[1]:
+      raise ValueError(f"{self.name}: train and test windows differ in length")
+
+  @property
+  def context(self) -> int:
+    """The window length."""
+    return self.x_train.shape[1]
+
+  @property
+  def num_classes(self) -> int:
+    """The targets' range, `vocab_size` (as `Dataset.num_classes`)."""
+    return self.vocab_size
+
+  def domain(self, name: str) -> "TextDataset":
+    """The windows of one domain, named `f"{self.name}/{name}"`."""
+    if name not in self.domains:
+      raise ValueError(f"{self.name}: no domain {name!r}; domains: {', '.join(self.domains)}")
+    i = self.domains.index(name)
+    tr, te = self.domain_train == i, self.domain_test == i
+    return TextDataset(
+        f"{self.name}/{name}", self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te],
+        np.zeros(tr.sum(), np.int32), np.zeros(te.sum(), np.int32), (name,), self.vocab_size,
+    )

@@ -10,8 +10,13 @@ in both the train and the test set (at the default sizes).
 """
 
 from collections.abc import Iterator
+from collections.abc import Sequence
 import contextlib
+import gzip
+import hashlib
 import importlib
+import json
+import pathlib
 import random
 from types import ModuleType
 from typing import Any
@@ -20,6 +25,7 @@ import numpy as np
 
 from mergejax.data import dispatch
 from mergejax.data.dataset import Dataset
+from mergejax.data.dataset import TextDataset
 
 
 def digits(*, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
@@ -132,7 +138,125 @@ def gaussian_mixture(
   return Dataset("gaussian_mixture", x_train, y_train, x_test, y_test, num_classes=num_classes)
 
 
-LOADERS = {"digits": digits, "mnist1d": mnist1d, "gaussian_mixture": gaussian_mixture}
+TEXT_DOMAINS = ("code", "prose")
+_TEXT_DIR = pathlib.Path(__file__).resolve().parent / "text"
+
+
+def stdlib_text(
+    *,
+    context: int = 128,
+    test_fraction: float = 0.1,
+    domains: Sequence[str] = TEXT_DOMAINS,
+    max_bytes: int | None = None,
+    text_dir: str | None = None,
+) -> TextDataset:
+  """Bytes of Python's standard library: code and prose, for language models.
+
+  A snapshot shipped in the package (`mergejax/data/text/`, built by
+  `python -m mergejax.data.build_text` from CPython 3.11.7's standard
+  library; the manifest there names the modules): 53 pure-Python modules and
+  packages split in two domains, **code** (the source without docstrings and
+  comments: 1,288,120 bytes) and **prose** (those docstrings and comments:
+  735,320 bytes); 497 KB gzipped. Each file is checked against the sha256 in
+  `manifest.json` before it is read. Nothing is rebuilt at run time: the
+  standard library differs between Python builds.
+
+  Each domain's stream is cut by position: its first `1 - test_fraction` is
+  the train part, the rest the test part; each part is cut into consecutive,
+  non-overlapping windows of `context` bytes (the last partial window
+  dropped), the targets being the same bytes shifted by one. At the defaults
+  (context 128, test fraction 0.1): code 9057 train and 1006 test windows,
+  prose 5170 and 574. Nothing is drawn at random, so `seed` plays no part;
+  `data.batches` shuffles.
+
+  Args:
+    context: window length in bytes, >= 1.
+    test_fraction: the share of each domain's bytes, at its end, in the test
+      part, in (0, 1).
+    domains: which domains, in order: `("code", "prose")` (default), or one.
+    max_bytes: if given, only each domain's first `max_bytes` bytes (before
+      the train/test cut), for quick runs.
+    text_dir: read the files and manifest from this directory instead of the
+      package's (e.g. a rebuilt corpus).
+
+  Returns:
+    A `TextDataset`: `x, y: i32[n, context]`, `domain_train/test: i32[n]`
+    indexing `domains`, `vocab_size=256`.
+
+  Raises:
+    ValueError: for a bad option, or a file whose sha256 is not the
+      manifest's (the message says how to rebuild).
+    FileNotFoundError: if the corpus is missing (the same hint).
+  """
+  if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+    raise ValueError(f"context must be a positive int, got {context!r}")
+  _check_fraction("test_fraction", test_fraction)
+  domains = (domains,) if isinstance(domains, str) else tuple(domains)
+  unknown = sorted(set(domains) - set(TEXT_DOMAINS))
+  if not domains or unknown or len(set(domains)) != len(domains):
+    raise ValueError(f"domains must be distinct names among {TEXT_DOMAINS}, got {domains!r}")
+  if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 2):
+    raise ValueError(f"max_bytes must be None or an int >= 2, got {max_bytes!r}")
+  parts = {"train": ([], [], []), "test": ([], [], [])}
+  for i, name in enumerate(domains):
+    stream = np.frombuffer(text_bytes(name, text_dir=text_dir), np.uint8)
+    if max_bytes is not None:
+      stream = stream[:max_bytes]
+    cut = round((1 - test_fraction) * len(stream))
+    for part, piece in (("train", stream[:cut]), ("test", stream[cut:])):
+      n = (len(piece) - 1) // context
+      if n < 1:
+        raise ValueError(
+            f"stdlib_text: the {part} part of {name} ({len(piece)} bytes) holds no window of"
+            f" {context}: lower context or raise max_bytes/test_fraction"
+        )
+      xs, ys, ds = parts[part]
+      xs.append(piece[:n * context].reshape(n, context))
+      ys.append(piece[1:n * context + 1].reshape(n, context))
+      ds.append(np.full(n, i, np.int32))
+  (x_tr, y_tr, d_tr), (x_te, y_te, d_te) = (
+      tuple(np.concatenate(a) for a in parts[p]) for p in ("train", "test"))
+  name = "stdlib_text" if len(domains) > 1 else f"stdlib_text/{domains[0]}"
+  return TextDataset(name, x_tr, y_tr, x_te, y_te, d_tr, d_te, domains)
+
+
+def text_bytes(domain: str, *, text_dir: str | pathlib.Path | None = None) -> bytes:
+  """The whole byte stream of one `stdlib_text` domain, checked against the manifest.
+
+  Raises:
+    ValueError: if the file's sha256 is not the manifest's.
+    FileNotFoundError: if the file or the manifest is missing.
+  """
+  root = pathlib.Path(text_dir) if text_dir is not None else _TEXT_DIR
+  rebuild = (
+      "Reinstall mergejax to restore the shipped files, or rebuild them with"
+      " `python -m mergejax.data.build_text` (add `--out DIR` and pass `text_dir=DIR` to keep"
+      " the shipped ones); a rebuild reproduces the shipped corpus only on the Python the"
+      " manifest names ({python}), and elsewhere writes another corpus with its own manifest."
+  )
+  manifest_path = root / "manifest.json"
+  if not manifest_path.is_file():
+    raise FileNotFoundError(f"stdlib_text: no {manifest_path}. " + rebuild.format(python="3.11.7"))
+  manifest = json.loads(manifest_path.read_text())
+  entry = manifest["files"][domain]
+  path = root / entry["name"]
+  if not path.is_file():
+    raise FileNotFoundError(f"stdlib_text: no {path}. " + rebuild.format(python=manifest["python"]))
+  packed = path.read_bytes()
+  digest = hashlib.sha256(packed).hexdigest()
+  if digest != entry["sha256"]:
+    raise ValueError(
+        f"stdlib_text: {path} has sha256 {digest}, but {manifest_path} records"
+        f" {entry['sha256']}: the file is damaged or not the one built with it. "
+        + rebuild.format(python=manifest["python"])
+    )
+  return gzip.decompress(packed)
+
+
+LOADERS = {
+    "digits": digits, "mnist1d": mnist1d, "gaussian_mixture": gaussian_mixture,
+    "stdlib_text": stdlib_text,
+}
 
 
 def names() -> tuple[str, ...]:
@@ -140,11 +264,12 @@ def names() -> tuple[str, ...]:
   return tuple(LOADERS)
 
 
-def load(name: str, *, seed: int = 0, **options: Any) -> Dataset:
+def load(name: str, *, seed: int = 0, **options: Any) -> Dataset | TextDataset:
   """Loads (or generates) a dataset by name; see each loader for its options.
 
   Args:
-    name: one of `names()`: `"digits"`, `"mnist1d"`, `"gaussian_mixture"`.
+    name: one of `names()`: `"digits"`, `"mnist1d"`, `"gaussian_mixture"`,
+      `"stdlib_text"` (a `TextDataset` of byte windows).
     seed: the dataset's seed (its split, or its generator).
     **options: the loader's keyword options, e.g. `test_fraction=0.25`.
 

@@ -15,6 +15,8 @@ Kinds, as in the model-merging literature:
   space seen through different domains.
 - `"replicas"`: `count` copies of the whole dataset, for models that differ
   only in their seed (Git Re-Basin's setting).
+- `"text_domains"`: a `TextDataset` (`"stdlib_text"`) cut into its domains
+  (code, prose): one language model trained on each makes a pair to merge.
 
 Labels stay global (`Task.local` maps them to a task's own `0..k-1`). Train
 sets of the tasks of one split never share an example, except for replicas. A split is
@@ -31,6 +33,7 @@ import numpy as np
 from mergejax.data import dispatch
 from mergejax.data.dataset import Dataset
 from mergejax.data.dataset import Task
+from mergejax.data.dataset import TextDataset
 from mergejax.data.transforms import transform_fn
 
 
@@ -138,9 +141,20 @@ def replicas(ds: Dataset, *, count: int = 2) -> tuple[Task, ...]:
   )
 
 
+def text_domains(ds: TextDataset) -> tuple[TextDataset, ...]:
+  """One `TextDataset` per domain of `ds`, in `ds.domains` order.
+
+  The windows of different domains never share a byte of the corpus (each
+  domain's stream is windowed on its own), train or test.
+  """
+  if not isinstance(ds, TextDataset):
+    raise ValueError(f"text_domains: splits a TextDataset (e.g. 'stdlib_text'), got {type(ds).__name__}")
+  return tuple(ds.domain(name) for name in ds.domains)
+
+
 SPLITS = {
     "disjoint_labels": disjoint_labels, "imbalanced": imbalanced, "domains": domains,
-    "replicas": replicas,
+    "replicas": replicas, "text_domains": text_domains,
 }
 
 
@@ -149,7 +163,8 @@ def split(ds: Dataset, kind: str, *, seed: int = 0, **options: Any) -> tuple[Tas
 
   Args:
     ds: the dataset.
-    kind: `"disjoint_labels"`, `"imbalanced"`, `"domains"` or `"replicas"`.
+    kind: `"disjoint_labels"`, `"imbalanced"`, `"domains"`, `"replicas"` or
+      `"text_domains"`.
     seed: the split's seed (unused by `"disjoint_labels"`, which draws nothing).
     **options: the kind's options: `classes` (disjoint_labels), `p`
       (imbalanced), `transforms` (domains).

@@ -241,6 +241,12 @@ def leaf_view(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]]
   """
   views: dict[int, tuple[int, ...]] = {}
   for g, r in refs:
+    if r.part is not None:
+      raise NotImplementedError(
+          f"{where or tree.path_str(r.path)}: group {g!r} permutes a part of axis {r.axis} ({r.part}, e.g."
+          " q, k or v of a fused projection split by jnp.split); merges to a new width (PLeaS, ZipIt!,"
+          " combine) do not lay out parts yet: permute, align and weight-average such models, or give"
+          " a hand spec without parts")
     if r.factor is not None:
       view = tuple(r.factor[0])
       if views.setdefault(r.axis, view) != view:

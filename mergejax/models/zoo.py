@@ -17,6 +17,7 @@ import flax.linen as nn
 
 from mergejax import spec
 from mergejax.models import config as config_lib
+from mergejax.models import lm
 from mergejax.models import mlp
 from mergejax.models import resnet
 from mergejax.models import vgg
@@ -26,7 +27,7 @@ _ZOO: dict[str, type[config_lib.ModelConfig]] = {
     c.name: c
     for c in (
         mlp.MLPConfig, vgg.VGGConfig, resnet.ResNet20Config,
-        resnet.ResNet18Config, resnet.ResNet50Config, vit.ViTConfig,
+        resnet.ResNet18Config, resnet.ResNet50Config, vit.ViTConfig, lm.LMConfig,
     )
 }
 
