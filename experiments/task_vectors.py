@@ -23,7 +23,16 @@ For every seed of `config.task_vectors.seeds`:
    (ingredients kept by validation accuracy), task arithmetic, TIES, DARE
    (dropped task vectors, then task arithmetic), DARE-TIES, Fisher-weighted
    averaging (exact Fisher on each task's training inputs), RegMean and
-   RegMean++ (Grams on each task's training inputs).
+   RegMean++ (Grams on each task's training inputs), LiNeS (task arithmetic
+   scaled by depth, blocks in the traced read order), Consensus task
+   arithmetic and TIES, SCE, DOGE, PCB, WIDEN, metrics-weighted averaging
+   (weights from each task model's final training loss), OTA (Fisher-weighted
+   by each task model's final Adam second moments), OPCM (continual, the task
+   models arriving in a seeded order), and LoRA merges of each task vector's
+   rank-r truncation (LoRA task arithmetic, LoRA-LEGO). Two compressions
+   give one model per task instead, each scored on its own task and without
+   a `joint` column: TALL masks (base + mask_t * the summed task vectors) and
+   reversible low-rank merging (each task's LoRA from a shared basis).
 
 Every model is scored task-aware (argmax over the task's own classes) on each
 task and by the mean over tasks, `average`, which settings are chosen by;
@@ -46,7 +55,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -71,7 +80,25 @@ METHODS = {
     "fisher": ("Fisher", ("epsilon",)),
     "regmean": ("RegMean", ("alpha",)),
     "regmean_plus_plus": ("RegMean++", ("alpha",)),
+    "lines": ("LiNeS", ("beta",)),
+    "consensus_task_arithmetic": ("Consensus TA", ("k", "scale")),
+    "consensus_ties": ("Consensus TIES", ("k", "density", "scale")),
+    "tall_masks": ("TALL masks (per task)", ("lambda_t",)),
+    "sce": ("SCE", ("density", "scale")),
+    "doge": ("DOGE", ("density", "scale")),
+    "pcb": ("PCB", ("density", "scale")),
+    "widen": ("WIDEN", ("above_average_ratio", "calibrated_score")),
+    "metric_weighted": ("metrics-weighted average", ("penalty",)),
+    "ota": ("OTA (Adam curvature)", ("power",)),
+    "opcm": ("OPCM (continual)", ("opcm_alpha",)),
+    "lora_arithmetic": ("LoRA task arithmetic", ("rank", "scale")),
+    "lora_lego": ("LoRA-LEGO", ("rank", "merged_rank", "scale")),
+    "reversible_lora": ("reversible low-rank (per task)", ("rank", "num_basis")),
 }
+
+# Methods whose result is one model per task (compressions, not merges): each task is scored on its
+# own model, and `joint` is left out.
+PER_TASK = ("tall_masks", "reversible_lora")
 
 # Parameter -> (whether a value is valid, the valid range in words).
 RANGES = {
@@ -80,6 +107,17 @@ RANGES = {
     "drop": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "epsilon": (lambda v: 0 < v < math.inf, "finite and > 0"),
     "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta": (math.isfinite, "finite"),
+    "k": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+    "lambda_t": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "above_average_ratio": (math.isfinite, "finite"),
+    "calibrated_score": (math.isfinite, "finite"),
+    "penalty": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "power": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "opcm_alpha": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "merged_rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "num_basis": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
 }
 
 BASE, MULTI_TASK, OWN_TASK = "base", "multi-task", "fine-tuned, own task"
@@ -184,9 +222,18 @@ def pretraining_task(config, fit: Sequence[mj.data.Task]) -> mj.data.Task:
   return task
 
 
+class Trained(NamedTuple):
+  """One seed's models: the base, the task models fine-tuned from it, the multi-task model."""
+
+  base: PyTree
+  tuned: list[PyTree]
+  multi_task: PyTree
+  final_losses: list[float]  # Each task model's last logged training loss.
+  adam_states: Callable[[], list[PyTree]]  # Each task model's final optax state, read when called.
+
+
 def train_models(config, model, members: Sequence[train.Member], fit: Sequence[mj.data.Task],
-                 pretraining: mj.data.Task, seed: int, workdir: pathlib.Path
-                 ) -> tuple[PyTree, list[PyTree], PyTree]:
+                 pretraining: mj.data.Task, seed: int, workdir: pathlib.Path) -> Trained:
   """The base, the task models fine-tuned from it, and the multi-task model of one seed.
 
   Each is trained or reused under `workdir` (`train.train_member`); seeds:
@@ -199,24 +246,37 @@ def train_models(config, model, members: Sequence[train.Member], fit: Sequence[m
   workdir.mkdir(parents=True, exist_ok=True)
   base, _ = train.train_member(config, model, train.Member(BASE, pretraining, seed), workdir)
   tune = phase_config(config, ft.num_steps, ft.learning_rate, ft.warmup_steps)
-  tuned = [train.train_member(tune, model, train.Member(m.name, task, seed + 1 + i), workdir, init=base)[0]
-           for i, (m, task) in enumerate(zip(members, fit))]
+  tuned, metrics = zip(*(
+      train.train_member(tune, model, train.Member(m.name, task, seed + 1 + i), workdir, init=base)
+      for i, (m, task) in enumerate(zip(members, fit))))
   multi_config = phase_config(config, len(fit) * ft.num_steps, ft.learning_rate, ft.warmup_steps)
   multi_task, _ = train.train_member(
       multi_config, model, train.Member(MULTI_TASK_MEMBER, everything, seed + 1 + len(fit)), workdir, init=base)
-  return base, tuned, multi_task
+  adam_states = lambda: [train.final_optimizer_state(tune, workdir, m.name, v) for m, v in zip(members, tuned)]
+  return Trained(base, list(tuned), multi_task, [m["losses"][-1][1] for m in metrics], adam_states)
+
+
+class PerTask(NamedTuple):
+  """One model per task (a compression such as TALL masks, not a merge): task i is scored on models[i]."""
+
+  models: list[PyTree]
 
 
 def make_scorer(apply_fn, tasks: Sequence[mj.data.Task], columns: Sequence[str]
-                ) -> Callable[[PyTree], dict[str, float]]:
+                ) -> Callable[[PyTree | PerTask], dict[str, float]]:
   """variables -> {column of each task: task-aware accuracy, "average": their mean, "joint": ...}.
 
+  `PerTask` models score each task on its own model and have no `joint`.
   `apply_fn` is compiled once per input shape, with the variables as an
   argument, so scoring many merges compiles nothing new.
   """
   logits = jax.jit(apply_fn)
 
   def score(variables):
+    if isinstance(variables, PerTask):
+      row = {c: evaluate.score_model(functools.partial(logits, v), [t])[t.name]
+             for c, t, v in zip(columns, tasks, variables.models)}
+      return {**row, "average": float(np.mean(list(row.values())))}
     scores = evaluate.score_model(functools.partial(logits, variables), tasks)
     row = {c: scores[t.name] for c, t in zip(columns, tasks)}
     return {**row, "average": float(np.mean(list(row.values()))), "joint": scores["joint"]}
@@ -224,13 +284,16 @@ def make_scorer(apply_fn, tasks: Sequence[mj.data.Task], columns: Sequence[str]
   return score
 
 
-def merge_fns(config, apply_fn, base: PyTree, tuned: list[PyTree], fit: Sequence[mj.data.Task], seed: int,
-              validation_average: Callable[[PyTree], float]) -> dict[str, Callable[..., tuple[PyTree, dict]]]:
+def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], seed: int,
+              validation_average: Callable[[PyTree], float]
+              ) -> dict[str, Callable[..., tuple[PyTree | PerTask, dict]]]:
   """Method id -> (setting -> (merged variables, notes for the JSON)).
 
-  Statistics (Fishers, Grams) are computed on each task's fitting inputs the
-  first time a method needs them, once per seed.
+  Statistics (Fishers, Grams, Adam states, LoRA factors, LiNeS's blocks) are
+  computed the first time a method needs them, once per seed; Fishers and
+  Grams on each task's fitting inputs.
   """
+  base, tuned = trained.base, trained.tuned
   key = jax.random.key(seed)
   inputs = [functools.partial(mj.data.batches, t.x_train, batch_size=config.task_vectors.batch_size,
                               shuffle=False) for t in fit]
@@ -250,9 +313,38 @@ def merge_fns(config, apply_fn, base: PyTree, tuned: list[PyTree], fit: Sequence
   def grams():
     return timed("RegMean Grams", lambda: [mj.merge.regmean_grams(apply_fn, v, x) for v, x in zip(tuned, inputs)])
 
+  @functools.cache
+  def blocks():
+    return mj.merge.blocks_in_read_order(apply_fn, base, fit[0].x_train[:1])
+
+  @functools.cache
+  def second_moments():
+    """Each task model's Adam second moments at the end of fine-tuning; other collections weigh 1."""
+    return [{**jax.tree.map(np.ones_like, v), "params": mj.merge.adam_second_moments(state, v["params"])}
+            for v, state in zip(tuned, trained.adam_states())]
+
+  @functools.cache
+  def adapters(rank):
+    return [mj.merge.lora_extract(base, v, int(rank)) for v in tuned]
+
   def greedy_soup():
     soup, chosen = mj.merge.greedy_soup(tuned, validation_average)
     return soup, {"ingredients": [config.members[i] for i in chosen]}
+
+  def tall_masks(lambda_t):
+    masks = mj.merge.tall_masks(base, tuned, lambdas=lambda_t)
+    multitask = mj.merge.multitask_vector(base, tuned)
+    kept = [float(np.mean(np.concatenate([np.ravel(m) for m in jax.tree.leaves(mask)]))) for mask in masks]
+    return PerTask([mj.merge.tall_reconstruct(base, multitask, m) for m in masks]), {"kept_fraction": kept}
+
+  def opcm(opcm_alpha):
+    order = [int(i) for i in jax.random.permutation(jax.random.fold_in(key, 1), len(tuned))]
+    merged = mj.merge.merge_in_order(mj.merge.opcm(opcm_alpha), base, tuned, order)
+    return merged, {"order": [config.members[i] for i in order]}
+
+  def reversible_lora(rank, num_basis):
+    merged = mj.merge.reversible_merge(adapters(rank), int(num_basis))
+    return PerTask([mj.merge.lora_apply(base, mj.merge.reversible_task(merged, t)) for t in range(len(tuned))]), {}
 
   return {
       "average": lambda: (mj.merge.average(tuned), {}),
@@ -265,14 +357,37 @@ def merge_fns(config, apply_fn, base: PyTree, tuned: list[PyTree], fit: Sequence
       "fisher": lambda epsilon: (mj.merge.fisher(tuned, fishers(), epsilon=epsilon), {}),
       "regmean": lambda alpha: (mj.merge.regmean(tuned, grams(), alpha=alpha), {}),
       "regmean_plus_plus": lambda alpha: (mj.merge.regmean_plus_plus(apply_fn, tuned, inputs, alpha=alpha), {}),
+      "lines": lambda beta: (mj.merge.lines(base, tuned, blocks=blocks(), beta=beta), {}),
+      "consensus_task_arithmetic": lambda k, scale: (
+          mj.merge.consensus_task_arithmetic(base, tuned, k=int(k), scale=scale), {}),
+      "consensus_ties": lambda k, density, scale: (
+          mj.merge.consensus_ties(base, tuned, k=int(k), density=density, scale=scale), {}),
+      "tall_masks": tall_masks,
+      "sce": lambda density, scale: (mj.merge.sce(base, tuned, density=density, scale=scale), {}),
+      "doge": lambda density, scale: (mj.merge.doge(base, tuned, density=density, scale=scale), {}),
+      "pcb": lambda density, scale: (mj.merge.pcb(base, tuned, density=density, scale=scale), {}),
+      "widen": lambda above_average_ratio, calibrated_score: (
+          mj.merge.widen(base, tuned, above_average_ratio=above_average_ratio, calibrated_score=calibrated_score),
+          {}),
+      "metric_weighted": lambda penalty: (
+          mj.merge.metric_weighted_average(tuned, trained.final_losses, penalty=penalty),
+          {"weights": mj.merge.metric_weights(trained.final_losses, penalty=penalty).tolist()}),
+      "ota": lambda power: (mj.merge.ota(tuned, second_moments(), power=power), {}),
+      "opcm": opcm,
+      "lora_arithmetic": lambda rank, scale: (
+          mj.merge.lora_apply(base, mj.merge.lora_sum(adapters(rank), scale=scale)), {}),
+      "lora_lego": lambda rank, merged_rank, scale: (
+          mj.merge.lora_apply(base, mj.merge.lora_lego(adapters(rank), int(merged_rank), key=key), scale=scale),
+          {}),
+      "reversible_lora": reversible_lora,
   }
 
 
 def run_seed(config, model, members, fit, validation, pretraining, seed: int, workdir: pathlib.Path
              ) -> list[dict]:
   """Trains one seed's models, merges them at every setting, and scores everything."""
-  base, tuned, multi_task = train_models(config, model, members, fit, pretraining, seed,
-                                         workdir / f"seed{seed}")
+  trained = train_models(config, model, members, fit, pretraining, seed, workdir / f"seed{seed}")
+  base, tuned = trained.base, trained.tuned
   apply_fn = functools.partial(model.apply, train=False)
   columns = list(config.members)
   score_validation = make_scorer(apply_fn, validation, columns)
@@ -282,12 +397,12 @@ def run_seed(config, model, members, fit, validation, pretraining, seed: int, wo
     return {"seed": seed, "method": method, "setting": setting or {}, **notes,
             "validation": score_validation(variables), "test": score_test(variables)}
 
-  runs = [row(BASE, base), row(MULTI_TASK, multi_task)]
+  runs = [row(BASE, base), row(MULTI_TASK, trained.multi_task)]
   tuned_rows = [row(f"fine-tuned {name}", v) for name, v in zip(columns, tuned)]
   own = {split: {c: r[split][c] for c, r in zip(columns, tuned_rows)} for split in ("validation", "test")}
   runs += tuned_rows + [{"seed": seed, "method": OWN_TASK, "setting": {},
                          **{s: {**o, "average": float(np.mean(list(o.values())))} for s, o in own.items()}}]
-  fns = merge_fns(config, apply_fn, base, tuned, fit, seed, lambda v: score_validation(v)["average"])
+  fns = merge_fns(config, apply_fn, trained, fit, seed, lambda v: score_validation(v)["average"])
   for method in swept_methods(config):
     for setting in grid(method, config.task_vectors.sweeps[method]):
       start = time.perf_counter()

@@ -184,9 +184,10 @@ def train_member(
           member.name, step, config.num_steps, float(loss), rate,
           (config.num_steps - step) / rate,
       )
-    if step % config.checkpoint_every == 0:
-      # A copy: the save is asynchronous and `losses` keeps growing meanwhile.
-      manager.save(step, args=ocp.args.Composite(
+    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      # The last step is always saved: its optimizer state is the training's curvature
+      # (`final_optimizer_state`). A copy of `losses`: the save is asynchronous and it keeps growing.
+      manager.save(step, force=True, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), losses=ocp.args.JsonSave(list(losses))))
   manager.wait_until_finished()
 
@@ -215,6 +216,28 @@ def train_member(
   (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
   logging.info("%s: task-aware test accuracy on %s: %.4f", member.name, task.name, metrics["test_accuracy"])
   return variables, metrics
+
+
+def final_optimizer_state(config, workdir: pathlib.Path, member_name: str, variables: Any) -> Any:
+  """The optax state at the end of a member's training, read from its last checkpoint.
+
+  Args:
+    config: the config the member was trained with.
+    workdir: the directory holding the member's directory.
+    member_name: the member's name.
+    variables: its final variables (the structure to restore into).
+
+  Raises:
+    ValueError: the member's last checkpoint is not its final step (a model
+      trained before final steps were checkpointed: delete its directory).
+  """
+  manager = checkpoint_manager(workdir / member_name / "checkpoints", config)
+  if manager.latest_step() != config.num_steps:
+    raise ValueError(f"{workdir / member_name}: the last checkpoint is step {manager.latest_step()}, not the"
+                     f" final step {config.num_steps}; delete the directory to train it again")
+  like = {**variables, "opt_state": make_optimizer(config).init(variables["params"]), "step": jnp.int32(0)}
+  restored = manager.restore(config.num_steps, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+  return restored["state"]["opt_state"]
 
 
 def train_pair(config, workdir: str | pathlib.Path) -> tuple[list[Member], Any, list, list[dict]]:

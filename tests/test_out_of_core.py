@@ -64,18 +64,20 @@ def ckpts(tmp_path_factory):
 
 def _in_memory(method, ckpts, n, kwargs):
   models = [io.restore(p) for p in ckpts["models"][:n]]
-  if method == "average":
-    return merge.average(models, **kwargs)
-  if method == "fisher":
-    return merge.fisher(models, [io.restore(p) for p in ckpts["fishers"][:n]], **kwargs)
-  return getattr(merge, method)(io.restore(ckpts["base"]), models, **kwargs)
+  fn = getattr(merge, method)
+  reads = out_of_core.METHODS[method]
+  if reads == "models":
+    return fn(models, **kwargs)
+  if reads == "curvature":
+    return fn(models, [io.restore(p) for p in ckpts["fishers"][:n]], **kwargs)
+  return fn(io.restore(ckpts["base"]), models, **kwargs)
 
 
 def _out_of_core(method, ckpts, n, kwargs, out, **options):
   inputs = {}
-  if method in ("task_arithmetic", "ties", "dare", "dare_ties"):
+  if out_of_core.METHODS[method] == "base":
     inputs["base_path"] = ckpts["base"]
-  if method == "fisher":
+  if out_of_core.METHODS[method] == "curvature":
     inputs["fisher_paths"] = ckpts["fishers"][:n]
   return io.merge_checkpoints(method, ckpts["models"][:n], out, **inputs, **options, **kwargs)
 
@@ -104,6 +106,14 @@ CASES = [
     ("dare", 2, {"drop": 0.5, "key": KEY}),
     ("dare_ties", 2, {"drop": 0.3, "density": 0.5, "key": KEY, "trim": "global"}),
     ("fisher", 2, {"weights": [1.0, 2.0]}),
+    ("metric_weighted_average", 3, {"metrics": [0.5, 1.0, 2.0], "penalty": 2.0}),
+    ("consensus_task_arithmetic", 3, {"k": 2, "scale": 0.7}),
+    ("consensus_ties", 3, {"k": 1, "density": 0.5, "trim": "global"}),
+    ("sce", 3, {"density": 0.5}),
+    ("pcb", 3, {"density": 0.3, "scope": "tensor"}),
+    ("widen", 3, {}),
+    ("doge", 2, {"steps": 5, "learning_rate": 0.01, "scale": 0.5}),
+    ("ota", 2, {"power": 0.5}),
 ]
 
 
@@ -248,6 +258,8 @@ ERRORS = [
     (lambda c, t: ("ties", c["models"], {"base_path": c["base"], "density": 0.0, "trim": "global"}), ValueError, "density must be in"),
     (lambda c, t: ("dare", c["models"], {"base_path": c["base"], "drop": 1.0, "key": KEY}), ValueError, "drop must be in"),
     (lambda c, t: ("average", c["models"], {"weights": [1.0, 2.0]}), ValueError, "3 models but weights"),
+    (lambda c, t: ("pcb", c["models"], {"base_path": c["base"]}), ValueError, "scope='global' couples every leaf"),
+    (lambda c, t: ("ota", c["models"], {}), ValueError, "ota needs one fisher_paths entry per model"),
 ]
 
 

@@ -407,3 +407,284 @@ def test_mismatched_or_missing_models_are_named(name):
 def test_bad_arguments_are_rejected(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
     _MERGES[name]([_MODEL, _MODEL], **kwargs)
+
+
+# Other tools' conventions: NumPy transcriptions of FusionBench's and
+# mergekit's algorithms (read from tanganke/fusion_bench
+# method/ties_merging/ties_merging_utils.py and method/dare/, and from
+# arcee-ai/mergekit sparsify.py and merge_methods/generalized_task_arithmetic.py),
+# with the tools' torch random masks replaced by mergejax's `leaf_key` masks.
+
+
+@st.composite
+def fixed_base_and_models(draw, discrete):
+  """A base and 3 models of one fixed structure (so that examples share their
+  compilations), entries small integers (`discrete`) or standard normal."""
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  draw_leaf = lambda shape: (rng.integers(-3, 4, shape) if discrete else rng.normal(size=shape)).astype(np.float32)
+  return [{"a": {"w": draw_leaf((4, 5))}, "b": draw_leaf((5,)), "c": draw_leaf(())} for _ in range(4)]
+
+
+def fusion_bench_ties(base, models, density, scale, merge_func):
+  """FusionBench's `ties_merging` of the whole flattened model. (Its DARE,
+  `param_random_drop_`, divides survivors by 1 - drop, as mergejax's.)"""
+  flat = lambda leaves: np.concatenate([np.ravel(x) for x in leaves])
+  v = np.stack([flat(t) for t in reference_task_vectors(base, models)])
+  d = v.shape[1]
+  k = d - int(d * density)  # topk_values_mask: the k-th smallest |v| is the threshold.
+  kth = np.sort(np.abs(v), axis=1)[:, k - 1 : k]
+  v = v * (np.abs(v) >= kth)
+  sign = np.sign(v.sum(axis=0))  # resolve_sign
+  sign[sign == 0] = np.sign(sign.sum())
+  selected = v * np.where(sign > 0, v > 0, v < 0)  # disjoint_merge
+  if merge_func == "mean":
+    merged = selected.sum(axis=0) / np.maximum((selected != 0).sum(axis=0), 1)
+  else:
+    merged = selected.sum(axis=0)
+  flat_base = flat([b for _, b in _leaves(base)]).astype(np.float64)
+  out = flat_base + scale * merged
+  sizes = np.cumsum([b.size for _, b in _leaves(base)])[:-1]
+  return _unflatten(base, [x.reshape(b.shape) for x, (_, b) in zip(np.split(out, sizes), _leaves(base))])
+
+
+def mergekit_l1_rescale(tau, kept):
+  """mergekit's `rescaled_masked_tensor(tau, kept, RescaleNorm.l1)`."""
+  masked = tau * kept
+  before, after = np.abs(tau).sum(), np.abs(masked).sum()
+  if before < 1e-7 or after < 1e-7:
+    return masked
+  return masked * (before / after)
+
+
+def mergekit_task_vectors(base, models, drop, key):
+  """[[leaf of tau_i]]: mergekit's `bernoulli` sparsification (density = 1 -
+  drop) with the L1 rescale, the mask drawn as mergejax draws DARE's."""
+  out = []
+  for i, model in enumerate(models):
+    taus = []
+    for (path, b), (_, x) in zip(_leaves(base), _leaves(model)):
+      tau = x - b
+      if key is not None:
+        leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), zlib.crc32(path.encode()))
+        kept = np.asarray(jax.random.bernoulli(leaf_key, 1.0 - drop, tau.shape))
+        tau = mergekit_l1_rescale(tau, kept)
+      taus.append(tau)
+    out.append(taus)
+  return out
+
+
+def mergekit_magnitude(tau, density):
+  """mergekit's `sparsify.magnitude`: the int(density * n) largest |tau|
+  (mergekit asserts that is > 0; mergejax keeps 1 there)."""
+  if density >= 1:
+    return tau
+  k = max(1, int(density * tau.size))
+  mask = np.zeros(tau.size)
+  mask[np.argsort(-np.abs(tau).ravel(), kind="stable")[:k]] = 1
+  return tau * mask.reshape(tau.shape)
+
+
+def mergekit_gta(base, models, weights, lam, density=None, consensus=True, normalize=True, drop=0.0, key=None):
+  """mergekit's `GTATask.execute` leaf by leaf: sparsify, weigh, elect by the
+  weighted sum (+1 where it is >= 0), mix, normalise by the agreeing weights."""
+  taus = mergekit_task_vectors(base, models, drop, key)
+  merged = []
+  for j, (_, b) in enumerate(_leaves(base)):
+    deltas = np.stack([t[j] if density is None else mergekit_magnitude(t[j], density) for t in taus])
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * b.ndim)
+    weighted = deltas * w
+    if consensus:
+      majority = np.where(weighted.sum(axis=0) >= 0, 1, -1)
+      mask = np.sign(weighted) == majority
+      mixed, divisor = (weighted * mask).sum(axis=0), (w * mask).sum(axis=0)
+      divisor = np.where(divisor == 0, 1, divisor)
+    else:
+      mixed, divisor = weighted.sum(axis=0), w.sum(axis=0)
+    merged.append(b + lam * (mixed / divisor if normalize else mixed))
+  return _unflatten(base, merged)
+
+
+@hypothesis.settings(max_examples=8)  # each example compiles every merge anew
+@hypothesis.given(
+    fixed_base_and_models(discrete=True),
+    st.one_of(st.floats(0.01, 0.99), st.integers(1, 25).map(lambda k: k / 26)),  # 26 entries
+    scales, st.sampled_from(["mean", "sum"]),
+)
+def test_fusion_bench_convention_matches_its_ties_merging(trees, density, scale, merge_func):
+  base, *models = trees
+  got = mj.merge.ties(
+      base, models, density=density, scale=scale, trim="global", convention="fusion_bench",
+      aggregate=merge_func,
+  )
+  assert_trees_close(got, fusion_bench_ties(base, models, density, scale, merge_func))
+
+
+@hypothesis.settings(max_examples=8)  # each example compiles every merge anew
+@hypothesis.given(
+    fixed_base_and_models(discrete=False), st.floats(0.05, 1.0), st.floats(0.1, 2.0), scales,
+    st.booleans(),
+)
+def test_mergekit_convention_matches_its_ties(trees, density, weight, lam, normalize):
+  base, *models = trees  # Normal entries: no two magnitudes tie, where mergekit keeps exactly k.
+  got = mj.merge.ties(
+      base, models, density=density, convention="mergekit",
+      scale=lam if normalize else lam * weight, aggregate="mean" if normalize else "sum",
+  )
+  want = mergekit_gta(base, models, [weight] * len(models), lam, density, normalize=normalize)
+  assert_trees_close(got, want)
+
+
+@hypothesis.settings(max_examples=8)  # each example compiles every merge anew
+@hypothesis.given(
+    fixed_base_and_models(discrete=True), st.floats(0.05, 1.0), st.floats(0.1, 2.0), scales, keys
+)
+def test_mergekit_convention_matches_its_dare_ties_and_dare_linear(trees, density, weight, lam, key):
+  base, *models = trees
+  # mergekit's dare_ties does no magnitude trim: density 1 (a global trim
+  # keeping every entry, as the out-of-core test's, which shares compilations).
+  got = mj.merge.dare_ties(
+      base, models, drop=1 - density, density=1.0, key=key, scale=lam * weight,
+      trim="global", convention="mergekit", aggregate="sum",
+  )
+  want = mergekit_gta(base, models, [weight] * len(models), lam, normalize=False, drop=1 - density, key=key)
+  assert_trees_close(got, want)
+  weights = [weight * (i + 1) for i in range(len(models))]
+  got = mj.merge.dare(
+      base, models, drop=1 - density, key=key, scale=[lam * w for w in weights], convention="mergekit"
+  )
+  want = mergekit_gta(base, models, weights, lam, consensus=False, normalize=False, drop=1 - density, key=key)
+  assert_trees_close(got, want)
+
+
+# Two task vectors with three large entries each. At density 0.2 (d n = 2,
+# an integer) mergejax and mergekit keep 2 entries, FusionBench 3; at 0.25
+# (d n = 2.5) mergejax and FusionBench keep 3, mergekit 2.
+_KEEP_BASE = {"w": np.zeros(10, np.float32)}
+_KEEP_MODELS = [
+    {"w": np.array([9, 8, 7, 0, 6, 0, 0, 0, 0, 0], np.float32)},
+    {"w": np.array([0, 0, 0, -9, -6, 0, -0.5, 0, 0, 0], np.float32)},
+]
+_TWO = [9, 8, 0, -9, -6, 0, 0, 0, 0, 0]
+_THREE = [9, 8, 7, -9, -6, 0, -0.5, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "convention, density, want",
+    [
+        ("mergejax", 0.2, _TWO), ("fusion_bench", 0.2, _THREE), ("mergekit", 0.2, _TWO),
+        ("mergejax", 0.25, _THREE), ("fusion_bench", 0.25, _THREE), ("mergekit", 0.25, _TWO),
+    ],
+)
+def test_each_convention_keeps_its_own_count(convention, density, want):
+  merged = mj.merge.ties(_KEEP_BASE, _KEEP_MODELS, density=density, convention=convention)
+  np.testing.assert_array_equal(merged["w"], want)
+
+
+# Four non-zero entries each, all kept at density 0.4 by every keep rule.
+# Entries 0, 1 are elected +, 2, 3, 5 are elected -, and entry 4 sums to 0.
+_BALANCE_MODELS = [
+    {"w": np.array([9, 8, 7, 0, 6, 0, 0, 0, 0, 0], np.float32)},
+    {"w": np.array([0, 0, -8.5, -9, -6, -7.5, 0, 0, 0, 0], np.float32)},
+]
+
+
+@pytest.mark.parametrize(
+    "convention, entry_4",
+    [("mergejax", 0), ("fusion_bench", -6), ("mergekit", 6)],  # none, the majority -, +
+)
+def test_each_convention_signs_a_zero_sum_its_own_way(convention, entry_4):
+  merged = mj.merge.ties(_KEEP_BASE, _BALANCE_MODELS, density=0.4, convention=convention)
+  np.testing.assert_array_equal(merged["w"], [9, 8, -8.5, -9, entry_4, -7.5, 0, 0, 0, 0])
+  assert mj.merge.ties_sign_balance(_KEEP_BASE, _BALANCE_MODELS, 0.4, convention=convention) == 2 - 3
+
+
+def test_majority_sign_follows_the_balance_and_is_minus_on_a_tie():
+  base = {"w": np.zeros(3, np.float32)}
+  models = [{"w": np.array([4, 1, 0], np.float32)}, {"w": np.array([-4, 0, 0], np.float32)}]
+  fusion_bench = dict(density=1.0, convention="fusion_bench")
+  # The balance is 1 (entry 1): entry 0's zero sum is elected +.
+  np.testing.assert_array_equal(mj.merge.ties(base, models, **fusion_bench)["w"], [4, 1, 0])
+  # Given explicitly, as an out-of-core merge does; 0 selects the negative values.
+  np.testing.assert_array_equal(mj.merge.ties(base, models, sign_balance=-7, **fusion_bench)["w"], [-4, 1, 0])
+  np.testing.assert_array_equal(mj.merge.ties(base, models, sign_balance=0, **fusion_bench)["w"], [-4, 1, 0])
+
+
+def test_l1_rescale_keeps_each_leafs_l1_norm_and_is_biased_on_small_leaves():
+  base = {"big": np.zeros((4, 5), np.float32), "one": np.zeros((), np.float32)}
+  model = {"big": np.linspace(-1, 2, 20, dtype=np.float32).reshape(4, 5), "one": np.float32(3)}
+  drop = 0.5
+  ones = []
+  for seed in range(16):
+    key = jax.random.key(seed)
+    l1 = mj.merge.dare(base, [model], drop=drop, key=key, convention="mergekit")
+    np.testing.assert_allclose(np.abs(l1["big"]).sum(), np.abs(model["big"]).sum(), rtol=1e-5)
+    ones.append(float(l1["one"]))
+    kept = np.asarray(mj.merge.dare(base, [model], drop=drop, key=key)["big"]) != 0
+    np.testing.assert_array_equal(np.asarray(l1["big"]) != 0, kept)  # the same mask
+  # A surviving one-entry leaf is scaled by 1: its mean is (1 - drop) 3, not 3.
+  assert set(ones) == {0.0, 3.0}
+  # The tools' rescale=False: survivors as they are.
+  no_rescale = mj.merge.task_vectors.CONVENTIONS["fusion_bench"]._replace(rescale="none")
+  plain = mj.merge.dare(base, [model], drop=drop, key=key, convention=no_rescale)["big"]
+  np.testing.assert_array_equal(plain, np.where(kept, model["big"], 0))
+
+
+def test_l1_rescale_leaves_a_tiny_leaf_unscaled():
+  base = {"w": np.zeros((4, 5), np.float32)}
+  model = {"w": np.full((4, 5), 1e-10, np.float32)}  # ||tau||_1 < 1e-7
+  got = mj.merge.dare(base, [model], drop=0.5, key=jax.random.key(0), convention="mergekit")["w"]
+  assert sorted(set(np.asarray(got).ravel().tolist())) == [0.0, float(np.float32(1e-10))]
+
+
+@pytest.mark.parametrize(
+    "density, size, ks",
+    [(0.7, 10, (7, 8, 7)), (0.29, 100, (29, 29, 28)), (0.2, 3, (1, 1, 1)), (1.0, 5, (5, 5, 5)),
+     (0.5, 0, (0, 0, 0)), (0.99, 10, (10, 10, 9))],
+)
+def test_keep_rules(density, size, ks):
+  conventions = mj.merge.task_vectors.CONVENTIONS
+  got = tuple(conventions[c].keep_count(density, size) for c in ("mergejax", "fusion_bench", "mergekit"))
+  assert got == ks
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("ties", {"convention": "torch"}, "convention must be one of"),
+        ("ties", {"convention": mj.merge.task_vectors.Convention("ceil", "up", "l1")}, "convention.zero_sign must be one of"),
+        ("dare", {"convention": mj.merge.task_vectors.Convention("ceil", "none", "l2")}, "convention.rescale must be one of"),
+        ("ties_thresholds", {"convention": mj.merge.task_vectors.Convention("round", "none", "l1")}, "convention.keep_rule must be one of"),
+        ("ties", {"aggregate": "max"}, "aggregate must be one of"),
+        ("ties", {"sign_balance": 3}, "the majority zero sign's"),
+        ("dare_ties", {"convention": "fusion_bench", "sign_balance": 0.5}, "sign_balance must be an integer"),
+    ],
+)
+def test_bad_conventions_are_rejected(name, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _MERGES[name]([_MODEL, _MODEL], **kwargs)
+  with pytest.raises(ValueError, match="convention must be one of"):
+    mj.merge.ties_sign_balance(_BASE, [_MODEL], 0.5, convention="torch")
+
+
+@pytest.mark.parametrize(
+    "method, discrete, kwargs",
+    [
+        # 25 entries at density 0.2: FusionBench's k is 6 (mergejax's 5), and
+        # the majority sign (a balance of 1 here) decides zero sums.
+        ("ties", True, {"density": 0.2, "trim": "global", "convention": "fusion_bench", "aggregate": "sum"}),
+        # At density 0.5, mergekit's k is 12 (mergejax's 13) of the L1-rescaled
+        # dropped task vectors, whose threshold differs from the 1 / (1 - drop) ones.
+        ("dare_ties", False, {"drop": 0.4, "density": 0.5, "key": _KEY, "trim": "global",
+                              "convention": "mergekit", "aggregate": "sum"}),
+    ],
+)
+def test_out_of_core_reproduces_a_non_default_convention(tmp_path, method, discrete, kwargs):
+  rng = np.random.default_rng(3)
+  base = {"a": {"w": rng.integers(-3, 4, (4, 5)).astype(np.float32)}, "b": rng.integers(-3, 4, 5).astype(np.float32)}
+  noise = (lambda s: rng.integers(-2, 3, s)) if discrete else (lambda s: rng.normal(size=s))
+  models = [jax.tree.map(lambda x: x + noise(x.shape).astype(np.float32), base) for _ in range(3)]
+  paths = [mj.io.save(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+  got = mj.io.restore(mj.io.merge_checkpoints(
+      method, paths, tmp_path / "merged", base_path=mj.io.save(tmp_path / "base", base), **kwargs))
+  want = getattr(mj.merge, method)(base, models, **kwargs)
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-7)

@@ -27,6 +27,20 @@ def _small_config():
       "fisher": {"epsilon": (1e-8, 1e-4)},
       "regmean": {"alpha": (0.5, 0.9)},
       "regmean_plus_plus": {"alpha": (0.9,)},
+      "lines": {"beta": (0.0, 1.0)},
+      "consensus_task_arithmetic": {"k": (0,), "scale": (0.5,)},
+      "consensus_ties": {"k": (2,), "density": (0.5,), "scale": (1.0,)},
+      "tall_masks": {"lambda_t": (0.4,)},
+      "sce": {"density": (0.5,), "scale": (1.0,)},
+      "doge": {"density": (0.3,), "scale": (1.0,)},
+      "pcb": {"density": (0.1,), "scale": (1.0,)},
+      "widen": {"above_average_ratio": (1.0,), "calibrated_score": (0.5,)},
+      "metric_weighted": {"penalty": (0.0, 2.0)},
+      "ota": {"power": (0.5,)},
+      "opcm": {"opcm_alpha": (0.5,)},
+      "lora_arithmetic": {"rank": (4,), "scale": (0.5,)},
+      "lora_lego": {"rank": (4,), "merged_rank": (4,), "scale": (1.0,)},
+      "reversible_lora": {"rank": (4,), "num_basis": (5,)},
   }
   return config
 
@@ -62,6 +76,15 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
   assert own["test"]["average"] > base["test"]["average"]
   # Greedy soups pick their ingredients among the task models, on validation.
   assert set(by("greedy soup")["ingredients"]) <= set(members)
+  # Identities through the experiment: consensus over k = 0 masks is task arithmetic, and a metric
+  # penalty of 0 weighs the models equally.
+  assert by("Consensus TA", k=0.0, scale=0.5)["test"] == by("task arithmetic", scale=0.5)["test"]
+  assert by("metrics-weighted average", penalty=0.0)["test"] == by("average")["test"]
+  # Compressions score each task on its own reconstructed model: they have no joint accuracy.
+  for name, setting in (("TALL masks (per task)", {"lambda_t": 0.4}),
+                        ("reversible low-rank (per task)", {"rank": 4.0, "num_basis": 5.0})):
+    assert "joint" not in by(name, **setting)["test"]
+    assert by(name, **setting)["test"]["average"] > base["test"]["average"]
 
   # The reported setting has the best validation average; its test scores are those runs'.
   for name, _ in task_vectors.METHODS.values():

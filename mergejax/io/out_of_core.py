@@ -16,7 +16,10 @@ is every result.
 
 Global TIES trimming (`trim="global"`) needs each model's threshold, over all
 of its leaves, before any leaf is merged: a first pass computes it, one model
-at a time, from that model's task-vector magnitudes.
+at a time, from that model's task-vector magnitudes (k and DARE's rescale by
+the merge's `convention`). FusionBench's zero-sign rule (a convention whose
+`zero_sign` is "majority") needs the model's `ties_sign_balance`: a pass over
+the leaves, after the thresholds', adds up each leaf's.
 
 Peak memory is one leaf per input checkpoint, plus one model's magnitudes in
 the global TIES pass, plus what JAX and orbax hold, whatever the number of
@@ -32,6 +35,7 @@ or what it held before.
 """
 
 from collections.abc import Sequence
+import functools
 import inspect
 import math
 import os
@@ -55,8 +59,28 @@ PyTree = Any
 PathLike = str | os.PathLike[str]
 KeyPath = tuple[jax.tree_util.DictKey, ...]
 
-METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "fisher")
-_NEEDS_BASE = ("task_arithmetic", "ties", "dare", "dare_ties")
+# Method -> what it reads beside the models: "models" nothing, "base" the
+# pre-trained checkpoint (task vectors), "curvature" one checkpoint per model
+# (`fisher_paths`: Fishers, or OTA's Adam second moments). Every method here
+# merges each leaf on its own (given the global passes below).
+METHODS = {
+    "average": "models",
+    "metric_weighted_average": "models",
+    "task_arithmetic": "base",
+    "ties": "base",
+    "dare": "base",
+    "dare_ties": "base",
+    "consensus_task_arithmetic": "base",
+    "consensus_ties": "base",
+    "sce": "base",
+    "pcb": "base",
+    "widen": "base",
+    "doge": "base",
+    "fisher": "curvature",
+    "ota": "curvature",
+}
+# Method -> (keyword, the value that makes it per leaf): settings that couple leaves are refused.
+_PER_LEAF_SETTINGS = {"pcb": ("scope", "tensor")}
 
 
 class _Inputs(NamedTuple):
@@ -78,22 +102,32 @@ def _check_arguments(
 ) -> None:
   """Raises ValueError for an unknown method or inputs it does not take."""
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
   if not paths:
     raise ValueError("paths: merging needs at least one checkpoint")
-  if method in _NEEDS_BASE and base_path is None:
+  reads = METHODS[method]
+  if reads == "base" and base_path is None:
     raise ValueError(f"{method} merges task vectors: pass base_path")
-  if method not in _NEEDS_BASE and base_path is not None:
+  if reads != "base" and base_path is not None:
     raise ValueError(f"{method} takes no base_path")
-  if method == "fisher":
+  if reads == "curvature":
     if fisher_paths is None or len(fisher_paths) != len(paths):
       given = 0 if fisher_paths is None else len(fisher_paths)
       raise ValueError(
-          f"fisher needs one fisher_paths entry per model: {len(paths)} models,"
+          f"{method} needs one fisher_paths entry per model: {len(paths)} models,"
           f" {given} fisher_paths"
       )
   elif fisher_paths is not None:
     raise ValueError(f"{method} takes no fisher_paths")
+
+
+def _check_per_leaf(method: str, kwargs: dict[str, Any]) -> None:
+  """Raises ValueError for a setting under which `method` couples leaves (PCB's global scope)."""
+  if method in _PER_LEAF_SETTINGS:
+    name, value = _PER_LEAF_SETTINGS[method]
+    if kwargs[name] != value:
+      raise ValueError(f"{method} with {name}={kwargs[name]!r} couples every leaf; out of core it needs"
+                       f" {name}={value!r}")
 
 
 def _state(path: pathlib.Path) -> pathlib.Path:
@@ -164,9 +198,10 @@ def _merge_trees(
 ) -> PyTree:
   """`mergejax.merge.<method>` of whole or single-leaf trees."""
   fn = getattr(merge, method)
-  if method == "average":
+  reads = METHODS[method]
+  if reads == "models":
     return fn(models, **kwargs)
-  if method == "fisher":
+  if reads == "curvature":
     return fn(models, fishers, **kwargs)
   return fn(base, models, **kwargs)
 
@@ -175,7 +210,7 @@ def _dry_run(method: str, kwargs: dict[str, Any], num_models: int) -> None:
   """The method on one-entry stand-in trees: it checks its keyword arguments
   (density, drop, weights...) before any leaf is read."""
   zeros, ones = {"x": np.zeros(1, np.float32)}, {"x": np.ones(1, np.float32)}
-  fishers = [ones] * num_models if method == "fisher" else None
+  fishers = [ones] * num_models if METHODS[method] == "curvature" else None
   _merge_trees(method, zeros, [zeros] * num_models, fishers, kwargs)
 
 
@@ -191,20 +226,19 @@ def _read_leaf(path: pathlib.Path, key_path: KeyPath, like: jax.ShapeDtypeStruct
   )
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="rescale")
 def _magnitudes(
-    b: jax.Array, x: jax.Array, leaf_key: jax.Array | None, keep: float
+    b: jax.Array, x: jax.Array, leaf_key: jax.Array | None, keep: float, rescale: str
 ) -> jax.Array:
-  """f32[size]: |x - b| in float32, flat; with a key, DARE-dropped and rescaled.
+  """f32[size]: |x - b| in float32, flat; with a key, DARE-dropped and rescaled
+  (by the rule `task_vectors.RESCALES[rescale]`).
 
   The entries of one leaf of one model that `ties_thresholds` ranks, where
   `leaf_key` is `task_vectors.leaf_key(key, model index, leaf path)`.
   """
-  dtype = jnp.promote_types(b.dtype, jnp.float32)
-  tau = x.astype(dtype) - b.astype(dtype)
-  if leaf_key is not None:
-    tau = jnp.where(jax.random.bernoulli(leaf_key, keep, tau.shape), tau / keep, 0)
-  return jnp.abs(tau).astype(jnp.float32).ravel()
+  keys = None if leaf_key is None else leaf_key[None]
+  tau = task_vectors._leaf_task_vectors(b, [x], keys, keep, rescale)  # pylint: disable=protected-access
+  return jnp.abs(tau[0]).astype(jnp.float32).ravel()
 
 
 def _global_thresholds(
@@ -213,15 +247,16 @@ def _global_thresholds(
     density: float,
     key: jax.Array | None,
     drop: float,
+    convention: task_vectors.Convention = task_vectors.CONVENTIONS["mergejax"],
 ) -> list[float]:
   """`ties_thresholds` of the checkpoints, with one model's magnitudes in memory.
 
   Model i's threshold is the k-th largest entry of |tau_i| over all leaves,
-  k = `keep_count(density, size)`, found by `np.partition` in one f32[size]
-  buffer that each model refills.
+  k = `convention.keep_count(density, size)`, found by `np.partition` in one
+  f32[size] buffer that each model refills.
   """
   size = sum(math.prod(like.shape) for like in leaves.values())
-  k = task_vectors.keep_count(density, size)
+  k = convention.keep_count(density, size)
   magnitudes = np.empty(size, np.float32)
   thresholds = []
   for index, model in enumerate(inputs.models):
@@ -231,10 +266,31 @@ def _global_thresholds(
       (b,) = jax.tree.leaves(_read_leaf(inputs.base, key_path, like))
       (x,) = jax.tree.leaves(_read_leaf(model, key_path, like))
       leaf_key = None if key is None else task_vectors.leaf_key(key, index, key_path)
-      magnitudes[start:stop] = _magnitudes(b, x, leaf_key, 1.0 - drop)
+      magnitudes[start:stop] = _magnitudes(b, x, leaf_key, 1.0 - drop, convention.rescale)
       start = stop
     thresholds.append(float(np.partition(magnitudes, size - k)[size - k]))
   return thresholds
+
+
+def _sign_balance(
+    inputs: _Inputs, leaves: dict[KeyPath, jax.ShapeDtypeStruct], kwargs: dict[str, Any]
+) -> int:
+  """`ties_sign_balance` of the checkpoints: the sum of each leaf's, read one
+  leaf of every checkpoint at a time (with the thresholds of a global trim)."""
+  balance = 0
+  for key_path, like in leaves.items():
+    read = lambda p: _read_leaf(p, key_path, like)  # pylint: disable=cell-var-from-loop
+    balance += merge.ties_sign_balance(
+        read(inputs.base),
+        [read(p) for p in inputs.models],
+        kwargs["density"],
+        trim=kwargs["trim"],
+        thresholds=kwargs["thresholds"],
+        drop=kwargs.get("drop", 0.0),
+        key=kwargs.get("key"),
+        convention=kwargs["convention"],
+    )
+  return balance
 
 
 def _write_merge(
@@ -303,14 +359,19 @@ def merge_checkpoints(
   `"merge"` entry naming the method and the input paths.
 
   Args:
-    method: "average", "task_arithmetic", "ties", "dare", "dare_ties" or
-      "fisher": the function of `mergejax.merge` of that name.
+    method: a key of `METHODS`, the function of `mergejax.merge` of that
+      name: "average", "metric_weighted_average" (pass `metrics=`), the
+      task-vector merges "task_arithmetic", "ties", "dare", "dare_ties",
+      "consensus_task_arithmetic", "consensus_ties", "sce", "pcb" (with
+      `scope="tensor"`), "widen", "doge", and the curvature-weighted
+      "fisher" and "ota".
     paths: the N >= 1 checkpoints to merge (written by `mergejax.io.save`,
       variables trees of nested dicts), with the same leaf paths and shapes.
     out_path: the directory of the merged checkpoint.
     base_path: the pre-trained checkpoint of the task vectors; required by
-      "task_arithmetic", "ties", "dare" and "dare_ties", refused by the others.
-    fisher_paths: for "fisher" only: N Fisher checkpoints, one per model.
+      the task-vector merges, refused by the others.
+    fisher_paths: for "fisher" and "ota" only: N checkpoints, one per model,
+      of its Fisher (or of its Adam second moments, for "ota").
     overwrite: replace an existing checkpoint at `out_path` (once the merge is
       complete).
     **method_kwargs: the keyword arguments of the method, e.g. `density=0.2,
@@ -321,7 +382,7 @@ def merge_checkpoints(
 
   Raises:
     ValueError: an unknown method, a missing or extra `base_path` or
-      `fisher_paths`, checkpoints that differ in leaf paths or shapes (the two
+      `fisher_paths`, a setting that couples leaves (PCB's global scope), checkpoints that differ in leaf paths or shapes (the two
       checkpoints and the leaf named), a checkpoint that orbax cannot read, or
       keyword arguments the method rejects: all before any leaf is read.
     FileNotFoundError: a path that is not a mergejax checkpoint (named).
@@ -341,6 +402,16 @@ def merge_checkpoints(
   thresholds_pass = kwargs.get("trim") == "global" and kwargs["thresholds"] is None
   if thresholds_pass:
     kwargs["thresholds"] = [0.0] * len(inputs.models)  # stand-ins for the dry run
+  _check_per_leaf(method, kwargs)
+  # Methods with a global trim but no `convention` keyword (DOGE, Consensus TIES) trim as mergejax does.
+  convention = task_vectors._check_convention(kwargs.get("convention", "mergejax"))  # pylint: disable=protected-access
+  balance_pass = (
+      "sign_balance" in kwargs
+      and kwargs["sign_balance"] is None
+      and convention.zero_sign == "majority"
+  )
+  if balance_pass:
+    kwargs["sign_balance"] = 0  # a stand-in for the dry run
   _dry_run(method, kwargs, len(inputs.models))
 
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +419,11 @@ def merge_checkpoints(
   try:
     if thresholds_pass:
       kwargs["thresholds"] = _global_thresholds(
-          inputs, leaves, kwargs["density"], kwargs.get("key"), kwargs.get("drop", 0.0)
+          inputs, leaves, kwargs["density"], kwargs.get("key"), kwargs.get("drop", 0.0),
+          convention,
       )
+    if balance_pass:
+      kwargs["sign_balance"] = _sign_balance(inputs, leaves, kwargs)
     _write_merge(method, inputs, leaves, kwargs, scratch / "merged")
     _replace_directory(scratch / "merged", out, scratch / "replaced")
   finally:

@@ -24,14 +24,58 @@ as one jit-compiled function over the whole tree.
 The parts an out-of-core merge needs are public, so that a merge that sees one
 leaf at a time (a dict nested along the leaf's path) reproduces the in-memory
 one exactly: `keep_count` (TIES's k), `ties_thresholds` (the global trim's
-first pass, passed back as `thresholds=`) and `leaf_key` (DARE's random key
-of one leaf).
+first pass, passed back as `thresholds=`), `ties_sign_balance` (FusionBench's
+majority sign, passed back as `sign_balance=`) and `leaf_key` (DARE's random
+key of one leaf).
+
+Other tools' conventions. On the same tensors, FusionBench
+(tanganke/fusion_bench, `ties_merging_utils.py`, `dare/`) and mergekit
+(arcee-ai/mergekit, `sparsify.py`, `generalized_task_arithmetic.py`) compute
+the same merges up to three rules, which `convention=` selects (a name of
+`CONVENTIONS`, or a `Convention` of rules of your own):
+
+| rule                  | "mergejax" (default) | "fusion_bench"     | "mergekit"         |
+|-----------------------|----------------------|--------------------|--------------------|
+| TIES's k of n entries | ceil(d n), >= 1      | int(d n) + 1, <= n | int(d n), >= 1     |
+| sign where sum is 0   | none (entry is 0)    | the majority sign  | +1                 |
+| DARE's rescale        | 1 / (1 - drop)       | 1 / (1 - drop)     | L1(tau) / L1(kept) |
+
+and `aggregate=` selects the disjoint merge ("mean", the paper's and
+mergekit's `normalize: true`; "sum", FusionBench's default `merge_func` and
+mergekit's `normalize: false`). Reproducing each tool's merge:
+
+- FusionBench `TiesMergingAlgorithm(scaling_factor=lam, threshold=t,
+  merge_func=f)`: `ties(base, models, density=t / 100, scale=lam,
+  trim="global", convention="fusion_bench", aggregate=f)` (t <= 1 is already
+  a fraction; f = "max" is not provided).
+- FusionBench `DareTiesMerging(sparsity_ratio=p, ...)`: the same with
+  `dare_ties(..., drop=p, key=key)`; `DareTaskArithmetic`: `dare(drop=p,
+  scale=lam)` (any convention). Its `rescale=False` is the rule
+  `CONVENTIONS["fusion_bench"]._replace(rescale="none")`.
+- mergekit `ties` (one `weight` w for every model, `density` d, `lambda`
+  lam): `ties(density=d, scale=lam, convention="mergekit")`; with
+  `normalize: false`, `aggregate="sum", scale=lam * w`.
+- mergekit `dare_ties` (its `density` d is DARE's keep probability, and it
+  does no magnitude trim; `normalize: false` by default): `dare_ties(drop=1 -
+  d, density=1.0, scale=lam * w, convention="mergekit", aggregate="sum")`.
+- mergekit `dare_linear` and `task_arithmetic` (weights w_i): `dare(drop=1 -
+  d, scale=[lam * w_i], convention="mergekit")` and
+  `task_arithmetic(scale=[lam * w_i])`.
+
+What stays different: the random streams (both tools draw DARE's masks with
+torch); mergekit's TIES with unequal weights (it elects on the weighted task
+vectors and divides by the agreeing models' summed weights); mergekit keeps
+exactly k entries, breaking ties in magnitude by its sort's order, where
+every convention here keeps all entries tied with the k-th; mergekit works
+in the model's dtype (e.g. bfloat16) where these work in float32; and where
+the tools fail (mergekit's k = 0 assertion, FusionBench's density 1) these
+keep 1 entry and every entry.
 """
 
 from collections.abc import Callable, Sequence
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 import zlib
 
 import jax
@@ -53,6 +97,145 @@ def keep_count(density: float, size: int) -> int:
   gives); at least 1 of a non-empty leaf.
   """
   return min(size, max(1, math.ceil(density * size - 1e-6)))
+
+
+def _keep_count_floor_plus_one(density: float, size: int) -> int:
+  """FusionBench's k: int(density * size) + 1, at most size.
+
+  `topk_values_mask` keeps the entries at or above the (size -
+  int(density * size))-th smallest magnitude.
+  """
+  return min(size, int(density * size) + 1)
+
+
+def _keep_count_floor(density: float, size: int) -> int:
+  """mergekit's k: int(density * size), at least 1 of a non-empty leaf.
+
+  mergekit's `sparsify.magnitude` fails on k = 0; this keeps 1 entry there.
+  """
+  return min(size, max(1, int(density * size)))
+
+
+KEEP_RULES = {
+    "ceil": keep_count,
+    "floor_plus_one": _keep_count_floor_plus_one,
+    "floor": _keep_count_floor,
+}
+
+
+def _elect_sign(total: jax.Array, majority: jax.Array) -> jax.Array:
+  """sign(total): an entry whose trimmed values sum to 0 has no sign."""
+  del majority
+  return jnp.sign(total)
+
+
+def _elect_sign_or_positive(total: jax.Array, majority: jax.Array) -> jax.Array:
+  """+1 where total >= 0, else -1 (mergekit's `get_mask(method="sum")`)."""
+  del majority
+  return jnp.where(total >= 0, 1, -1).astype(total.dtype)
+
+
+def _elect_sign_or_majority(total: jax.Array, majority: jax.Array) -> jax.Array:
+  """sign(total), and the model-wide `majority` sign where total is 0.
+
+  FusionBench's `resolve_sign`; `majority` is `_majority_sign` of the model.
+  """
+  return jnp.where(total == 0, majority, jnp.sign(total))
+
+
+ZERO_SIGNS = {
+    "none": _elect_sign,
+    "positive": _elect_sign_or_positive,
+    "majority": _elect_sign_or_majority,
+}
+
+
+def _rescale_inverse_keep(taus: jax.Array, kept: jax.Array, keep: float) -> jax.Array:
+  """The kept entries divided by the keep probability, 0 elsewhere."""
+  return jnp.where(kept, taus / keep, 0)
+
+
+_L1_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` leaves smaller norms alone.
+
+
+def _rescale_l1(taus: jax.Array, kept: jax.Array, keep: float) -> jax.Array:
+  """The kept entries times ||tau_i||_1 / ||kept tau_i||_1 of their leaf.
+
+  taus, kept: [N, *shape]. Unscaled where either norm is below 1e-7
+  (mergekit's `rescaled_masked_tensor` with `RescaleNorm.l1`).
+  """
+  del keep
+  dropped = jnp.where(kept, taus, 0)
+  axes = tuple(range(1, taus.ndim))
+  before = jnp.sum(jnp.abs(taus), axis=axes, keepdims=True)
+  after = jnp.sum(jnp.abs(dropped), axis=axes, keepdims=True)
+  scaled = (before >= _L1_EPS) & (after >= _L1_EPS)
+  return jnp.where(scaled, dropped * (before / jnp.where(scaled, after, 1)), dropped)
+
+
+def _rescale_none(taus: jax.Array, kept: jax.Array, keep: float) -> jax.Array:
+  """The kept entries as they are (the tools' `rescale=False`)."""
+  del keep
+  return jnp.where(kept, taus, 0)
+
+
+RESCALES = {
+    "inverse_keep": _rescale_inverse_keep,
+    "l1": _rescale_l1,
+    "none": _rescale_none,
+}
+
+
+def _agreeing_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  """The agreeing values' sum over their count; 0 where none agrees."""
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
+
+
+def _agreeing_sum(total: jax.Array, count: jax.Array) -> jax.Array:
+  """The agreeing values' sum."""
+  del count
+  return total
+
+
+AGGREGATES = {"mean": _agreeing_mean, "sum": _agreeing_sum}
+
+
+class Convention(NamedTuple):
+  """A tool's rules for TIES's trim and elect and DARE's rescale.
+
+  Attributes:
+    keep_rule: how many of a trim's n entries it keeps, a key of `KEEP_RULES`:
+      "ceil" (`keep_count`), "floor_plus_one" (int(d n) + 1, at most n) or
+      "floor" (int(d n), at least 1).
+    zero_sign: the elected sign of an entry whose trimmed values sum to
+      exactly 0, a key of `ZERO_SIGNS`: "none" (no model agrees, the entry is
+      0), "positive" (+1) or "majority" (the sign of the number of the model's
+      entries elected + minus those elected -, as `ties_sign_balance` counts
+      them; -1 where that is 0, as FusionBench's selection treats a 0 sign).
+    rescale: DARE's factor on the entries it keeps, a key of `RESCALES`:
+      "inverse_keep" (1 / (1 - drop)), "l1" (per leaf and model, ||tau_i||_1
+      over the kept entries' L1 norm, as mergekit) or "none". The L1 factor
+      is biased on small leaves: it is computed from the mask it corrects, so
+      a one-entry leaf that survives is scaled by 1 and its expected value is
+      (1 - drop) tau, not tau (only on large leaves does the factor
+      concentrate at 1 / (1 - drop)).
+  """
+
+  keep_rule: str
+  zero_sign: str
+  rescale: str
+
+  def keep_count(self, density: float, size: int) -> int:
+    """k: how many of `size` entries a trim at `density` keeps."""
+    return KEEP_RULES[self.keep_rule](density, size)
+
+
+CONVENTIONS = {
+    "mergejax": Convention(keep_rule="ceil", zero_sign="none", rescale="inverse_keep"),
+    "fusion_bench": Convention(
+        keep_rule="floor_plus_one", zero_sign="majority", rescale="inverse_keep"),
+    "mergekit": Convention(keep_rule="floor", zero_sign="positive", rescale="l1"),
+}
 
 
 def _path_hash(path: Sequence[Any]) -> np.uint32:
@@ -136,6 +319,35 @@ def _check_trim(trim: str, thresholds: Sequence[float] | None, num: int) -> None
     raise ValueError(f"thresholds must be finite and >= 0, got {t.tolist()}")
 
 
+def _check_convention(convention: str | Convention) -> Convention:
+  """The Convention a name of CONVENTIONS (or a Convention) stands for."""
+  if isinstance(convention, Convention):
+    for field, table in zip(Convention._fields, (KEEP_RULES, ZERO_SIGNS, RESCALES)):
+      value = getattr(convention, field)
+      if value not in table:
+        raise ValueError(f"convention.{field} must be one of {tuple(table)}, got {value!r}")
+    return convention
+  if convention not in CONVENTIONS:
+    raise ValueError(
+        f"convention must be one of {tuple(CONVENTIONS)} or a Convention, got {convention!r}")
+  return CONVENTIONS[convention]
+
+
+def _check_aggregate(aggregate: str) -> str:
+  if aggregate not in AGGREGATES:
+    raise ValueError(f"aggregate must be one of {tuple(AGGREGATES)}, got {aggregate!r}")
+  return aggregate
+
+
+def _check_sign_balance(sign_balance: int | None, convention: Convention) -> None:
+  if sign_balance is None:
+    return
+  if convention.zero_sign != "majority":
+    raise ValueError("sign_balance is the majority zero sign's; pass a convention with it")
+  if isinstance(sign_balance, bool) or not isinstance(sign_balance, (int, np.integer)):
+    raise ValueError(f"sign_balance must be an integer, got {sign_balance!r}")
+
+
 def _delta(x: jax.Array, b: jax.Array) -> jax.Array:
   """x - b in float32, or wider where b is."""
   dtype = jnp.promote_types(jnp.result_type(b), jnp.float32)
@@ -143,19 +355,24 @@ def _delta(x: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _leaf_task_vectors(
-    b: jax.Array, xs: Sequence[jax.Array], keys: jax.Array | None, keep: float
+    b: jax.Array,
+    xs: Sequence[jax.Array],
+    keys: jax.Array | None,
+    keep: float,
+    rescale: str = "inverse_keep",
 ) -> jax.Array:
   """f32[N, *b.shape]: each model's task vector at one leaf.
 
   With keys (key[N], the models' `leaf_key`s of this leaf), DARE's: model i
   keeps an entry where `jax.random.bernoulli(keys[i], keep, b.shape)`,
-  divided by `keep`, and is 0 elsewhere.
+  rescaled by `RESCALES[rescale]` (divided by `keep` by default), and is 0
+  elsewhere.
   """
   taus = jnp.stack([_delta(x, b) for x in xs])
   if keys is None:
     return taus
   kept = jax.vmap(lambda k: jax.random.bernoulli(k, keep, b.shape))(keys)
-  return jnp.where(kept, taus / keep, 0)
+  return RESCALES[rescale](taus, kept, keep)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -211,10 +428,10 @@ def _map_leaves(
   ])
 
 
-@jax.jit
-def _task_arithmetic_leaf(b, xs, keys, scales, keep):
+@functools.partial(jax.jit, static_argnames="rescale")
+def _task_arithmetic_leaf(b, xs, keys, scales, keep, rescale="inverse_keep"):
   """b + sum_i scales[i] tau_i at one leaf; scales: f32[N]."""
-  taus = _leaf_task_vectors(b, xs, keys, keep)
+  taus = _leaf_task_vectors(b, xs, keys, keep, rescale)
   return _rebase(b, jnp.sum(_per_model(scales, b.ndim) * taus, axis=0))
 
 
@@ -224,11 +441,12 @@ def _task_arithmetic(
     scales: np.ndarray,
     key: jax.Array | None,
     keep: float,
+    rescale: str = "inverse_keep",
 ) -> PyTree:
   """base + sum_i scales[i] tau_i (DARE-dropped with a key); scales: f32[N]."""
   scales = jnp.asarray(scales)
   return _map_leaves(
-      lambda b, xs, keys: _task_arithmetic_leaf(b, xs, keys, scales, keep),
+      lambda b, xs, keys: _task_arithmetic_leaf(b, xs, keys, scales, keep, rescale),
       base, models, key,
   )
 
@@ -240,45 +458,55 @@ def _kth_largest(values: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.sort(values, axis=1)[:, values.shape[1] - k]
 
 
-def _disjoint_merge(trimmed: jax.Array) -> jax.Array:
-  """TIES's elect and disjoint mean over trimmed: f32[N, *shape].
+def _disjoint_merge(
+    trimmed: jax.Array,
+    majority: jax.Array | float = 0.0,
+    zero_sign: str = "none",
+    aggregate: str = "mean",
+) -> jax.Array:
+  """TIES's elect and disjoint merge over trimmed: f32[N, *shape].
 
   The elected sign of an entry is the sign of the sum of the models' trimmed
-  values; the result is the mean of the non-zero values with that sign, and
-  0 where there is none (also where the sum is 0).
+  values (`ZERO_SIGNS[zero_sign]` where that sum is 0; `majority` is the
+  "majority" rule's sign); the result aggregates (`AGGREGATES[aggregate]`,
+  by default the mean) the non-zero values with that sign, and is 0 where
+  there is none.
   """
-  elected = jnp.sign(jnp.sum(trimmed, axis=0))
+  elected = ZERO_SIGNS[zero_sign](jnp.sum(trimmed, axis=0), majority)
   agree = (jnp.sign(trimmed) == elected) & (trimmed != 0)
   count = jnp.sum(agree, axis=0)
   total = jnp.sum(jnp.where(agree, trimmed, 0), axis=0)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
+  return AGGREGATES[aggregate](total, count)
 
 
-def _trim_and_merge(b, taus, thresholds, scale):
-  """b + scale * the disjoint merge of the taus trimmed at f32[N] thresholds."""
-  trimmed = jnp.where(jnp.abs(taus) >= _per_model(thresholds, b.ndim), taus, 0)
-  return _rebase(b, scale * _disjoint_merge(trimmed))
+def _leaf_trimmed(b, xs, keys, trim_at, keep, rescale, per_tensor):
+  """f32[N, *b.shape]: the task vectors at one leaf (DARE-dropped with keys),
+  each keeping its entries with |tau_i| >= its threshold: its trim_at-th
+  largest |tau_i| (per_tensor, trim_at an int k), else trim_at: f32[N]."""
+  taus = _leaf_task_vectors(b, xs, keys, keep, rescale)
+  if per_tensor:
+    trim_at = _kth_largest(jnp.abs(taus).reshape(len(xs), -1), trim_at)
+  return jnp.where(jnp.abs(taus) >= _per_model(trim_at, b.ndim), taus, 0)
 
 
-@jax.jit
-def _ties_leaf_tensor(b, xs, keys, k, scale, keep):
-  """TIES at one leaf, each model keeping its k largest |tau_i| (and ties)."""
-  taus = _leaf_task_vectors(b, xs, keys, keep)
-  thresholds = _kth_largest(jnp.abs(taus).reshape(len(xs), -1), k)
-  return _trim_and_merge(b, taus, thresholds, scale)
+@functools.partial(jax.jit, static_argnames=("convention", "aggregate", "per_tensor"))
+def _ties_leaf(b, xs, keys, trim_at, scale, keep, majority, *, convention, aggregate, per_tensor):
+  """TIES at one leaf: b + scale * the disjoint merge of `_leaf_trimmed`."""
+  trimmed = _leaf_trimmed(b, xs, keys, trim_at, keep, convention.rescale, per_tensor)
+  return _rebase(b, scale * _disjoint_merge(trimmed, majority, convention.zero_sign, aggregate))
 
 
-@jax.jit
-def _ties_leaf_global(b, xs, keys, thresholds, scale, keep):
-  """TIES at one leaf, each model trimmed at its threshold: f32[N]."""
-  taus = _leaf_task_vectors(b, xs, keys, keep)
-  return _trim_and_merge(b, taus, thresholds, scale)
+@functools.partial(jax.jit, static_argnames=("rescale", "per_tensor"))
+def _leaf_sign_balance(b, xs, keys, trim_at, keep, *, rescale, per_tensor):
+  """int32: the leaf's entries whose trimmed sum is > 0 minus those < 0."""
+  trimmed = _leaf_trimmed(b, xs, keys, trim_at, keep, rescale, per_tensor)
+  return jnp.sum(jnp.sign(jnp.sum(trimmed, axis=0)).astype(jnp.int32))
 
 
-@jax.jit
-def _leaf_magnitudes(b, xs, keys, keep):
+@functools.partial(jax.jit, static_argnames="rescale")
+def _leaf_magnitudes(b, xs, keys, keep, rescale="inverse_keep"):
   """f32[N, b.size]: |tau_i| at one leaf, flattened."""
-  return jnp.abs(_leaf_task_vectors(b, xs, keys, keep)).reshape(len(xs), -1)
+  return jnp.abs(_leaf_task_vectors(b, xs, keys, keep, rescale)).reshape(len(xs), -1)
 
 
 _kth_largest_jit = jax.jit(_kth_largest)
@@ -290,12 +518,58 @@ def _global_thresholds(
     k: int,
     key: jax.Array | None,
     keep: float,
+    rescale: str = "inverse_keep",
 ) -> jax.Array:
   """f32[N]: each model's k-th largest |tau_i| over all its leaves."""
   magnitudes = _map_leaves(
-      lambda b, xs, keys: _leaf_magnitudes(b, xs, keys, keep), base, models, key
+      lambda b, xs, keys: _leaf_magnitudes(b, xs, keys, keep, rescale), base, models, key
   )
   return _kth_largest_jit(jnp.concatenate(jax.tree.leaves(magnitudes), axis=1), k)
+
+
+def _trim_points(
+    base: PyTree,
+    models: list[PyTree],
+    density: float,
+    trim: str,
+    thresholds: Sequence[float] | None,
+    key: jax.Array | None,
+    keep: float,
+    convention: Convention,
+) -> Callable[[jax.Array], Any]:
+  """`_leaf_trimmed`'s trim_at for each leaf b: the tensor trim's k of b, or
+  the global trim's thresholds (computed in a first pass when None)."""
+  if trim == "tensor":
+    return lambda b: convention.keep_count(density, np.size(b))
+  if thresholds is None:
+    k = convention.keep_count(density, tree.num_params(base))
+    thresholds = _global_thresholds(base, models, k, key, keep, convention.rescale)
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  return lambda b: thresholds
+
+
+def _sign_balance(
+    base: PyTree,
+    models: list[PyTree],
+    trim_at: Callable[[jax.Array], Any],
+    trim: str,
+    key: jax.Array | None,
+    keep: float,
+    rescale: str,
+) -> int:
+  """The model's entries whose trimmed sum is > 0 minus those < 0."""
+  balances = _map_leaves(
+      lambda b, xs, keys: _leaf_sign_balance(
+          b, xs, keys, trim_at(b), keep, rescale=rescale, per_tensor=trim == "tensor"),
+      base, models, key,
+  )
+  return sum(int(x) for x in jax.device_get(jax.tree.leaves(balances)))
+
+
+def _majority_sign(sign_balance: int) -> float:
+  """FusionBench's majority sign: +1 for a positive balance, else -1 (its
+  selection treats the 0 sign of a 0 balance as -1)."""
+  return 1.0 if sign_balance > 0 else -1.0
 
 
 def task_vector(base: PyTree, tuned: PyTree) -> PyTree:
@@ -345,12 +619,14 @@ def ties_thresholds(
     *,
     drop: float = 0.0,
     key: jax.Array | None = None,
+    convention: str | Convention = "mergejax",
 ) -> list[float]:
   """Each model's global TIES threshold: the k-th largest |tau_i| entry.
 
-  k = `keep_count(density, n)` where n is the number of entries of the whole
-  model. The global trim keeps the entries of tau_i with |tau_i| >= its
-  threshold (k of them, and every tie with the k-th). An out-of-core merge
+  k = `keep_count(density, n)` (the convention's keep rule) where n is the
+  number of entries of the whole model. The global trim keeps the entries of
+  tau_i with |tau_i| >= its threshold (k of them, and every tie with the
+  k-th). An out-of-core merge
   computes these in a first pass and passes them to `ties` or `dare_ties` as
   `thresholds=`.
 
@@ -361,20 +637,70 @@ def ties_thresholds(
     drop: with `key`, the thresholds of DARE's dropped and rescaled task
       vectors, as `dare_ties` trims them.
     key: DARE's key (required when drop > 0).
+    convention: a name of `CONVENTIONS` or a `Convention`: its keep rule and
+      DARE rescale, as the merge's.
 
   Returns:
     N thresholds, one per model.
 
   Raises:
     ValueError: no model, mismatched trees, density outside (0, 1], drop
-      outside [0, 1), or drop > 0 without a key.
+      outside [0, 1), drop > 0 without a key, or an unknown convention.
   """
   models = _check_models(base, models)
   density = _check_density(density)
   keep = 1.0 if key is None and drop == 0 else _keep_probability(drop, key)
-  k = keep_count(density, tree.num_params(base))
-  thresholds = _global_thresholds(base, models, k, key, keep)
+  convention = _check_convention(convention)
+  k = convention.keep_count(density, tree.num_params(base))
+  thresholds = _global_thresholds(base, models, k, key, keep, convention.rescale)
   return [float(t) for t in jax.device_get(thresholds)]
+
+
+def ties_sign_balance(
+    base: PyTree,
+    models: Sequence[PyTree],
+    density: float,
+    *,
+    trim: str = "tensor",
+    thresholds: Sequence[float] | None = None,
+    drop: float = 0.0,
+    key: jax.Array | None = None,
+    convention: str | Convention = "mergejax",
+) -> int:
+  """The count behind FusionBench's majority sign, over the whole model.
+
+  After the trim (as `ties` or, with `drop` and `key`, `dare_ties` trims),
+  the number of entries whose sum over models is > 0 minus the number whose
+  sum is < 0. The "majority" zero-sign rule (convention "fusion_bench")
+  elects +1 where an entry's sum is 0 if this is > 0, else -1. An
+  out-of-core merge computes it in a pass (after the thresholds') and passes
+  it to `ties` or `dare_ties` as `sign_balance=`; the balances of disjoint
+  parts of a model add up.
+
+  Args:
+    base: the pre-trained model.
+    models: N >= 1 models fine-tuned from it.
+    density: the fraction of entries to keep, in (0, 1].
+    trim: "tensor" or "global", as the merge's.
+    thresholds: with `trim="global"`, the thresholds given explicitly.
+    drop: with `key`, DARE's drop probability, as `dare_ties`'s.
+    key: DARE's key (required when drop > 0).
+    convention: a name of `CONVENTIONS` or a `Convention`: its keep rule and
+      DARE rescale, as the merge's.
+
+  Returns:
+    An integer in [-n, n], n the number of entries of the model.
+
+  Raises:
+    ValueError: as `ties_thresholds`, and `ties`'s trim errors.
+  """
+  models = _check_models(base, models)
+  density = _check_density(density)
+  _check_trim(trim, thresholds, len(models))
+  keep = 1.0 if key is None and drop == 0 else _keep_probability(drop, key)
+  convention = _check_convention(convention)
+  trim_at = _trim_points(base, models, density, trim, thresholds, key, keep, convention)
+  return _sign_balance(base, models, trim_at, trim, key, keep, convention.rescale)
 
 
 def _ties_with_trim(
@@ -386,20 +712,21 @@ def _ties_with_trim(
     thresholds: Sequence[float] | None,
     key: jax.Array | None,
     keep: float,
+    convention: Convention = CONVENTIONS["mergejax"],
+    aggregate: str = "mean",
+    sign_balance: int | None = None,
 ) -> PyTree:
   """TIES (over DARE-dropped task vectors, with a key), leaf by leaf."""
-  if trim == "tensor":
-    return _map_leaves(
-        lambda b, xs, keys: _ties_leaf_tensor(
-            b, xs, keys, keep_count(density, np.size(b)), scale, keep),
-        base, models, key,
-    )
-  if thresholds is None:
-    k = keep_count(density, tree.num_params(base))
-    thresholds = _global_thresholds(base, models, k, key, keep)
-  thresholds = jnp.asarray(thresholds, jnp.float32)
+  trim_at = _trim_points(base, models, density, trim, thresholds, key, keep, convention)
+  majority = 0.0
+  if convention.zero_sign == "majority":
+    if sign_balance is None:
+      sign_balance = _sign_balance(base, models, trim_at, trim, key, keep, convention.rescale)
+    majority = _majority_sign(sign_balance)
   return _map_leaves(
-      lambda b, xs, keys: _ties_leaf_global(b, xs, keys, thresholds, scale, keep),
+      lambda b, xs, keys: _ties_leaf(
+          b, xs, keys, trim_at(b), scale, keep, majority,
+          convention=convention, aggregate=aggregate, per_tensor=trim == "tensor"),
       base, models, key,
   )
 
@@ -412,22 +739,30 @@ def ties(
     scale: float = 1.0,
     trim: str = "tensor",
     thresholds: Sequence[float] | None = None,
+    convention: str | Convention = "mergejax",
+    aggregate: str = "mean",
+    sign_balance: int | None = None,
 ) -> PyTree:
   """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
+  TIES-Merging: Resolving Interference When Merging Models, arXiv:2306.01708,
+  Algorithm 1.
+
   1. Trim: each tau_i = models[i] - base keeps its entries with |tau_i| >= a
      threshold, the k-th largest |tau_i|, with k = `keep_count(density,
-     size)`: per leaf (`trim="tensor"`, size = the leaf's entries) or over all
-     leaves of model i (`trim="global"`, size = the model's entries). Entries
+     size)` (or the convention's keep rule): per leaf (`trim="tensor"`, size
+     = the leaf's entries) or over all leaves of model i (`trim="global"`, size = the model's entries). Entries
      tied in magnitude with the k-th are all kept, so a trim may keep more
      than k.
   2. Elect: the sign of each entry is the sign of the sum over models of the
-     trimmed tau_i.
-  3. Disjoint merge: each entry is the mean over the models whose trimmed
-     entry is non-zero and has the elected sign; 0 where no model does.
+     trimmed tau_i (where that sum is exactly 0: no sign by default, or the
+     convention's zero-sign rule).
+  3. Disjoint merge: each entry is the mean (or, `aggregate="sum"`, the sum)
+     over the models whose trimmed entry is non-zero and has the elected
+     sign; 0 where no model does.
 
   The result is base + scale * merged. With density 1 a single model (or N
-  copies of one) comes back unchanged at scale 1.
+  copies of one) comes back unchanged at scale 1 (with the mean).
 
   Args:
     base: the pre-trained model.
@@ -439,6 +774,14 @@ def ties(
       (as `ties_thresholds` computes it, which is what happens when None; an
       out-of-core merge passes it after a first pass). `density` is then
       unused.
+    convention: "mergejax", "fusion_bench", "mergekit" (see `CONVENTIONS`
+      and the module's table) or a `Convention`: the keep rule and the sign
+      of entries whose trimmed sum is 0.
+    aggregate: "mean" (the paper's disjoint mean) or "sum" of the agreeing
+      values.
+    sign_balance: with the "majority" zero sign, the model's
+      `ties_sign_balance` given explicitly (an out-of-core merge passes it
+      after a pass; computed when None).
 
   Returns:
     The merged model, in the base's leaf dtypes.
@@ -447,13 +790,20 @@ def ties(
     ValueError: no model, a model that does not match the base (naming the
       leaf path), density outside (0, 1], an unknown trim, thresholds with
       the tensor trim, or thresholds of the wrong count, negative or
-      non-finite.
+      non-finite, an unknown convention or aggregate, or a sign_balance that
+      is not an integer or comes without the "majority" zero sign.
   """
   models = _check_models(base, models)
   density = _check_density(density)
   scale = _check_scale(scale)
   _check_trim(trim, thresholds, len(models))
-  return _ties_with_trim(base, models, density, scale, trim, thresholds, None, 1.0)
+  convention = _check_convention(convention)
+  aggregate = _check_aggregate(aggregate)
+  _check_sign_balance(sign_balance, convention)
+  return _ties_with_trim(
+      base, models, density, scale, trim, thresholds, None, 1.0,
+      convention, aggregate, sign_balance,
+  )
 
 
 def dare(
@@ -463,11 +813,16 @@ def dare(
     drop: float,
     key: jax.Array,
     scale: float | Sequence[float] = 1.0,
+    convention: str | Convention = "mergejax",
 ) -> PyTree:
   """DARE (Yu et al. 2024): drop and rescale task vectors, then add them.
 
+  Language Models are Super Mario: Absorbing Abilities from Homologous
+  Models as a Free Lunch, arXiv:2311.03099 (its drop and rescale).
+
   Each entry of tau_i = models[i] - base is kept with probability 1 - drop
-  and divided by it, else set to 0; the mask of the leaf at path p of model i
+  and divided by it (or rescaled by the convention's rule, e.g. mergekit's
+  L1 ratio), else set to 0; the mask of the leaf at path p of model i
   is `jax.random.bernoulli(leaf_key(key, i, p), 1 - drop, shape)`. The result
   is base + sum_i scale_i * dropped tau_i (task arithmetic), so drop 0 is
   task arithmetic.
@@ -478,19 +833,22 @@ def dare(
     drop: the drop probability, in [0, 1).
     key: a JAX random key; the same key gives the same merge.
     scale: one float for every model, or N floats, one per model.
+    convention: a name of `CONVENTIONS` or a `Convention`: its rescale of
+      the kept entries.
 
   Returns:
     The merged model, in the base's leaf dtypes.
 
   Raises:
     ValueError: no model, a model that does not match the base (naming the
-      leaf path), drop outside [0, 1), or a wrong number of scales or a
-      non-finite one.
+      leaf path), drop outside [0, 1), a wrong number of scales or a
+      non-finite one, or an unknown convention.
   """
   models = _check_models(base, models)
   keep = _keep_probability(drop, key)
   scales = _model_scales(scale, len(models))
-  return _task_arithmetic(base, models, scales, key, keep)
+  convention = _check_convention(convention)
+  return _task_arithmetic(base, models, scales, key, keep, convention.rescale)
 
 
 def dare_ties(
@@ -503,12 +861,16 @@ def dare_ties(
     scale: float = 1.0,
     trim: str = "tensor",
     thresholds: Sequence[float] | None = None,
+    convention: str | Convention = "mergejax",
+    aggregate: str = "mean",
+    sign_balance: int | None = None,
 ) -> PyTree:
   """DARE's drop and rescale (see `dare`), then TIES (see `ties`).
 
   The trim, its thresholds included, works on the dropped and rescaled task
   vectors (`ties_thresholds(..., drop=drop, key=key)` computes those of the
-  global trim). Drop 0 is `ties`.
+  global trim, `ties_sign_balance(..., drop=drop, key=key)` the majority
+  sign's balance). Drop 0 is `ties`.
 
   Args:
     base: the pre-trained model.
@@ -520,6 +882,9 @@ def dare_ties(
     scale: lambda, the factor on the merged task vector.
     trim: "tensor" or "global".
     thresholds: with `trim="global"`, model i's threshold given explicitly.
+    convention: as `ties`'s, and its rescale as `dare`'s.
+    aggregate: "mean" or "sum", as `ties`'s.
+    sign_balance: as `ties`'s.
 
   Returns:
     The merged model, in the base's leaf dtypes.
@@ -532,4 +897,10 @@ def dare_ties(
   density = _check_density(density)
   scale = _check_scale(scale)
   _check_trim(trim, thresholds, len(models))
-  return _ties_with_trim(base, models, density, scale, trim, thresholds, key, keep)
+  convention = _check_convention(convention)
+  aggregate = _check_aggregate(aggregate)
+  _check_sign_balance(sign_balance, convention)
+  return _ties_with_trim(
+      base, models, density, scale, trim, thresholds, key, keep,
+      convention, aggregate, sign_balance,
+  )
