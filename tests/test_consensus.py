@@ -12,8 +12,11 @@ import mergejax as mj
 from tests.test_average import assert_trees_close
 from tests.test_lines import base_and_models
 from tests.test_task_vectors import _leaves
-from tests.test_task_vectors import _nested
 from tests.test_task_vectors import _unflatten
+from tests.test_task_vectors import assert_merges_leaf_by_leaf
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_MODEL
+from tests.test_task_vectors import BAD_INPUT_WIDER
 from tests.test_task_vectors import reference_k
 from tests.test_task_vectors import reference_kth_largest
 from tests.test_task_vectors import reference_thresholds
@@ -144,12 +147,8 @@ def test_one_leaf_at_a_time_reproduces_the_whole_merge(case, density):
       "tall_mask": lambda b, ms: mj.merge.tall_masks(
           b, ms, multitask="ties", trim="global", thresholds=thresholds)[0],
   }
-  model_leaves = [_leaves(m) for m in models]
   for name, merge in merges.items():
-    whole = _leaves(merge(base, models))
-    for j, (path, b) in enumerate(_leaves(base)):
-      one = merge(_nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves])
-      np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=f"{name} {path}")
+    assert_merges_leaf_by_leaf(merge, base, models, name)
 
 
 def test_masks_pack_into_bits():
@@ -185,15 +184,12 @@ def test_merges_keep_the_base_dtypes():
     assert merged["w"].dtype == jnp.bfloat16
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
 _MASK = {"params": {"dense": {"kernel": np.ones((2, 3), bool)}}}
 _MERGES = {
-    "multitask_vector": lambda models, **kw: mj.merge.multitask_vector(_BASE, models, **kw),
-    "tall_masks": lambda models, **kw: mj.merge.tall_masks(_BASE, models, **kw),
-    "consensus_task_arithmetic": lambda models, **kw: mj.merge.consensus_task_arithmetic(_BASE, models, **kw),
-    "consensus_ties": lambda models, **kw: mj.merge.consensus_ties(_BASE, models, **kw),
+    "multitask_vector": lambda models, **kw: mj.merge.multitask_vector(BAD_INPUT_BASE, models, **kw),
+    "tall_masks": lambda models, **kw: mj.merge.tall_masks(BAD_INPUT_BASE, models, **kw),
+    "consensus_task_arithmetic": lambda models, **kw: mj.merge.consensus_task_arithmetic(BAD_INPUT_BASE, models, **kw),
+    "consensus_ties": lambda models, **kw: mj.merge.consensus_ties(BAD_INPUT_BASE, models, **kw),
 }
 
 
@@ -202,7 +198,7 @@ def test_mismatched_or_missing_models_are_named(name):
   with pytest.raises(ValueError, match="need at least one model"):
     _MERGES[name]([])
   with pytest.raises(ValueError, match=r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"):
-    _MERGES[name]([_MODEL, _WIDER])
+    _MERGES[name]([BAD_INPUT_MODEL, BAD_INPUT_WIDER])
 
 
 @pytest.mark.parametrize(
@@ -227,7 +223,7 @@ def test_mismatched_or_missing_models_are_named(name):
 )
 def test_bad_arguments_are_rejected(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _MERGES[name]([_MODEL, _MODEL], **kwargs)
+    _MERGES[name]([BAD_INPUT_MODEL, BAD_INPUT_MODEL], **kwargs)
 
 
 def test_bad_masks_are_rejected():
@@ -236,12 +232,12 @@ def test_bad_masks_are_rejected():
   with pytest.raises(ValueError, match=r"masks do not match: params/dense/kernel: \(2, 3\) vs \(2, 4\)"):
     mj.merge.consensus_mask([_MASK, {"params": {"dense": {"kernel": np.ones((2, 4), bool)}}}])
   with pytest.raises(ValueError, match=r"masks\[1\]: params/dense/kernel has dtype float32"):
-    mj.merge.consensus_mask([_MASK, _MODEL])
+    mj.merge.consensus_mask([_MASK, BAD_INPUT_MODEL])
   with pytest.raises(ValueError, match="k must be an int >= 0"):
     mj.merge.consensus_mask([_MASK], k=-2)
   with pytest.raises(ValueError, match=r"multitask does not match the base: params/dense/kernel"):
-    mj.merge.tall_reconstruct(_BASE, _WIDER, _MASK)
+    mj.merge.tall_reconstruct(BAD_INPUT_BASE, BAD_INPUT_WIDER, _MASK)
   with pytest.raises(ValueError, match=r"masks do not match the base: params/dense/kernel"):
-    mj.merge.tall_reconstruct(_BASE, _MODEL, {"params": {"dense": {"kernel": np.ones((2, 4), bool)}}})
+    mj.merge.tall_reconstruct(BAD_INPUT_BASE, BAD_INPUT_MODEL, {"params": {"dense": {"kernel": np.ones((2, 4), bool)}}})
   with pytest.raises(ValueError, match=r"masks\[0\]: params/dense/kernel has dtype float32"):
-    mj.merge.tall_reconstruct(_BASE, _MODEL, _MODEL)
+    mj.merge.tall_reconstruct(BAD_INPUT_BASE, BAD_INPUT_MODEL, BAD_INPUT_MODEL)

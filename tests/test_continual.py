@@ -10,6 +10,8 @@ import pytest
 
 import mergejax as mj
 from tests.test_average import assert_trees_close
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_WIDER
 
 alphas = st.floats(0.0, 0.95)
 # A few shapes only: each new one compiles the update again.
@@ -161,27 +163,23 @@ def test_update_runs_under_jit_and_keeps_the_base_dtypes():
   assert_trees_close(merged, want, rtol=2e-2, atol=2e-2)
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
-
-
 def test_bad_inputs_are_named():
   merger = mj.merge.opcm()
   mismatch = r"model does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"
   with pytest.raises(ValueError, match=mismatch):
-    merger.update(merger.init(_BASE), _WIDER)
+    merger.update(merger.init(BAD_INPUT_BASE), BAD_INPUT_WIDER)
   with pytest.raises(ValueError, match=r"models\[1\] does not match the base"):
-    mj.merge.merge_in_order(merger, _BASE, [_BASE, _WIDER])
+    mj.merge.merge_in_order(merger, BAD_INPUT_BASE, [BAD_INPUT_BASE, BAD_INPUT_WIDER])
   with pytest.raises(ValueError, match="need at least one model"):
-    mj.merge.merge_in_order(merger, _BASE, [])
+    mj.merge.merge_in_order(merger, BAD_INPUT_BASE, [])
   with pytest.raises(ValueError, match=r"order must be a permutation of range\(2\), got \[0, 0\]"):
-    mj.merge.merge_in_order(merger, _BASE, [_BASE, _BASE], [0, 0])
+    mj.merge.merge_in_order(merger, BAD_INPUT_BASE, [BAD_INPUT_BASE, BAD_INPUT_BASE], [0, 0])
   with pytest.raises(ValueError, match="no model merged yet"):
-    merger.finalize(merger.init(_BASE))
+    merger.finalize(merger.init(BAD_INPUT_BASE))
   for alpha in (-0.1, 1.0, float("nan")):
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
       mj.merge.opcm(alpha)
   with pytest.raises(ValueError, match="row_axes: params/dense/bias is not a leaf of the base"):
-    mj.merge.opcm(row_axes={"params/dense/bias": 1}).init(_BASE)
+    mj.merge.opcm(row_axes={"params/dense/bias": 1}).init(BAD_INPUT_BASE)
   with pytest.raises(ValueError, match=r"row_axes: params/dense/kernel has shape \(2, 3\)"):
-    mj.merge.opcm(row_axes={"params/dense/kernel": 2}).init(_BASE)
+    mj.merge.opcm(row_axes={"params/dense/kernel": 2}).init(BAD_INPUT_BASE)

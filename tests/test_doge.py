@@ -23,8 +23,11 @@ import pytest
 import mergejax as mj
 from tests.test_average import assert_trees_close
 from tests.test_task_vectors import _leaves
-from tests.test_task_vectors import _nested
 from tests.test_task_vectors import _unflatten
+from tests.test_task_vectors import assert_merges_leaf_by_leaf
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_MODEL
+from tests.test_task_vectors import BAD_INPUT_WIDER
 from tests.test_task_vectors import reference_k
 from tests.test_task_vectors import reference_kth_largest
 from tests.test_task_vectors import reference_thresholds
@@ -204,11 +207,7 @@ def test_one_leaf_at_a_time_reproduces_the_whole_merge():
       b, ms, steps=3, learning_rate=1e-3, rank_fraction=0.5, thresholds=thresholds,
       optimizer=optax.sgd,
   )
-  whole = _leaves(merge(base, models))
-  model_leaves = [_leaves(m) for m in models]
-  for j, (path, b) in enumerate(_leaves(base)):
-    one = merge(_nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves])
-    np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=path)
+  assert_merges_leaf_by_leaf(merge, base, models)
 
 
 _WIDE = {"w": (12, 8)}  # k = floor(8 / 6) = 1 at the default rank fraction.
@@ -290,34 +289,29 @@ def test_a_zero_task_vector_has_a_zero_coefficient_and_dtypes_are_kept():
   np.testing.assert_array_equal(doge_lib._coefficients(jnp.zeros((2, 3)), 0.5), [0, 0])
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
-
-
 @pytest.mark.parametrize(
     "models, kwargs, match",
     [
         ([], {}, "need at least one model"),
-        ([_MODEL, _WIDER], {},
+        ([BAD_INPUT_MODEL, BAD_INPUT_WIDER], {},
          r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
-        ([_MODEL], {"scale": float("nan")}, "scale must be finite"),
-        ([_MODEL], {"steps": -1}, r"steps must be an integer >= 0, got -1"),
-        ([_MODEL], {"steps": 2.5}, r"steps must be an integer >= 0, got 2.5"),
-        ([_MODEL], {"steps": True}, "steps must be an integer"),
-        ([_MODEL], {"learning_rate": 0.0}, "learning_rate must be finite and > 0"),
-        ([_MODEL], {"learning_rate": float("inf")}, "learning_rate must be finite and > 0"),
-        ([_MODEL], {"rank_fraction": 1.5}, r"rank_fraction must be in \[0, 1\]"),
-        ([_MODEL], {"rank_fraction": -0.1}, r"rank_fraction must be in \[0, 1\]"),
-        ([_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"trim": "layer"}, "trim must be one of"),
-        ([_MODEL], {"trim": "tensor", "thresholds": [0.1]}, "pass trim='global'"),
-        ([_MODEL, _MODEL], {"thresholds": [0.1]}, r"2 models but thresholds of shape \(1,\)"),
-        ([_MODEL], {"optimizer": "adam"}, "optimizer must be a callable"),
+        ([BAD_INPUT_MODEL], {"scale": float("nan")}, "scale must be finite"),
+        ([BAD_INPUT_MODEL], {"steps": -1}, r"steps must be an integer >= 0, got -1"),
+        ([BAD_INPUT_MODEL], {"steps": 2.5}, r"steps must be an integer >= 0, got 2.5"),
+        ([BAD_INPUT_MODEL], {"steps": True}, "steps must be an integer"),
+        ([BAD_INPUT_MODEL], {"learning_rate": 0.0}, "learning_rate must be finite and > 0"),
+        ([BAD_INPUT_MODEL], {"learning_rate": float("inf")}, "learning_rate must be finite and > 0"),
+        ([BAD_INPUT_MODEL], {"rank_fraction": 1.5}, r"rank_fraction must be in \[0, 1\]"),
+        ([BAD_INPUT_MODEL], {"rank_fraction": -0.1}, r"rank_fraction must be in \[0, 1\]"),
+        ([BAD_INPUT_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"trim": "layer"}, "trim must be one of"),
+        ([BAD_INPUT_MODEL], {"trim": "tensor", "thresholds": [0.1]}, "pass trim='global'"),
+        ([BAD_INPUT_MODEL, BAD_INPUT_MODEL], {"thresholds": [0.1]}, r"2 models but thresholds of shape \(1,\)"),
+        ([BAD_INPUT_MODEL], {"optimizer": "adam"}, "optimizer must be a callable"),
     ],
 )
 def test_bad_arguments_are_rejected_before_any_work(models, kwargs, match, monkeypatch):
   for module, name in ((doge_lib, "_doge_leaf"), (doge_lib.tv, "_global_thresholds")):
     monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("work started"))
   with pytest.raises(ValueError, match=match):
-    mj.merge.doge(_BASE, models, **kwargs)
+    mj.merge.doge(BAD_INPUT_BASE, models, **kwargs)

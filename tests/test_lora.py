@@ -12,6 +12,7 @@ import pytest
 import mergejax as mj
 from mergejax.merge.lora import LoRA
 from tests.test_average import assert_trees_close
+from tests.test_task_vectors import BAD_INPUT_BASE
 
 
 def _product(lora):
@@ -267,7 +268,6 @@ def test_apply_keeps_the_base_dtype_and_scale_zero_is_the_base():
 _LORA = LoRA(np.ones((2, 1), np.float32), np.ones((1, 3), np.float32))
 _RANK2 = LoRA(np.ones((2, 2), np.float32), np.ones((2, 3), np.float32))
 _ONE = {"params": {"dense": {"kernel": _LORA}}}
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
 _KEY = jax.random.key(0)
 _MERGES = {
     "lora_sum": lambda ads, **kw: mj.merge.lora_sum(ads, **kw),
@@ -318,17 +318,17 @@ def test_bad_arguments_are_rejected(name, kwargs, match):
 
 def test_apply_compress_extract_and_peft_reject_bad_inputs():
   with pytest.raises(ValueError, match="adapter: params/dense/bias is not a leaf of the base"):
-    mj.merge.lora_apply(_BASE, {"params": {"dense": {"bias": _LORA}}})
+    mj.merge.lora_apply(BAD_INPUT_BASE, {"params": {"dense": {"bias": _LORA}}})
   with pytest.raises(ValueError, match=r"adapter: params/dense/kernel: \(in, out\) \(2, 3\) does not fit the base's \(3, 2\)"):
     mj.merge.lora_apply({"params": {"dense": {"kernel": np.zeros((3, 2))}}}, _ONE)
   with pytest.raises(ValueError, match="scale must be finite"):
-    mj.merge.lora_apply(_BASE, _ONE, scale=float("inf"))
+    mj.merge.lora_apply(BAD_INPUT_BASE, _ONE, scale=float("inf"))
   with pytest.raises(ValueError, match="rank must be an integer >= 1"):
     mj.merge.lora_compress(_ONE, 0)
   with pytest.raises(ValueError, match=r"adapter: params/dense/kernel: down \(2, 1, 1\) and up \(1, 3\) must both be 2-D"):
     mj.merge.lora_compress({"params": {"dense": {"kernel": LoRA(np.ones((2, 1, 1)), np.ones((1, 3)))}}}, 1)
   with pytest.raises(ValueError, match=r"does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"):
-    mj.merge.lora_extract(_BASE, {"params": {"dense": {"kernel": np.zeros((2, 4))}}}, 1)
+    mj.merge.lora_extract(BAD_INPUT_BASE, {"params": {"dense": {"kernel": np.zeros((2, 4))}}}, 1)
   with pytest.raises(ValueError, match="one r"):
     mj.merge.lora_from_peft(np.ones((2, 5)), np.ones((3, 4)), alpha=8)
   with pytest.raises(ValueError, match="alpha must be finite and non-zero"):

@@ -14,6 +14,10 @@ import mergejax as mj
 from tests.test_average import assert_trees_close
 from tests.test_task_vectors import _leaves
 from tests.test_task_vectors import _unflatten
+from tests.test_task_vectors import assert_merges_leaf_by_leaf
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_MODEL
+from tests.test_task_vectors import BAD_INPUT_WIDER
 from tests.test_task_vectors import reference_k
 from tests.test_task_vectors import reference_task_arithmetic
 from tests.test_task_vectors import reference_ties
@@ -153,24 +157,12 @@ def test_inter_balancing_favours_the_entries_tasks_agree_on():
   assert np.all(beta[:, 0] > beta[:, 1])
 
 
-def _nested(path, leaf):
-  for k in reversed(path.split("/")):
-    leaf = {k: leaf}
-  return leaf
-
-
 @hypothesis.settings(max_examples=5)
 @hypothesis.given(base_and_models(), densities)
 def test_tensor_scope_one_leaf_at_a_time_reproduces_the_whole_merge(case, density):
   base, models = case
-  whole = _leaves(mj.merge.pcb(base, models, density=density, scope="tensor"))
-  model_leaves = [_leaves(m) for m in models]
-  for j, (path, b) in enumerate(_leaves(base)):
-    one = mj.merge.pcb(
-        _nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves],
-        density=density, scope="tensor",
-    )
-    np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=path)
+  assert_merges_leaf_by_leaf(
+      lambda b, ms: mj.merge.pcb(b, ms, density=density, scope="tensor"), base, models)
 
 
 def test_pcb_keeps_the_base_dtypes():
@@ -180,23 +172,18 @@ def test_pcb_keeps_the_base_dtypes():
     assert mj.merge.pcb(base, models, scope=scope)["w"].dtype == jnp.bfloat16
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
-
-
 @pytest.mark.parametrize(
     "models, kwargs, match",
     [
         ([], {}, "need at least one model"),
-        ([_MODEL, _WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
-        ([_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"density": 1.5}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"density": float("nan")}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"scale": float("inf")}, "scale must be finite"),
-        ([_MODEL], {"scope": "layer"}, "scope must be one of"),
+        ([BAD_INPUT_MODEL, BAD_INPUT_WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
+        ([BAD_INPUT_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"density": 1.5}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"density": float("nan")}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"scale": float("inf")}, "scale must be finite"),
+        ([BAD_INPUT_MODEL], {"scope": "layer"}, "scope must be one of"),
     ],
 )
 def test_bad_arguments_are_rejected(models, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    mj.merge.pcb(_BASE, models, **kwargs)
+    mj.merge.pcb(BAD_INPUT_BASE, models, **kwargs)

@@ -11,8 +11,11 @@ import pytest
 import mergejax as mj
 from tests.test_average import assert_trees_close
 from tests.test_task_vectors import _leaves
-from tests.test_task_vectors import _nested
 from tests.test_task_vectors import _unflatten
+from tests.test_task_vectors import assert_merges_leaf_by_leaf
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_MODEL
+from tests.test_task_vectors import BAD_INPUT_WIDER
 from tests.test_task_vectors import base_and_models
 from tests.test_task_vectors import reference_k
 from tests.test_task_vectors import reference_task_vectors
@@ -99,11 +102,7 @@ def test_sce_zero_sum_elects_plus_and_keeps_variance_ties():
 @hypothesis.given(base_and_models(discrete=False), densities)
 def test_one_leaf_at_a_time_reproduces_the_whole_merge(case, density):
   base, models = case
-  whole = _leaves(mj.merge.sce(base, models, density=density))
-  model_leaves = [_leaves(m) for m in models]
-  for j, (path, b) in enumerate(_leaves(base)):
-    one = mj.merge.sce(_nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves], density=density)
-    np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=path)
+  assert_merges_leaf_by_leaf(lambda b, ms: mj.merge.sce(b, ms, density=density), base, models)
 
 
 def test_sce_keeps_the_base_dtypes():
@@ -112,21 +111,16 @@ def test_sce_keeps_the_base_dtypes():
   assert mj.merge.sce(base, models, density=0.5)["w"].dtype == jnp.bfloat16
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
-
-
 @pytest.mark.parametrize(
     "models, kwargs, match",
     [
         ([], {}, "need at least one model"),
-        ([_MODEL, _WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
-        ([_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"density": 1.5}, r"density must be in \(0, 1\]"),
-        ([_MODEL], {"scale": float("nan")}, "scale must be finite"),
+        ([BAD_INPUT_MODEL, BAD_INPUT_WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
+        ([BAD_INPUT_MODEL], {"density": 0.0}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"density": 1.5}, r"density must be in \(0, 1\]"),
+        ([BAD_INPUT_MODEL], {"scale": float("nan")}, "scale must be finite"),
     ],
 )
 def test_bad_arguments_are_named(models, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    mj.merge.sce(_BASE, models, **kwargs)
+    mj.merge.sce(BAD_INPUT_BASE, models, **kwargs)

@@ -239,6 +239,19 @@ def _nested(path, leaf):
   return leaf
 
 
+def assert_merges_leaf_by_leaf(merge, base, models, name="", leaf_kwargs=lambda path: {}):
+  """Merging each leaf alone, nested along its path, equals the whole merge.
+
+  `merge(base, models, **kw)`; `leaf_kwargs(path)` gives the kw of the one-leaf merges.
+  """
+  whole = _leaves(merge(base, models))
+  model_leaves = [_leaves(m) for m in models]
+  for j, (path, b) in enumerate(_leaves(base)):
+    one = merge(_nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves], **leaf_kwargs(path))
+    np.testing.assert_array_equal(
+        _leaves(one)[0][1], whole[j][1], err_msg=f"{name} {path}" if name else path)
+
+
 @hypothesis.settings(max_examples=10)  # each example compiles every merge anew
 @hypothesis.given(base_and_models(), drops, densities, keys)
 def test_one_leaf_at_a_time_reproduces_the_whole_merge(case, drop, density, key):
@@ -251,12 +264,8 @@ def test_one_leaf_at_a_time_reproduces_the_whole_merge(case, drop, density, key)
           b, ms, drop=drop, density=density, key=key, trim="global", thresholds=thresholds
       ),
   }
-  model_leaves = [_leaves(m) for m in models]
   for name, merge in merges.items():
-    whole = _leaves(merge(base, models))
-    for j, (path, b) in enumerate(_leaves(base)):
-      one = merge(_nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves])
-      np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=f"{name} {path}")
+    assert_merges_leaf_by_leaf(merge, base, models, name)
 
 
 def test_global_trim_spends_the_budget_where_the_big_changes_are():
@@ -349,19 +358,20 @@ def test_merges_keep_the_base_dtypes():
     assert merged["w"].dtype == jnp.bfloat16
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
+# Bad-input trees shared by the merges' argument-checking tests.
+BAD_INPUT_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
+BAD_INPUT_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
+BAD_INPUT_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
 _OTHER = {"params": {"dense": {"bias": np.ones(3, np.float32)}}}
 _KEY = jax.random.key(0)
 _MERGES = {
-    "task_arithmetic": lambda models, **kw: mj.merge.task_arithmetic(_BASE, models, **kw),
-    "ties": lambda models, **kw: mj.merge.ties(_BASE, models, **kw),
+    "task_arithmetic": lambda models, **kw: mj.merge.task_arithmetic(BAD_INPUT_BASE, models, **kw),
+    "ties": lambda models, **kw: mj.merge.ties(BAD_INPUT_BASE, models, **kw),
     "ties_thresholds": lambda models, **kw: mj.merge.ties_thresholds(
-        _BASE, models, kw.pop("density", 0.5), **kw),
-    "dare": lambda models, **kw: mj.merge.dare(_BASE, models, **{"drop": 0.5, "key": _KEY, **kw}),
+        BAD_INPUT_BASE, models, kw.pop("density", 0.5), **kw),
+    "dare": lambda models, **kw: mj.merge.dare(BAD_INPUT_BASE, models, **{"drop": 0.5, "key": _KEY, **kw}),
     "dare_ties": lambda models, **kw: mj.merge.dare_ties(
-        _BASE, models, **{"drop": 0.5, "density": 0.5, "key": _KEY, **kw}),
+        BAD_INPUT_BASE, models, **{"drop": 0.5, "density": 0.5, "key": _KEY, **kw}),
 }
 
 
@@ -371,11 +381,11 @@ def test_mismatched_or_missing_models_are_named(name):
   with pytest.raises(ValueError, match="need at least one model"):
     merge([])
   with pytest.raises(ValueError, match=r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"):
-    merge([_MODEL, _WIDER])
+    merge([BAD_INPUT_MODEL, BAD_INPUT_WIDER])
   with pytest.raises(ValueError, match=r"models\[0\] does not match the base: params/dense/kernel: in tree 0, not in tree 1"):
     merge([_OTHER])
   with pytest.raises(ValueError, match="does not match the base"):
-    mj.merge.task_vector(_BASE, _WIDER)
+    mj.merge.task_vector(BAD_INPUT_BASE, BAD_INPUT_WIDER)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +416,7 @@ def test_mismatched_or_missing_models_are_named(name):
 )
 def test_bad_arguments_are_rejected(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _MERGES[name]([_MODEL, _MODEL], **kwargs)
+    _MERGES[name]([BAD_INPUT_MODEL, BAD_INPUT_MODEL], **kwargs)
 
 
 # Other tools' conventions: NumPy transcriptions of FusionBench's and
@@ -661,9 +671,9 @@ def test_keep_rules(density, size, ks):
 )
 def test_bad_conventions_are_rejected(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _MERGES[name]([_MODEL, _MODEL], **kwargs)
+    _MERGES[name]([BAD_INPUT_MODEL, BAD_INPUT_MODEL], **kwargs)
   with pytest.raises(ValueError, match="convention must be one of"):
-    mj.merge.ties_sign_balance(_BASE, [_MODEL], 0.5, convention="torch")
+    mj.merge.ties_sign_balance(BAD_INPUT_BASE, [BAD_INPUT_MODEL], 0.5, convention="torch")
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def _small_config():
       "widen": {"above_average_ratio": (1.0,), "calibrated_score": (0.5,)},
       "metric_weighted": {"penalty": (0.0, 2.0)},
       "ota": {"power": (0.5,)},
-      "opcm": {"opcm_alpha": (0.5,)},
+      "opcm": {"opcm_alpha": (0.5,), "order": (0, 1)},
       "lora_arithmetic": {"rank": (4,), "scale": (0.5,)},
       "lora_lego": {"rank": (4,), "merged_rank": (4,), "scale": (1.0,)},
       "reversible_lora": {"rank": (4,), "num_basis": (5,)},
@@ -80,6 +80,12 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
   # penalty of 0 weighs the models equally.
   assert by("Consensus TA", k=0.0, scale=0.5)["test"] == by("task arithmetic", scale=0.5)["test"]
   assert by("metrics-weighted average", penalty=0.0)["test"] == by("average")["test"]
+  # OPCM's spread over its two task orders, at the chosen opcm_alpha, is printed and saved.
+  orders = [by("OPCM (continual)", opcm_alpha=0.5, order=float(o))["test"]["average"] for o in (0, 1)]
+  assert saved["opcm_order_spread"] == pytest.approx(
+      {"opcm_alpha": 0.5, "orders": 2, "mean": np.mean(orders), "std": np.std(orders), "min": min(orders),
+       "max": max(orders)})
+  assert "OPCM over 2 task orders" in table
   # Compressions score each task on its own reconstructed model: they have no joint accuracy.
   for name, setting in (("TALL masks (per task)", {"lambda_t": 0.4}),
                         ("reversible low-rank (per task)", {"rank": 4.0, "num_basis": 5.0})):

@@ -15,6 +15,10 @@ from tests.test_average import assert_trees_close
 from tests.test_pcb import base_and_models
 from tests.test_task_vectors import _leaves
 from tests.test_task_vectors import _unflatten
+from tests.test_task_vectors import assert_merges_leaf_by_leaf
+from tests.test_task_vectors import BAD_INPUT_BASE
+from tests.test_task_vectors import BAD_INPUT_MODEL
+from tests.test_task_vectors import BAD_INPUT_WIDER
 
 # mj.merge.widen is the function; the module holds default_axes.
 widen_lib = importlib.import_module("mergejax.merge.widen")
@@ -110,25 +114,16 @@ def test_identities(case, t):
   assert_trees_close(copies, models[0])
 
 
-def _nested(path, leaf):
-  for k in reversed(path.split("/")):
-    leaf = {k: leaf}
-  return leaf
-
-
 @hypothesis.settings(max_examples=3)
 @hypothesis.given(base_and_models(discrete=False))
 def test_one_leaf_at_a_time_reproduces_the_whole_merge(case):
   base, models = case
   axis = {"block/kernel": (0, 1)}
-  whole = _leaves(mj.merge.widen(base, models, axis=axis))
-  model_leaves = [_leaves(m) for m in models]
-  for j, (path, b) in enumerate(_leaves(base)):
-    one = mj.merge.widen(
-        _nested(path, b), [_nested(path, ls[j][1]) for ls in model_leaves],
-        axis={p: a for p, a in axis.items() if p == path},
-    )
-    np.testing.assert_array_equal(_leaves(one)[0][1], whole[j][1], err_msg=path)
+  # The whole merge takes every axis; a one-leaf merge only its own leaf's.
+  assert_merges_leaf_by_leaf(
+      lambda b, ms, axis=axis: mj.merge.widen(b, ms, axis=axis), base, models,
+      leaf_kwargs=lambda path: {"axis": {p: a for p, a in axis.items() if p == path}},
+  )
 
 
 def test_calibration_replaces_the_softmax_above_t_times_the_mean():
@@ -170,25 +165,20 @@ def test_widen_keeps_the_base_dtypes():
   assert merged["w"].dtype == merged["b"].dtype == jnp.bfloat16
 
 
-_BASE = {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32)}}}
-_MODEL = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
-_WIDER = {"params": {"dense": {"kernel": np.ones((2, 4), np.float32)}}}
-
-
 @pytest.mark.parametrize(
     "models, kwargs, match",
     [
         ([], {}, "need at least one model"),
-        ([_MODEL, _WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
-        ([_MODEL], {"above_average_ratio": float("nan")}, "above_average_ratio must be finite"),
-        ([_MODEL], {"calibrated_score": float("inf")}, "calibrated_score must be finite"),
-        ([_MODEL], {"axis": {"params/dense/bias": 0}}, "'params/dense/bias' is not a leaf path"),
-        ([_MODEL], {"axis": {"params/dense/kernel": 2}}, r"axis of params/dense/kernel: \(2,\) is not"),
-        ([_MODEL], {"axis": {"params/dense/kernel": ()}}, r"axis of params/dense/kernel: \(\) is not"),
-        ([_MODEL], {"axis": {"params/dense/kernel": (1, -1)}}, "repeats an axis"),
-        ([_MODEL], {"axis": lambda path, leaf: 5}, r"axis of params/dense/kernel: \(5,\)"),
+        ([BAD_INPUT_MODEL, BAD_INPUT_WIDER], {}, r"models\[1\] does not match the base: params/dense/kernel: \(2, 3\) vs \(2, 4\)"),
+        ([BAD_INPUT_MODEL], {"above_average_ratio": float("nan")}, "above_average_ratio must be finite"),
+        ([BAD_INPUT_MODEL], {"calibrated_score": float("inf")}, "calibrated_score must be finite"),
+        ([BAD_INPUT_MODEL], {"axis": {"params/dense/bias": 0}}, "'params/dense/bias' is not a leaf path"),
+        ([BAD_INPUT_MODEL], {"axis": {"params/dense/kernel": 2}}, r"axis of params/dense/kernel: \(2,\) is not"),
+        ([BAD_INPUT_MODEL], {"axis": {"params/dense/kernel": ()}}, r"axis of params/dense/kernel: \(\) is not"),
+        ([BAD_INPUT_MODEL], {"axis": {"params/dense/kernel": (1, -1)}}, "repeats an axis"),
+        ([BAD_INPUT_MODEL], {"axis": lambda path, leaf: 5}, r"axis of params/dense/kernel: \(5,\)"),
     ],
 )
 def test_bad_arguments_are_rejected(models, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    mj.merge.widen(_BASE, models, **kwargs)
+    mj.merge.widen(BAD_INPUT_BASE, models, **kwargs)
