@@ -93,8 +93,8 @@ METHODS = {
     "ota": ("OTA (Adam curvature)", ("power",)),
     "opcm": ("OPCM (continual)", ("opcm_alpha", "order")),
     "lora_arithmetic": ("LoRA task arithmetic", ("rank", "scale")),
-    "lora_lego": ("LoRA-LEGO", ("rank", "merged_rank", "scale")),
-    "reversible_lora": ("reversible low-rank (per task)", ("rank", "num_basis")),
+    "lora_lego": ("LoRA-LEGO", ("merged_rank", "rank", "scale")),
+    "reversible_lora": ("reversible low-rank (per task)", ("num_basis", "rank")),
 }
 
 # Methods whose result is one model per task (compressions, not merges): each task is scored on its
@@ -345,7 +345,7 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
     merged = mj.merge.merge_in_order(mj.merge.opcm(opcm_alpha), base, tuned, arrival)
     return merged, {"arrival": [config.members[i] for i in arrival]}
 
-  def reversible_lora(rank, num_basis):
+  def reversible_lora(num_basis, rank):
     merged = mj.merge.reversible_merge(adapters(rank), int(num_basis))
     return PerTask([mj.merge.lora_apply(base, mj.merge.reversible_task(merged, t)) for t in range(len(tuned))]), {}
 
@@ -379,7 +379,7 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
       "opcm": opcm,
       "lora_arithmetic": lambda rank, scale: (
           mj.merge.lora_apply(base, mj.merge.lora_sum(adapters(rank), scale=scale)), {}),
-      "lora_lego": lambda rank, merged_rank, scale: (
+      "lora_lego": lambda merged_rank, rank, scale: (
           mj.merge.lora_apply(base, mj.merge.lora_lego(adapters(rank), int(merged_rank), key=key), scale=scale),
           {}),
       "reversible_lora": reversible_lora,

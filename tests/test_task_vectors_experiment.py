@@ -88,7 +88,7 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
   assert "OPCM over 2 task orders" in table
   # Compressions score each task on its own reconstructed model: they have no joint accuracy.
   for name, setting in (("TALL masks (per task)", {"lambda_t": 0.4}),
-                        ("reversible low-rank (per task)", {"rank": 4.0, "num_basis": 5.0})):
+                        ("reversible low-rank (per task)", {"num_basis": 5.0, "rank": 4.0})):
     assert "joint" not in by(name, **setting)["test"]
     assert by(name, **setting)["test"]["average"] > base["test"]["average"]
 
