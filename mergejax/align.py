@@ -346,7 +346,7 @@ def activation_matching(
   _check_models(spec, va, vb)
   example, batches = peek(batches)
   plan = _plan_for(spec, apply_fn, va, example)
-  missing = sorted(set(spec.groups) - {f.group for f in plan})
+  missing = sorted(g for g in set(spec.groups) - {f.group for f in plan} if spec.sizes[g] > 1)
   if missing:
     raise ValueError(f"activation_matching: no kernel reads or writes groups {missing}")
 
@@ -356,7 +356,9 @@ def activation_matching(
             for f in plan]
 
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
-  corr = {g: jnp.zeros((spec.sizes[g],) * 2, jnp.float32) for g in spec.groups}
+  # A group of one unit that no leaf names (the zoo keeps such groups by name) matches itself.
+  corr = {g: jnp.ones((1, 1), jnp.float32) if not spec.groups[g] and spec.sizes[g] == 1
+          else jnp.zeros((spec.sizes[g],) * 2, jnp.float32) for g in spec.groups}
   for f, m in zip(plan, moments):
     corr[f.group] = corr[f.group] + m.correlation / sum(e.group == f.group for e in plan)
   perm = {g: lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}

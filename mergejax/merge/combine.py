@@ -105,17 +105,20 @@ def fixed_groups(spec: spec_lib.PermutationSpec,
     inputs: kernel path -> the kernel axes it contracts with its input (the
       input side; every other axis is on the output side).
   """
-  out = set()
+  out = {g for g, refs in spec.groups.items() if not refs}  # no leaf would carry a new width
   for path, refs in refs_by_leaf(spec).items():
-    view = leaf_view((0,) * (1 + max(r.axis for _, r in refs)), refs)
+    ndim = 1 + max(r.axis for _, r in refs)
+    shape = [max([0] + [r.part[1] for _, r in refs if r.axis == a and r.part]) for a in range(ndim)]
     contracted = inputs.get(path, frozenset())
-    sides: dict[bool, list[tuple[int, str]]] = {}
-    for pos, g in view.groups:
-      axis = next(a for a in range(len(view.parts)) if pos < sum(view.parts[:a + 1]))
-      sides.setdefault(axis in contracted, []).append((pos, g))
-    for grouped in sides.values():
-      outer = min(grouped)[1]
-      out.update(g for _, g in grouped if g != outer)
+    for piece in leaf_pieces(shape, refs, tree.path_str(path)):  # each part of a fused axis apart
+      view = piece.view
+      sides: dict[bool, list[tuple[int, str]]] = {}
+      for pos, g in view.groups:
+        axis = next(a for a in range(len(view.parts)) if pos < sum(view.parts[:a + 1]))
+        sides.setdefault(axis in contracted, []).append((pos, g))
+      for grouped in sides.values():
+        outer = min(grouped)[1]
+        out.update(g for _, g in grouped if g != outer)
   return frozenset(out)
 
 
@@ -243,10 +246,8 @@ def leaf_view(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]]
   for g, r in refs:
     if r.part is not None:
       raise NotImplementedError(
-          f"{where or tree.path_str(r.path)}: group {g!r} permutes a part of axis {r.axis} ({r.part}, e.g."
-          " q, k or v of a fused projection split by jnp.split); merges to a new width (PLeaS, ZipIt!,"
-          " combine) do not lay out parts yet: permute, align and weight-average such models, or give"
-          " a hand spec without parts")
+          f"{where or tree.path_str(r.path)}: group {g!r} permutes a part of axis {r.axis} ({r.part});"
+          " a LeafView is one piece of a leaf: split the leaf into its parts with `leaf_pieces`")
     if r.factor is not None:
       view = tuple(r.factor[0])
       if views.setdefault(r.axis, view) != view:
@@ -260,6 +261,66 @@ def leaf_view(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]]
     parts.append(len(view))
   groups = tuple(sorted((offsets[r.axis] + (r.factor[1] if r.factor else 0), g) for g, r in refs))
   return LeafView(tuple(split), groups, tuple(parts))
+
+
+class Piece(NamedTuple):
+  """One piece of a leaf: a part of a fused axis (q, k or v of GPT-2's c_attn), or the whole leaf.
+
+  Attributes:
+    axis: the axis cut into parts, or None (the piece is the whole leaf).
+    start, stop: the piece's units along `axis` (0 and the leaf's shape where None).
+    view: the piece's LeafView (its refs' parts dropped, their factors viewing the piece).
+  """
+
+  axis: int | None
+  start: int
+  stop: int
+  view: LeafView
+
+
+def leaf_pieces(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]], where: str = "") -> list[Piece]:
+  """A leaf cut along its fused axis into consecutive pieces, each merged on its own.
+
+  Refs with a `part` cut one axis into the parts and the gaps between them
+  (units no group permutes); each piece is laid out by its own groups
+  (`merged | A only | B only` per group inside its range) and the merged leaf
+  is the pieces concatenated back in order. A leaf without parts is one piece.
+
+  Raises:
+    NotImplementedError: for parts on more than one axis of a leaf, nested
+      parts, or a ref without a part on the cut axis (a group permuting the
+      whole fused axis around its parts).
+  """
+  parted = sorted({r.axis for _, r in refs if r.part is not None})
+  if not parted:
+    return [Piece(None, 0, shape[0] if len(shape) else 0, leaf_view(shape, refs, where))]
+  if len(parted) > 1:
+    raise NotImplementedError(f"{where}: parts on axes {parted} of one leaf; merges lay out parts of one axis")
+  axis = parted[0]
+  whole = [g for g, r in refs if r.axis == axis and r.part is None]
+  if whole:
+    raise NotImplementedError(f"{where}: groups {whole} permute all of axis {axis}, which other groups cut"
+                              " into parts; merges lay out disjoint parts only")
+  spans = sorted({r.part for _, r in refs if r.part is not None})
+  for (_, stop), (start, _) in zip(spans, spans[1:]):
+    if start < stop:
+      raise NotImplementedError(f"{where}: nested or overlapping parts {spans} of axis {axis}; merges lay out"
+                                " disjoint parts only")
+  cuts, at = [], 0
+  for start, stop in spans:
+    if start > at:
+      cuts.append((at, start))
+    cuts.append((start, stop))
+    at = stop
+  if at < shape[axis]:
+    cuts.append((at, shape[axis]))
+  out = []
+  for start, stop in cuts:
+    own = [(g, r._replace(part=None)) for g, r in refs if r.axis != axis or r.part == (start, stop)]
+    piece_shape = list(shape)
+    piece_shape[axis] = stop - start
+    out.append(Piece(axis, start, stop, leaf_view(piece_shape, own, where)))
+  return out
 
 
 def refs_by_leaf(spec: spec_lib.PermutationSpec) -> dict[tuple[str, ...], list[tuple[str, spec_lib.AxisRef]]]:
@@ -305,11 +366,13 @@ def combine(
   leaves_a, leaves_b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
   plan = []
   for path, xa in leaves_a.items():
-    view = leaf_view(np.shape(xa), by_leaf.get(path, []), tree.path_str(path))
-    split_inputs = {p for a in inputs.get(path, frozenset()) for p in _split_positions(view, a)}
-    axes = tuple((pos, g, pos in split_inputs) for pos, g in view.groups)
-    plan.append(_LeafPlan(path, view.shape, axes, tuple(models.get(path, (0, 1))),
-                          view.merged_shape(widths)))
+    for piece in leaf_pieces(np.shape(xa), by_leaf.get(path, []), tree.path_str(path)):
+      view = piece.view
+      split_inputs = {p for a in inputs.get(path, frozenset()) for p in _split_positions(view, a)}
+      axes = tuple((pos, g, pos in split_inputs) for pos, g in view.groups)
+      cut = None if piece.axis is None else (piece.axis, piece.start, piece.stop)
+      plan.append(_LeafPlan(path, cut, view.shape, axes, tuple(models.get(path, (0, 1))),
+                            view.merged_shape(widths)))
   used = {g for p in plan for _, g, _ in p.axes}
   parts = {g: (model_part(maps[g], 0), model_part(maps[g], 1)) for g in used}
   out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
@@ -320,6 +383,7 @@ class _LeafPlan(NamedTuple):
   """How `combine` merges one leaf: the static part of its work."""
 
   path: tuple[str, ...]
+  cut: tuple[int, int, int] | None  # (axis, start, stop): one piece of a fused axis (`leaf_pieces`)
   split_shape: tuple[int, ...]
   axes: tuple[tuple[int, str, bool], ...]  # (position in split_shape, group, is_input)
   models: tuple[int, ...]
@@ -331,12 +395,16 @@ def _combine_leaves(plan: tuple[_LeafPlan, ...], parts: Mapping[str, tuple[Model
                     leaves_a: Mapping[tuple[str, ...], jax.Array],
                     leaves_b: Mapping[tuple[str, ...], jax.Array]) -> dict[tuple[str, ...], jax.Array]:
   """Every leaf combined, in one compiled program (compiled once per plan)."""
-  out = {}
+  pieces: dict[tuple[str, ...], list[tuple[int | None, jax.Array]]] = {}
   for p in plan:
     sides = {m: [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes] for m in p.models}
-    xs = [jnp.reshape(leaves[p.path], p.split_shape) for leaves in (leaves_a, leaves_b)]
-    out[p.path] = jnp.reshape(combine_parts(xs, sides), p.merged_shape)
-  return out
+    cut = (lambda x: x) if p.cut is None else (
+        lambda x, c=p.cut: jax.lax.slice_in_dim(jnp.asarray(x), c[1], c[2], axis=c[0]))
+    xs = [jnp.reshape(cut(leaves[p.path]), p.split_shape) for leaves in (leaves_a, leaves_b)]
+    merged = jnp.reshape(combine_parts(xs, sides), p.merged_shape)
+    pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged))
+  return {path: ps[0][1] if ps[0][0] is None else jnp.concatenate([x for _, x in ps], axis=ps[0][0])
+          for path, ps in pieces.items()}
 
 
 def _split_positions(view: LeafView, axis: int) -> range:

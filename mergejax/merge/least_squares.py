@@ -212,7 +212,7 @@ def solve_layer(
     gram: stats.Gram,
     kernels: Sequence[jax.Array],
     w0: jax.Array,
-    view: combine.LeafView,
+    view: combine.LeafView | Sequence[combine.Piece],
     plan: KernelPlan,
     maps: Mapping[str, combine.UnitMap],
     *,
@@ -222,6 +222,74 @@ def solve_layer(
     merged_inputs: bool = False,
 ) -> tuple[jax.Array, LayerReport]:
   """One kernel of the merged model, by block least squares.
+
+  Args:
+    path: the kernel's path (for messages).
+    gram: the Gram of `[X_a | X_b]`, the layer's input rows in both (aligned)
+      models, features in `plan` order; with `merged_inputs`, the Gram of
+      `[X_m | X_a | X_b]`, `X_m` the merged model's own input rows.
+    kernels: `(w_a, w_b)`, the kernel in both aligned models.
+    w0: the combined kernel (`combine.combine`), the merged model's shape.
+    view: the split view of the original kernel (`combine.leaf_view`), or its
+      pieces (`combine.leaf_pieces`: a fused output axis cut into parts, e.g.
+      GPT-2's q | k | v); output columns are independent problems on the same
+      Gram, so each piece is solved on its own and the pieces concatenated.
+    plan: its matrix view (`kernel_plan`).
+    maps: group -> UnitMap.
+    models: the models whose outputs are the targets ((0,) for A's own head).
+    ridge: relative ridge (see `ridge_solve`).
+    condition: compute the blocks' condition numbers (an eigendecomposition each).
+    merged_inputs: fit on the merged model's inputs (`X_m`) instead of the
+      originals' inputs merged like the units.
+
+  Returns:
+    The merged kernel (shape of `w0`) and its LayerReport.
+
+  Raises:
+    NotImplementedError: for a kernel whose parts cut an input (contracted) axis.
+  """
+  kw = dict(models=models, ridge=ridge, condition=condition, merged_inputs=merged_inputs)
+  pieces = [combine.Piece(None, 0, 0, view)] if isinstance(view, combine.LeafView) else list(view)
+  axis = pieces[0].axis
+  if axis is not None and axis in plan.in_axes:
+    raise NotImplementedError(f"{'/'.join(path)}: parts of axis {axis}, an input axis of the kernel; the"
+                              " least squares lays out parts of output axes only")
+  widths = {g: m.width for g, m in maps.items()}
+
+  def cut(x, start, stop):
+    return x if axis is None else jax.lax.slice_in_dim(jnp.asarray(x), start, stop, axis=axis)
+
+  solved, before, after, total, cond, sizes, at = [], 0.0, 0.0, 0.0, 0.0, np.zeros(3, int), 0
+  for piece in pieces:
+    width = 0 if axis is None else piece.view.merged_shape(widths)[axis]
+    out = _solve_view(path, gram, [cut(k, piece.start, piece.stop) for k in kernels], cut(w0, at, at + width),
+                      piece.view, plan, maps, **kw)
+    at += width
+    solved.append(out[0])
+    before, after, total = before + out[1], after + out[2], total + out[3]
+    cond, sizes = max(cond, out[4]), sizes + np.asarray(out[5])
+  kernel = solved[0] if axis is None else jnp.concatenate(solved, axis=axis)
+  norm = max(total, 1e-30)
+  return kernel, LayerReport(path, (before + total) / norm, (after + total) / norm, cond,
+                             tuple(int(s) for s in sizes))
+
+
+def _solve_view(
+    path: tuple[str, ...],
+    gram: stats.Gram,
+    kernels: Sequence[jax.Array],
+    w0: jax.Array,
+    view: combine.LeafView,
+    plan: KernelPlan,
+    maps: Mapping[str, combine.UnitMap],
+    *,
+    models: Sequence[int] = (0, 1),
+    ridge: float,
+    condition: bool = True,
+    merged_inputs: bool = False,
+) -> tuple[jax.Array, float, float, float, float, tuple[int, int, int]]:
+  """`solve_layer` for one piece: (kernel, summed residual terms before and
+  after, ||Y||^2, the worst condition number, the blocks' sizes).
 
   Args:
     path: the kernel's path (for messages).
@@ -310,12 +378,9 @@ def solve_layer(
       w_c = ridge_solve(g_c, c_c, w0_c, ridge, where)
       solution = solution.at[np.ix_(p, q)].set(w_c)
       after[i] = float(_residual(g_c, c_c, w_c))
-  total = float(total)
   kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
-  norm = max(total, 1e-30)
-  return kernel, LayerReport(path, (float(sum(out["before"])) + total) / norm,
-                             (float(sum(after)) + total) / norm,
-                             float(max(out["condition"], default=0.0)), tuple(sizes))
+  return (kernel, float(sum(out["before"])), float(sum(after)), float(total),
+          float(max(out["condition"], default=0.0)), tuple(sizes))
 
 
 def _residual(gram: jax.Array, cross: jax.Array, w: jax.Array) -> jax.Array:

@@ -68,6 +68,9 @@ def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]
   la, lb = tree.leaves_by_path(va), tree.leaves_by_path(vb_aligned)
   out = {}
   for g, refs in spec.groups.items():
+    if not refs:  # a group of one unit no leaf names: nothing to compare, nothing to widen
+      out[g] = np.ones(spec.sizes[g], np.float64)
+      continue
     a = jnp.concatenate([align.unit_rows(jnp.asarray(la[r.path], jnp.float32), r) for r in refs], 1)
     b = jnp.concatenate([align.unit_rows(jnp.asarray(lb[r.path], jnp.float32), r) for r in refs], 1)
     cos = jnp.sum(a * b, 1) / jnp.maximum(jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1), 1e-12)
@@ -325,7 +328,7 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads
     where = "/".join(k.path)
     if not bool(jnp.all(jnp.isfinite(g.gram))):
       raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
-    view = combine.leaf_view(k.shape, by_leaf.get(k.path, []), where)
+    view = combine.leaf_pieces(k.shape, by_leaf.get(k.path, []), where)
     kernel, rep = timed("solves", least_squares.solve_layer, k.path, g, (la[k.path], lb[k.path]), lm[k.path],
                         view, k.plan, maps, models=heads_models.get(k.path, (0, 1)), ridge=ridge,
                         merged_inputs=merged_fn is not None)

@@ -49,7 +49,9 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
     cov = np.block([[np.asarray(m.cov_aa), np.asarray(m.cov_ab)], [np.asarray(m.cov_ab).T, np.asarray(m.cov_bb)]])
     std = np.sqrt(np.diag(cov) + 1e-12)
     out[f.group] = out[f.group] + cov / np.outer(std, std) / sum(e.group == f.group for e in plan)
-  return {g: np.asarray(c, np.float64) for g, c in out.items()}
+  # A group no feature reads (one unit no leaf names): its two units alike.
+  return {g: np.asarray(c, np.float64) if np.ndim(c) else np.ones((2 * spec.sizes[g],) * 2)
+          for g, c in out.items()}
 
 
 def _unit_map(m: zip_match.ZipMatch) -> combine.UnitMap:
