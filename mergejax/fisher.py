@@ -42,6 +42,12 @@ CPU (larger working sets leave the caches) and under 1 GiB elsewhere
 (experiments/benchmarks/RESULTS.md has the speed against a per-example
 loop).
 
+A language model's per-token logits `f32[batch, positions..., classes]` are
+accepted as they are: each position is a term of its example's Fisher,
+weighted 1/positions (the per-token mean), with "empirical" labels
+`int[batch, positions...]` (the next tokens) and "sampled" drawing one token
+per position (DESIGN.md, Fisher: "sampled" is the kind to use for an LM).
+
 `logits_fn` must run BatchNorm in eval mode (running statistics, `train=False`
 bound by the caller): in training mode an example's output would depend on the
 rest of its batch, and a per-example gradient would be meaningless. Where the
@@ -98,18 +104,18 @@ def _check_shapes(logits_fn: LogitsFn, variables: PyTree, x: Any, labels: Any | 
   out = jax.eval_shape(logits_fn, variables, x)
   if not isinstance(out, jax.ShapeDtypeStruct):
     raise ValueError(
-        "fisher: logits_fn must return one array f32[batch, classes], got"
-        f" {jax.tree.structure(out)} (a multi-head model: bind one head in logits_fn)")
-  if out.ndim != 2 or out.shape[0] != x.shape[0]:
+        "fisher: logits_fn must return one array f32[batch, classes] (or f32[batch, positions..., classes]),"
+        f" got {jax.tree.structure(out)} (a multi-head model: bind one head in logits_fn)")
+  if out.ndim < 2 or out.shape[0] != x.shape[0]:
     raise ValueError(
-        f"fisher: logits_fn must return f32[batch, classes]; on inputs of shape {tuple(x.shape)}"
-        f" it returned shape {tuple(out.shape)}")
-  if labels is not None and (tuple(labels.shape) != (x.shape[0],)
+        f"fisher: logits_fn must return f32[batch, classes] or f32[batch, positions..., classes]; on inputs"
+        f" of shape {tuple(x.shape)} it returned shape {tuple(out.shape)}")
+  if labels is not None and (tuple(labels.shape) != tuple(out.shape[:-1])
                              or not jnp.issubdtype(labels.dtype, jnp.integer)):
     raise ValueError(
-        f"fisher: labels must be int[batch] with batch = {x.shape[0]}, got"
+        f"fisher: labels must be int{list(out.shape[:-1])}, one per example (and position), got"
         f" {labels.dtype}{list(labels.shape)}")
-  return out.shape[1]
+  return out.shape[-1]
 
 
 def _differentiated(variables: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
@@ -363,23 +369,29 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
   free = {p: v for p, v in by_path.items() if p not in probed}
   apply = trace.probed_kernel_uses(logits_fn)
 
+  # Per-token logits f32[batch, positions..., V] (a language model): every position is a term of
+  # the example's Fisher, weighted 1/positions (the per-token mean; DESIGN.md, Fisher).
+  positions, vocab = math.prod(logits.shape[1:-1]), logits.shape[-1]
+
   def log_probs(free_leaves, probes, x_n):
     v = rebuild(tree.replace_leaves(params, free_leaves))
     logits, uses, _ = apply(v, {k.path: [probes[k.path]] for k in kernels}, x_n[None])
     inputs = {k.path: uses[k.path][0].input for k in kernels}
-    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0]), inputs
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[0]).reshape(-1), inputs
 
   def example(x_n, label, i):
     probes = {k.path: jnp.zeros(k.output_shape, jnp.float32) for k in kernels}
     log_p, pullback, inputs = jax.vjp(lambda f, pr: log_probs(f, pr, x_n), free, probes,
                                       has_aux=True)
-    log_p = jax.lax.stop_gradient(log_p)
+    log_p = jax.lax.stop_gradient(log_p)  # f32[positions * V], position-major
     num_classes = log_p.shape[0]
     if kind == "exact":
-      classes, weights = jnp.arange(num_classes), jnp.exp(log_p)
+      classes, weights = jnp.arange(num_classes), jnp.exp(log_p) / positions
     else:
-      y = label if kind == "empirical" else jax.random.categorical(jax.random.fold_in(key, i), log_p)
-      classes, weights = y[None], jnp.ones(1, jnp.float32)
+      rows = log_p.reshape(logits.shape[1:])  # f32[V] for a classifier, as before
+      y = label if kind == "empirical" else jax.random.categorical(jax.random.fold_in(key, i), rows)
+      classes = jnp.arange(positions) * vocab + jnp.reshape(y, (positions,))
+      weights = jnp.full(positions, 1.0 / positions, jnp.float32)
 
     def squares(cotangents):
       grads, deltas = cotangents
@@ -404,7 +416,7 @@ def _batch_sum(logits_fn: LogitsFn, kind: str, class_chunk: int, example_chunk: 
     return (free_acc, kernel_acc), None
 
   n = x.shape[0]
-  pulled = min(class_chunk, logits.shape[1]) if kind == "exact" else 1
+  pulled = min(class_chunk, positions * vocab if kind == "exact" else positions)
   size = _chunk_size(example_chunk, n, free, kernels, pulled)
   steps = -(-n // size)
   pad = steps * size - n  # padding repeats the last example, masked out
@@ -552,7 +564,7 @@ def _fisher_update(logits_fn: LogitsFn, kind: str, class_chunk: int,
     x, y = batch if kind == "empirical" else (batch, None)
     size = x.shape[0]
     first = count if axis_name is None else count + jax.lax.axis_index(axis_name) * size
-    y = jnp.zeros(size, jnp.int32) if y is None else y
+    y = jnp.zeros(size, jnp.int32) if y is None else y  # read by "empirical" only
     batch_sums = _batch_sum(logits_fn, kind, class_chunk, example_chunk, key, variables, x, y,
                             first + jnp.arange(size), mask)
     seen = mask.sum(dtype=jnp.int32)

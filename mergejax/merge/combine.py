@@ -27,6 +27,7 @@ head of its own).
 
 from collections.abc import Mapping, Sequence
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -248,18 +249,40 @@ def leaf_view(shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]]
       raise NotImplementedError(
           f"{where or tree.path_str(r.path)}: group {g!r} permutes a part of axis {r.axis} ({r.part});"
           " a LeafView is one piece of a leaf: split the leaf into its parts with `leaf_pieces`")
+  # Each axis's views are refined to one: the strides of every view's components together
+  # (GQA's queries: kv heads as (kv, rep * hd) and queries per kv head as (kv, rep, hd)).
+  strides: dict[int, set[int]] = {}
+  for g, r in refs:
     if r.factor is not None:
       view = tuple(r.factor[0])
-      if views.setdefault(r.axis, view) != view:
-        raise ValueError(f"{where}: axis {r.axis} is viewed both as {views[r.axis]} and as {view};"
-                         " a merge needs one view per axis")
+      strides.setdefault(r.axis, set()).update(math.prod(view[i:]) for i in range(len(view) + 1))
+  views: dict[int, tuple[int, ...]] = {}
+  for a, ss in strides.items():
+    ss = sorted(ss, reverse=True)
+    if any(big % small for big, small in zip(ss, ss[1:])):
+      raise ValueError(f"{where}: axis {a} is viewed in ways no one view refines; a merge needs one view per"
+                       " axis")
+    views[a] = tuple(big // small for big, small in zip(ss, ss[1:]))
+
+  def position(r):
+    if r.factor is None:
+      return 0
+    view, index = r.factor
+    stride, size = math.prod(view[index + 1:]), view[index]
+    inner = [math.prod(views[r.axis][i + 1:]) for i in range(len(views[r.axis]))]
+    i = inner.index(stride)
+    if views[r.axis][i] != size:
+      raise ValueError(f"{where}: axis {r.axis} is viewed both as {views[r.axis]} and as {tuple(view)};"
+                       " a merge needs one view per axis")
+    return i
+
   split, offsets, parts = [], [], []
   for a, n in enumerate(shape):
     offsets.append(len(split))
     view = views.get(a, (n,))
     split.extend(view)
     parts.append(len(view))
-  groups = tuple(sorted((offsets[r.axis] + (r.factor[1] if r.factor else 0), g) for g, r in refs))
+  groups = tuple(sorted((offsets[r.axis] + position(r), g) for g, r in refs))
   return LeafView(tuple(split), groups, tuple(parts))
 
 
