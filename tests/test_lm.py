@@ -297,9 +297,11 @@ def test_build_follows_the_layout(cfg):
 
 
 def test_layouts_that_widen_head_dim_or_unbalance_a_scan_are_refused():
-  for cfg, group in ((GPT2, "block0.qk_dim"), (GPT2, "block1.vo_dim"), (LLAMA, "block0.vo_dim")):
-    layout = {**MergeLayout.identity(models.groups("lm", **cfg)), group: (2, 2, 2)}
-    with pytest.raises(ValueError, match=f"'{group}' is a head_dim, which is never widened"):
+  for cfg, group in ((GPT2, "block0.qk_dim"), (GPT2, "block1.vo_dim"), (LLAMA, "block0.vo_dim"),
+                     (LLAMA, "block0.q_per_kv")):
+    n = models.groups("lm", **cfg)[group]
+    layout = {**MergeLayout.identity(models.groups("lm", **cfg)), group: (n - 1, 1, 1)}
+    with pytest.raises(ValueError, match=f"'{group}' is never widened"):
       models.build("lm", layout, **cfg)
   cfg = dict(GPT2, scan=True)
   layout = {**MergeLayout.identity(models.groups("lm", **cfg)), "block0.mlp": (6, 6, 6)}

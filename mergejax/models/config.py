@@ -42,7 +42,7 @@ class ModelConfig(abc.ABC):
     """Group name -> original size, in forward order."""
 
   def fixed_groups(self) -> frozenset[str]:
-    """Groups a merged model must never widen (attention head_dim)."""
+    """Groups a merged model must never widen (attention head_dim; GQA's queries per kv head)."""
     return frozenset()
 
   @abc.abstractmethod

@@ -395,7 +395,9 @@ class LMConfig(config.ModelConfig):
     return out
 
   def fixed_groups(self) -> frozenset[str]:
-    return frozenset(g for g in self.groups() if g.endswith(("qk_dim", "vo_dim")))
+    """head_dim groups, and under GQA the queries per kv head: the kv heads widen and carry
+    their queries (as `merge.combine.fixed_groups` lays them out), their count stays."""
+    return frozenset(g for g in self.groups() if g.endswith(("qk_dim", "vo_dim", "q_per_kv")))
 
   def module(self, widths: Mapping[str, int]) -> LM:
     heads, kv_heads = [], []

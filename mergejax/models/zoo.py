@@ -97,8 +97,8 @@ def check_layout(cfg: config_lib.ModelConfig, layout: Mapping[str, Any]) -> spec
       )
     if g in cfg.fixed_groups() and layout[g].width != n:
       raise ValueError(
-          f"{cfg.name}: group {g!r} is a head_dim, which is never widened (it would"
-          f" change the function); merge it fully, layout ({n}, 0, 0)"
+          f"{cfg.name}: group {g!r} is never widened (a head_dim, or the query heads per kv head"
+          f" under GQA, which the kv heads carry); merge it fully, layout ({n}, 0, 0)"
       )
   return layout
 
