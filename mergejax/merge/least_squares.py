@@ -288,28 +288,9 @@ def _solve_view(
     condition: bool = True,
     merged_inputs: bool = False,
 ) -> tuple[jax.Array, float, float, float, float, tuple[int, int, int]]:
-  """`solve_layer` for one piece: (kernel, summed residual terms before and
-  after, ||Y||^2, the worst condition number, the blocks' sizes).
-
-  Args:
-    path: the kernel's path (for messages).
-    gram: the Gram of `[X_a | X_b]`, the layer's input rows in both (aligned)
-      models, features in `plan` order; with `merged_inputs`, the Gram of
-      `[X_m | X_a | X_b]`, `X_m` the merged model's own input rows.
-    kernels: `(w_a, w_b)`, the kernel in both aligned models.
-    w0: the combined kernel (`combine.combine`), the merged model's shape.
-    view: the split view of the original kernel (`combine.leaf_view`).
-    plan: its matrix view (`kernel_plan`).
-    maps: group -> UnitMap.
-    models: the models whose outputs are the targets ((0,) for A's own head).
-    ridge: relative ridge (see `ridge_solve`).
-    condition: compute the blocks' condition numbers (an eigendecomposition each).
-    merged_inputs: fit on the merged model's inputs (`X_m`) instead of the
-      originals' inputs merged like the units.
-
-  Returns:
-    The merged kernel (shape of `w0`) and its LayerReport.
-  """
+  """`solve_layer` for one piece, with `solve_layer`'s arguments (`view` one
+  `combine.leaf_view`): (kernel, summed residual terms before and after,
+  ||Y||^2, the worst condition number, the blocks' sizes)."""
   where = "/".join(path)
   rows_pos, cols_pos = split_positions(view, plan.in_axes), split_positions(view, plan.out_axes)
   x_side, y_side = _side(view, rows_pos, maps), _side(view, cols_pos, maps)
