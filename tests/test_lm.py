@@ -252,7 +252,9 @@ def test_groups_of_each_configuration():
   # GQA: kv heads and the queries per kv head; RoPE fixes q/k's units.
   assert models.groups("lm", **dict(LLAMA, depth=1)) == {
       "embed": 8, "block0.kv_heads": 2, "block0.q_per_kv": 2, "block0.vo_dim": 4, "block0.mlp": 12}
-  assert models.config("lm", **LLAMA).fixed_groups() == {"block0.vo_dim", "block1.vo_dim"}
+  # Never widened: head_dim, and the queries per kv head (the kv heads carry them).
+  assert models.config("lm", **LLAMA).fixed_groups() == {
+      "block0.vo_dim", "block1.vo_dim", "block0.q_per_kv", "block1.q_per_kv"}
   assert "lm" in models.names()
 
 
