@@ -63,14 +63,7 @@ MULTITASK = ("task_arithmetic", "ties")
 
 def _check_lambdas(lambdas: float | Sequence[float], num: int) -> np.ndarray:
   """f32[N]: lambda_t per task, from one float or N floats, all finite and >= 0."""
-  values = np.asarray(lambdas, np.float64)
-  if values.ndim == 0:
-    values = np.full(num, values)
-  if values.shape != (num,):
-    raise ValueError(f"lambdas: {num} models but {values.size} lambdas")
-  if not np.all(np.isfinite(values) & (values >= 0)):
-    raise ValueError(f"lambdas must be finite and >= 0, got {values.tolist()}")
-  return values.astype(np.float32)
+  return tv._per_model_values(lambdas, num, "lambdas", "lambdas", nonnegative=True)
 
 
 def _check_k(k: int) -> int:

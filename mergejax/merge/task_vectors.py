@@ -278,16 +278,28 @@ def _check_scale(scale: float) -> float:
   return float(scale)
 
 
+def _per_model_values(
+    value: float | Sequence[float], num: int, name: str, plural: str, nonnegative: bool = False
+) -> np.ndarray:
+  """f32[N]: one value per model, from a float or a sequence of N finite floats.
+
+  Errors name the argument: "{name}: N models but M {plural}", "{name} must be
+  finite[ and >= 0]".
+  """
+  values = np.asarray(value, np.float64)
+  if values.ndim == 0:
+    values = np.full(num, values)
+  if values.shape != (num,):
+    raise ValueError(f"{name}: {num} models but {values.size} {plural}")
+  valid = np.isfinite(values) & (values >= 0 if nonnegative else True)
+  if not np.all(valid):
+    raise ValueError(f"{name} must be finite{' and >= 0' if nonnegative else ''}, got {values.tolist()}")
+  return values.astype(np.float32)
+
+
 def _model_scales(scale: float | Sequence[float], num: int) -> np.ndarray:
-  """f32[N]: one scale per model, from a float or a sequence of N floats."""
-  scales = np.asarray(scale, np.float64)
-  if scales.ndim == 0:
-    scales = np.full(num, scales)
-  if scales.shape != (num,):
-    raise ValueError(f"scale: {num} models but {scales.size} scales")
-  if not np.all(np.isfinite(scales)):
-    raise ValueError(f"scale must be finite, got {scales.tolist()}")
-  return scales.astype(np.float32)
+  """f32[N]: one scale per model, from a float or a sequence of N finite floats."""
+  return _per_model_values(scale, num, "scale", "scales")
 
 
 def _check_density(density: float) -> float:
