@@ -35,10 +35,11 @@ bench: $(INSTALLED)
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip setuptools wheel
-	.venv-lock/bin/pip install --quiet -e '.[data,plot,test]'
-	{ echo "# Exact versions that \`make\` and CI install (Python 3.11, CPU jax)."; \
-	  echo "# Regenerate: make lock (from the ranges in setup.cfg, all extras but torch)."; \
-	  .venv-lock/bin/pip freeze --all | grep -viE '^(-e|mergejax)' | sort -f; } > requirements/lock.txt
+	.venv-lock/bin/pip install --quiet 'torch==2.13.0'
+	.venv-lock/bin/pip install --quiet -e '.[data,plot,test,torch]'
+	{ echo "# Exact versions that \`make\` and CI install (Python 3.11, CPU jax, CPU torch)."; \
+	  echo "# Regenerate: make lock (from the ranges in setup.cfg, all extras; torch==2.13.0 resolves to its CPU build here)."; \
+	  .venv-lock/bin/pip freeze --all | grep -viE '^(-e|mergejax)' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | sort -f; } > requirements/lock.txt
 	rm -rf .venv-lock
 
 clean:

@@ -1,4 +1,6 @@
-"""Reading and writing models: orbax checkpoints (importers join later)."""
+"""Reading and writing models: orbax checkpoints, other libraries' state dicts (`convert`)."""
+
+from mergejax.io import convert
 
 from mergejax.io.checkpoint import check_fits
 from mergejax.io.checkpoint import load_metadata
