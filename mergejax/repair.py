@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mergejax import spec as spec_lib
 from mergejax import trace
@@ -102,6 +101,7 @@ def repair(
     *,
     t: float = 0.5,
     eps: float = 1e-5,
+    missing_bias: str = "error",
 ) -> PyTree:
   """REPAIR (Jordan et al. 2023) for networks without BatchNorm.
 
@@ -122,10 +122,21 @@ def repair(
     batches: inputs; a callable returning a fresh iterator (several passes).
     t: the interpolation weight of B.
     eps: added to variances.
+    missing_bias: what to do with a layer that has no sibling `bias` (a
+      bias-free Dense, e.g. Llama's projections), whose mean cannot be set:
+      "error" (the default) refuses before any statistics pass, naming every
+      such layer; "scale_only" repairs its standard deviation only (its
+      output mean becomes the merged mean times the scale).
 
   Returns:
     The repaired merged variables.
+
+  Raises:
+    ValueError: before any pass over the data, for bias-free layers under
+      missing_bias="error", or an unknown `missing_bias`.
   """
+  if missing_bias not in ("error", "scale_only"):
+    raise ValueError(f"repair: missing_bias must be 'error' or 'scale_only', got {missing_bias!r}")
   tree.check_same_shapes(va, vb)
   tree.check_same_shapes(va, merged)
   if not callable(batches):
@@ -135,6 +146,11 @@ def repair(
   targets = {}
   uses = _uses_in_order(apply_fn, va, next(iter(_inputs(batches))))
   layers = [(path, out_axis, k_axis) for path, (out_axis, k_axis) in uses if (path, k_axis) in written]
+  leaves = tree.leaves_by_path(merged)
+  bias_free = [tree.path_str(path) for path, _, _ in layers if path[:-1] + ("bias",) not in leaves]
+  if bias_free and missing_bias == "error":
+    raise ValueError(f"repair: {', '.join(bias_free)} have no sibling bias, so their means cannot be"
+                     " restored; pass missing_bias='scale_only' to repair their standard deviations only")
   stats_a = _unit_stats(apply_fn, va, batches, layers, eps)
   stats_b = _unit_stats(apply_fn, vb, batches, layers, eps)
   for i, layer in enumerate(layers):
@@ -197,6 +213,4 @@ def _rescale(variables, layer, mean, std, target_mean, target_std):
   bias_path = path[:-1] + ("bias",)
   if bias_path in leaves:
     updates[bias_path] = (leaves[bias_path] - mean) * scale + target_mean
-  elif not np.allclose(np.asarray(mean * scale), np.asarray(target_mean), atol=1e-3):
-    raise ValueError(f"repair: {tree.path_str(path)} has no sibling bias to restore its mean")
   return tree.replace_leaves(variables, updates)

@@ -1,5 +1,6 @@
 """Tests for mergejax.repair: batch-norm reset and REPAIR against NumPy."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -64,3 +65,39 @@ def test_repair_of_a_model_with_itself_changes_nothing():
   fixed = repair.repair(spec, model.apply, va, va, va, [x])
   for a, b in zip(jax.tree.leaves(fixed), jax.tree.leaves(va)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _BiasFree(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(6, use_bias=False, name="hidden_0")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+def test_repair_of_bias_free_layers_is_refused_before_any_pass_or_repairs_their_std():
+  model = _BiasFree()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 4)).astype(np.float32)
+  va, vb = (model.init(jax.random.key(s), x) for s in (0, 1))
+  spec = trace.permutation_spec(model.apply, va, x)
+  merged = tree.lerp(va, vb, 0.5)
+  passes = []
+
+  def batches():
+    passes.append(1)
+    return [x]
+
+  with pytest.raises(ValueError, match="params/hidden_0/kernel have no sibling bias"):
+    repair.repair(spec, model.apply, va, vb, merged, batches)
+  assert len(passes) == 1  # only the first batch's shape was read
+  with pytest.raises(ValueError, match="missing_bias"):
+    repair.repair(spec, model.apply, va, vb, merged, batches, missing_bias="ignore")
+
+  def moments(v):
+    y = np.asarray(x @ v["params"]["hidden_0"]["kernel"])
+    return y.mean(0), y.std(0)
+
+  fixed = repair.repair(spec, model.apply, va, vb, merged, batches, missing_bias="scale_only")
+  (ma, sa), (mb, sb), (m0, s0), (m, s) = map(moments, (va, vb, merged, fixed))
+  np.testing.assert_allclose(s, 0.5 * sa + 0.5 * sb, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(m, m0 * s / s0, rtol=1e-3, atol=1e-3)
