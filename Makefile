@@ -8,7 +8,7 @@ WORKDIR ?= workdir
 # Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices.
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: demo test test-all bench lock clean
+.PHONY: demo test test-all bench lock clean torch-fixtures
 
 $(INSTALLED): requirements/lock.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,19 @@ lock:
 	  echo "# Regenerate: make lock (from the ranges in setup.cfg, all extras; torch==2.13.0 resolves to its CPU build here)."; \
 	  .venv-lock/bin/pip freeze --all | grep -viE '^(-e|mergejax)' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | sort -f; } > requirements/lock.txt
 	rm -rf .venv-lock
+
+# Rebuild tests/fixtures/torch/ with torchvision, timm and open_clip in their own venv
+# (torch's CPU build; the three libraries with --no-deps, since their releases pull a CUDA torch).
+FIXTURES_VENV := .venv-fixtures
+$(FIXTURES_VENV)/.installed: tools/torch_fixtures/requirements.txt tools/torch_fixtures/requirements-no-deps.txt
+	rm -rf $(FIXTURES_VENV) && $(PYTHON) -m venv $(FIXTURES_VENV)
+	$(FIXTURES_VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/torch_fixtures/requirements.txt
+	$(FIXTURES_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps \
+	  -r tools/torch_fixtures/requirements-no-deps.txt
+	touch $@
+
+torch-fixtures: $(FIXTURES_VENV)/.installed
+	$(FIXTURES_VENV)/bin/python tools/torch_fixtures/build.py --out tests/fixtures/torch
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -1,4 +1,4 @@
-"""Out-of-core merging: merge orbax checkpoints one leaf at a time.
+"""Out-of-core merging: merge checkpoints one leaf at a time.
 
     mj.io.merge_checkpoints(
         "ties", ["/ckpt/a", "/ckpt/b"], "/ckpt/merged", base_path="/ckpt/base",
@@ -7,12 +7,20 @@
 
 `merge_checkpoints` never holds N models in memory. For every leaf of the
 variables tree it reads that leaf from each input checkpoint (an orbax partial
-restore of one leaf), applies the in-memory method of `mergejax.merge` to the
-single-leaf trees, and writes the merged leaf to the output checkpoint (an
-orbax partial save of one leaf). Each leaf keeps its real key path (it is
+restore of one leaf, or one tensor of a lazily read state dict), applies the
+in-memory method of `mergejax.merge` to the single-leaf trees, and writes the
+merged leaf to the output (an orbax partial save of one leaf, or the next
+tensor of a safetensors file). Each leaf keeps its real key path (it is
 wrapped in dicts nested along it), so what depends on the path, like DARE's
 random keys or a method's error message, is as in the in-memory merge, and so
 is every result.
+
+Inputs are orbax checkpoints (`mergejax.io.save`) or state dicts
+(`state_dict.read_state_dict`: safetensors files, sharded safetensors
+directories, torch files). A state dict's tensor name is the key path split
+at its dots (`h.0.attn.weight` -> `h/0/attn/weight`), so an orbax checkpoint
+of the nested tree and a safetensors file of the flat names merge alike, and
+a safetensors output names each leaf by its key path joined with dots.
 
 Global TIES trimming (`trim="global"`) needs each model's threshold, over all
 of its leaves, before any leaf is merged: a first pass computes it, one model
@@ -30,13 +38,17 @@ The output is written with `orbax.checkpoint.experimental.v1.partial`
 (orbax's API for saving a checkpoint in parts, then finalizing it) into a
 hidden directory beside `out_path`, completed with the metadata item that
 `restore` and `load_metadata` read, and renamed to `out_path` only when
-complete. A failure removes that directory: `out_path` holds the whole merge
-or what it held before.
+complete. As safetensors (`output_format="safetensors"`), the header is
+written first from the inputs' shapes and dtypes (merges keep both), then
+each merged tensor as it is computed, into the same hidden directory. A
+failure removes that directory: `out_path` holds the whole merge or what it
+held before.
 """
 
 from collections.abc import Sequence
 import functools
 import inspect
+import json
 import math
 import os
 import pathlib
@@ -44,6 +56,7 @@ import shutil
 import tempfile
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +66,7 @@ from orbax.checkpoint.experimental.v1 import partial
 from mergejax import merge
 from mergejax import tree as mt
 from mergejax.io import checkpoint
+from mergejax.io import state_dict
 from mergejax.merge import task_vectors
 
 PyTree = Any
@@ -81,6 +95,7 @@ METHODS = {
 }
 # Method -> (keyword, the value that makes it per leaf): settings that couple leaves are refused.
 _PER_LEAF_SETTINGS = {"pcb": ("scope", "tensor")}
+OUTPUT_FORMATS = ("orbax", "safetensors")
 
 
 class _Inputs(NamedTuple):
@@ -146,8 +161,53 @@ def _as_tree(leaves: dict[KeyPath, Any]) -> dict[str, Any]:
   return tree
 
 
+def _is_orbax(path: pathlib.Path) -> bool:
+  """Whether `path` is laid out as a mergejax orbax checkpoint (a directory of state and metadata)."""
+  return (path / checkpoint._METADATA).is_dir() and _state(path).is_dir()  # pylint: disable=protected-access
+
+
+@functools.lru_cache(maxsize=64)
+def _open_state_dict(path: pathlib.Path, stamp: tuple[int, int]) -> state_dict.StateDict:
+  """The lazy state dict at `path`, its headers parsed once per version (`stamp`: mtime, size)."""
+  del stamp  # part of the cache key only
+  return state_dict.read_state_dict(path)
+
+
+def _state_dict(path: pathlib.Path) -> state_dict.StateDict:
+  info = path.stat()
+  return _open_state_dict(path, (info.st_mtime_ns, info.st_size))
+
+
+def tensor_key_path(name: str) -> KeyPath:
+  """A state dict's tensor name as a key path: `"h.0.weight"` -> `(DictKey("h"), DictKey("0"), ...)`."""
+  return tuple(jax.tree_util.DictKey(part) for part in name.split("."))
+
+
+def tensor_name(key_path: KeyPath) -> str:
+  """The inverse of `tensor_key_path`: the key names joined with dots."""
+  return ".".join(mt.key_path(key_path))
+
+
+def _state_dict_leaves(path: pathlib.Path) -> dict[KeyPath, jax.ShapeDtypeStruct]:
+  """`{key path: shape and dtype}` of a state dict's tensors, names split at their dots."""
+  state = _state_dict(path)
+  names = set(state)
+  for name in state:
+    parts = name.split(".")
+    if not all(parts):
+      raise ValueError(f"{path}: tensor name {name!r} has an empty part between dots")
+    prefix = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in names), None)
+    if prefix is not None:
+      raise ValueError(f"{path}: tensors {prefix!r} and {name!r} cannot both be leaves of one tree")
+  return {tensor_key_path(n): jax.ShapeDtypeStruct(e.shape, e.dtype) for n, e in state.items()}
+
+
 def _saved_leaves(path: pathlib.Path) -> dict[KeyPath, jax.ShapeDtypeStruct]:
-  """`{key path: shape and dtype}` of a checkpoint's leaves, from its metadata."""
+  """`{key path: shape and dtype}` of a checkpoint's leaves, from its metadata or headers."""
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if not _is_orbax(path):
+    return _state_dict_leaves(path)
   try:
     checkpoint.load_metadata(path)
     saved = ocp.PyTreeCheckpointHandler().metadata(_state(path)).tree
@@ -215,7 +275,9 @@ def _dry_run(method: str, kwargs: dict[str, Any], num_models: int) -> None:
 
 
 def _read_leaf(path: pathlib.Path, key_path: KeyPath, like: jax.ShapeDtypeStruct) -> PyTree:
-  """The single-leaf tree `{k1: {k2: x}}` of one leaf of a checkpoint."""
+  """The single-leaf tree `{k1: {k2: x}}` of one leaf of a checkpoint (orbax or state dict)."""
+  if not _is_orbax(path):
+    return _as_tree({key_path: np.asarray(_state_dict(path)[tensor_name(key_path)])})
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
       _state(path),
       args=ocp.args.PyTreeRestore(
@@ -293,40 +355,86 @@ def _sign_balance(
   return balance
 
 
+def _merge_leaf(
+    method: str, inputs: _Inputs, key_path: KeyPath, like: jax.ShapeDtypeStruct, kwargs: dict[str, Any]
+) -> PyTree:
+  """The single-leaf tree of one merged leaf, its inputs read from every checkpoint."""
+  read = lambda p: _read_leaf(p, key_path, like)
+  return _merge_trees(
+      method,
+      read(inputs.base) if inputs.base else None,
+      [read(p) for p in inputs.models],
+      [read(p) for p in inputs.fishers] if inputs.fishers else None,
+      kwargs,
+  )
+
+
+def _log_progress(progress: bool, done: int, total: int, key_path: KeyPath) -> None:
+  if progress:
+    logging.info("merge_checkpoints: %d/%d %s", done, total, mt.path_str(key_path))
+
+
+def _merge_record(method: str, inputs: _Inputs) -> dict[str, Any]:
+  """What the output's metadata says of the merge: the method and its inputs."""
+  return {
+      "method": method,
+      "paths": [str(p) for p in inputs.models],
+      "base_path": None if inputs.base is None else str(inputs.base),
+      "fisher_paths": None if inputs.fishers is None else [str(p) for p in inputs.fishers],
+  }
+
+
 def _write_merge(
     method: str,
     inputs: _Inputs,
     leaves: dict[KeyPath, jax.ShapeDtypeStruct],
     kwargs: dict[str, Any],
     path: pathlib.Path,
+    progress: bool = False,
 ) -> None:
   """Merges leaf by leaf into a new checkpoint at `path` (orbax partial saves)."""
   record = {}
-  for key_path, like in leaves.items():
-    read = lambda p: _read_leaf(p, key_path, like)  # pylint: disable=cell-var-from-loop
-    merged = _merge_trees(
-        method,
-        read(inputs.base) if inputs.base else None,
-        [read(p) for p in inputs.models],
-        [read(p) for p in inputs.fishers] if inputs.fishers else None,
-        kwargs,
-    )
+  for done, (key_path, like) in enumerate(leaves.items(), 1):
+    merged = _merge_leaf(method, inputs, key_path, like, kwargs)
     partial.save(path, merged)
     record.update(checkpoint.leaf_record(merged))
+    _log_progress(progress, done, len(leaves), key_path)
   partial.finalize(path)
-  metadata = {
-      "leaves": record,
-      "merge": {
-          "method": method,
-          "paths": [str(p) for p in inputs.models],
-          "base_path": None if inputs.base is None else str(inputs.base),
-          "fisher_paths": None if inputs.fishers is None else [str(p) for p in inputs.fishers],
-      },
-  }
+  metadata = {"leaves": record, "merge": _merge_record(method, inputs)}
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
       path / checkpoint._METADATA,  # pylint: disable=protected-access
       args=ocp.args.JsonSave(metadata),
   )
+
+
+def _write_merge_safetensors(
+    method: str,
+    inputs: _Inputs,
+    leaves: dict[KeyPath, jax.ShapeDtypeStruct],
+    kwargs: dict[str, Any],
+    path: pathlib.Path,
+    max_shard_size: int | str | None,
+    progress: bool = False,
+) -> None:
+  """Merges leaf by leaf into a safetensors file (or shards) at `path`, one merged tensor in memory.
+
+  Each tensor is a `LazyTensor` of the inputs' shape and dtype (merges keep
+  both) that merges its leaf when the writer reaches it.
+  """
+  order = {key_path: done for done, key_path in enumerate(leaves, 1)}
+
+  def merged(key_path: KeyPath, like: jax.ShapeDtypeStruct) -> np.ndarray:
+    (x,) = jax.tree.leaves(_merge_leaf(method, inputs, key_path, like, kwargs))
+    _log_progress(progress, order[key_path], len(leaves), key_path)
+    return np.asarray(x)
+
+  tensors = {
+      tensor_name(key_path): state_dict.LazyTensor(
+          like.shape, like.dtype, functools.partial(merged, key_path, like), tensor_name(key_path))
+      for key_path, like in leaves.items()
+  }
+  metadata = {"mergejax_merge": json.dumps(_merge_record(method, inputs))}
+  state_dict.write_safetensors(path, tensors, metadata=metadata, max_shard_size=max_shard_size)
 
 
 def _replace_directory(new: pathlib.Path, out: pathlib.Path, aside: pathlib.Path) -> None:
@@ -342,66 +450,21 @@ def _replace_directory(new: pathlib.Path, out: pathlib.Path, aside: pathlib.Path
     raise
 
 
-def merge_checkpoints(
-    method: str,
-    paths: Sequence[PathLike],
-    out_path: PathLike,
-    *,
-    base_path: PathLike | None = None,
-    fisher_paths: Sequence[PathLike] | None = None,
-    overwrite: bool = False,
-    **method_kwargs: Any,
-) -> pathlib.Path:
-  """Merges the checkpoints at `paths` into `out_path`, one leaf at a time.
+class _Plan(NamedTuple):
+  """The method's keyword arguments (stand-ins where a pass computes them) and the passes to run."""
 
-  The result equals `mergejax.merge.<method>` of the restored trees, and
-  `restore(out_path)` reads it; its metadata holds the leaf record and a
-  `"merge"` entry naming the method and the input paths.
+  kwargs: dict[str, Any]
+  thresholds_pass: bool
+  balance_pass: bool
+  convention: task_vectors.Convention
 
-  Args:
-    method: a key of `METHODS`, the function of `mergejax.merge` of that
-      name: "average", "metric_weighted_average" (pass `metrics=`), the
-      task-vector merges "task_arithmetic", "ties", "dare", "dare_ties",
-      "consensus_task_arithmetic", "consensus_ties", "sce", "pcb" (with
-      `scope="tensor"`), "widen", "doge", and the curvature-weighted
-      "fisher" and "ota".
-    paths: the N >= 1 checkpoints to merge (written by `mergejax.io.save`,
-      variables trees of nested dicts), with the same leaf paths and shapes.
-    out_path: the directory of the merged checkpoint.
-    base_path: the pre-trained checkpoint of the task vectors; required by
-      the task-vector merges, refused by the others.
-    fisher_paths: for "fisher" and "ota" only: N checkpoints, one per model,
-      of its Fisher (or of its Adam second moments, for "ota").
-    overwrite: replace an existing checkpoint at `out_path` (once the merge is
-      complete).
-    **method_kwargs: the keyword arguments of the method, e.g. `density=0.2,
-      trim="global"`, `drop=0.9, key=key`, `weights=[2, 1]`.
 
-  Returns:
-    The absolute path of the merged checkpoint.
-
-  Raises:
-    ValueError: an unknown method, a missing or extra `base_path` or
-      `fisher_paths`, a setting that couples leaves (PCB's global scope), checkpoints that differ in leaf paths or shapes (the two
-      checkpoints and the leaf named), a checkpoint that orbax cannot read, or
-      keyword arguments the method rejects: all before any leaf is read.
-    FileNotFoundError: a path that is not a mergejax checkpoint (named).
-    FileExistsError: `out_path` exists and `overwrite` is False.
-  """
-  _check_arguments(method, paths, base_path, fisher_paths)
-  out = pathlib.Path(out_path).absolute()
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-  inputs = _Inputs(
-      models=[pathlib.Path(p).absolute() for p in paths],
-      base=None if base_path is None else pathlib.Path(base_path).absolute(),
-      fishers=None if fisher_paths is None else [pathlib.Path(p).absolute() for p in fisher_paths],
-  )
-  leaves = _common_leaves(inputs.paths())
+def _checked_kwargs(method: str, method_kwargs: dict[str, Any], num_models: int) -> _Plan:
+  """`method_kwargs` with defaults, checked by a dry run (ValueError before any leaf is read)."""
   kwargs = _with_defaults(method, method_kwargs)
   thresholds_pass = kwargs.get("trim") == "global" and kwargs["thresholds"] is None
   if thresholds_pass:
-    kwargs["thresholds"] = [0.0] * len(inputs.models)  # stand-ins for the dry run
+    kwargs["thresholds"] = [0.0] * num_models  # stand-ins for the dry run
   _check_per_leaf(method, kwargs)
   # Methods with a global trim but no `convention` keyword (DOGE, Consensus TIES) trim as mergejax does.
   convention = task_vectors._check_convention(kwargs.get("convention", "mergejax"))  # pylint: disable=protected-access
@@ -412,7 +475,102 @@ def merge_checkpoints(
   )
   if balance_pass:
     kwargs["sign_balance"] = 0  # a stand-in for the dry run
-  _dry_run(method, kwargs, len(inputs.models))
+  _dry_run(method, kwargs, num_models)
+  return _Plan(kwargs, thresholds_pass, balance_pass, convention)
+
+
+def check_method_arguments(method: str, num_models: int, **method_kwargs: Any) -> None:
+  """Raises ValueError for arguments `merge_checkpoints` would refuse, reading no checkpoint.
+
+  The method's name and keyword arguments (for `num_models` models) are
+  checked as `merge_checkpoints` checks them, by a dry run of the method on
+  one-entry trees: for callers that do work before merging (converting
+  checkpoints, say) and want every error first.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
+  _checked_kwargs(method, method_kwargs, num_models)
+
+
+def merge_checkpoints(
+    method: str,
+    paths: Sequence[PathLike],
+    out_path: PathLike,
+    *,
+    base_path: PathLike | None = None,
+    fisher_paths: Sequence[PathLike] | None = None,
+    overwrite: bool = False,
+    output_format: str = "orbax",
+    max_shard_size: int | str | None = None,
+    progress: bool = False,
+    **method_kwargs: Any,
+) -> pathlib.Path:
+  """Merges the checkpoints at `paths` into `out_path`, one leaf at a time.
+
+  The result equals `mergejax.merge.<method>` of the restored trees. As
+  orbax, `restore(out_path)` reads it, and its metadata holds the leaf record
+  and a `"merge"` entry naming the method and the input paths; as
+  safetensors, `read_state_dict(out_path)` does, the tensors named by their
+  key paths joined with dots, with that entry as JSON in the
+  `__metadata__`'s `"mergejax_merge"`.
+
+  Args:
+    method: a key of `METHODS`, the function of `mergejax.merge` of that
+      name: "average", "metric_weighted_average" (pass `metrics=`), the
+      task-vector merges "task_arithmetic", "ties", "dare", "dare_ties",
+      "consensus_task_arithmetic", "consensus_ties", "sce", "pcb" (with
+      `scope="tensor"`), "widen", "doge", and the curvature-weighted
+      "fisher" and "ota".
+    paths: the N >= 1 checkpoints to merge, with the same leaf paths and
+      shapes: orbax checkpoints written by `mergejax.io.save` (variables
+      trees of nested dicts), or state dicts that `read_state_dict` reads
+      (safetensors files or sharded directories, torch files), whose tensor
+      names, split at their dots, are the key paths.
+    out_path: the directory of the merged checkpoint.
+    base_path: the pre-trained checkpoint of the task vectors; required by
+      the task-vector merges, refused by the others.
+    fisher_paths: for "fisher" and "ota" only: N checkpoints, one per model,
+      of its Fisher (or of its Adam second moments, for "ota").
+    overwrite: replace an existing checkpoint at `out_path` (once the merge is
+      complete).
+    output_format: "orbax" (a `mergejax.io.save` checkpoint) or
+      "safetensors" (one file, or with `max_shard_size` HF-style shards and
+      an index in the directory `out_path`).
+    max_shard_size: for safetensors: bytes per shard (an int or "500MB").
+    progress: log each merged leaf (absl logging, INFO).
+    **method_kwargs: the keyword arguments of the method, e.g. `density=0.2,
+      trim="global"`, `drop=0.9, key=key`, `weights=[2, 1]`.
+
+  Returns:
+    The absolute path of the merged checkpoint.
+
+  Raises:
+    ValueError: an unknown method, a missing or extra `base_path` or
+      `fisher_paths`, a setting that couples leaves (PCB's global scope), checkpoints that differ in leaf paths or shapes (the two
+      checkpoints and the leaf named), a checkpoint that orbax cannot read, a
+      state dict that `read_state_dict` refuses (or whose names cannot be key
+      paths: `a` beside `a.b`), an unknown `output_format`, or keyword
+      arguments the method rejects: all before any leaf is read.
+    FileNotFoundError: a path that does not exist (named).
+    FileExistsError: `out_path` exists and `overwrite` is False.
+  """
+  _check_arguments(method, paths, base_path, fisher_paths)
+  if output_format not in OUTPUT_FORMATS:
+    raise ValueError(f"output_format {output_format!r} is not one of {OUTPUT_FORMATS}")
+  if max_shard_size is not None and output_format != "safetensors":
+    raise ValueError(f"max_shard_size is for safetensors output, not {output_format}")
+  if output_format == "safetensors":
+    state_dict.check_output_path(out_path, max_shard_size)
+  out = pathlib.Path(out_path).absolute()
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+  inputs = _Inputs(
+      models=[pathlib.Path(p).absolute() for p in paths],
+      base=None if base_path is None else pathlib.Path(base_path).absolute(),
+      fishers=None if fisher_paths is None else [pathlib.Path(p).absolute() for p in fisher_paths],
+  )
+  leaves = _common_leaves(inputs.paths())
+  kwargs, thresholds_pass, balance_pass, convention = _checked_kwargs(method, method_kwargs, len(inputs.models))
 
   out.parent.mkdir(parents=True, exist_ok=True)
   scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
@@ -424,8 +582,12 @@ def merge_checkpoints(
       )
     if balance_pass:
       kwargs["sign_balance"] = _sign_balance(inputs, leaves, kwargs)
-    _write_merge(method, inputs, leaves, kwargs, scratch / "merged")
-    _replace_directory(scratch / "merged", out, scratch / "replaced")
+    merged = scratch / ("merged" + (out.suffix if max_shard_size is None else ""))
+    if output_format == "orbax":
+      _write_merge(method, inputs, leaves, kwargs, merged, progress)
+    else:
+      _write_merge_safetensors(method, inputs, leaves, kwargs, merged, max_shard_size, progress)
+    _replace_directory(merged, out, scratch / "replaced")
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return out

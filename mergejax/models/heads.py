@@ -30,16 +30,20 @@ def check_num_classes(num_classes: int | Sequence[int]) -> NumClasses:
   return values if isinstance(num_classes, Sequence) else values[0]
 
 
-def task_heads(features: jax.Array, num_classes: NumClasses) -> jax.Array | tuple[jax.Array, ...]:
+def task_heads(features: jax.Array, num_classes: NumClasses, *,
+               use_bias: bool = True) -> jax.Array | tuple[jax.Array, ...]:
   """Applies the head(s) inside the calling module's `nn.compact` method.
 
   Args:
     features: f32[batch, d], what every head reads.
     num_classes: an int (one head, `head`) or a tuple (heads `head_0`, ...).
+    use_bias: whether the heads have a bias (OpenCLIP's output projection has none).
 
   Returns:
     f32[batch, num_classes], or a tuple of f32[batch, num_classes[t]].
   """
   if isinstance(num_classes, int):
-    return nn.Dense(num_classes, name="head")(features)
-  return tuple(nn.Dense(n, name=f"head_{t}")(features) for t, n in enumerate(num_classes))
+    return nn.Dense(num_classes, use_bias=use_bias, name="head")(features)
+  return tuple(
+      nn.Dense(n, use_bias=use_bias, name=f"head_{t}")(features) for t, n in enumerate(num_classes)
+  )

@@ -16,9 +16,20 @@ refuses a state dict whose keys or shapes do not fit before anything is
 converted, naming every missing, unexpected or misshapen key.
 """
 
+from mergejax.io.convert import gpt2
+from mergejax.io.convert import llama
+from mergejax.io.convert import open_clip_vit
+from mergejax.io.convert import timm_vit
+from mergejax.io.convert import torchvision_resnet
 from mergejax.io.convert.base import check_state
 from mergejax.io.convert.base import Converter
 
 # One entry per family: name -> Converter (each family's module defines CONVERTER).
 CONVERTERS: dict[str, Converter] = {
+    "gpt2": gpt2.CONVERTER,
+    "llama": llama.CONVERTER,
+    "open_clip_vit": open_clip_vit.CONVERTER,
+    "timm_vit": timm_vit.CONVERTER,
+    "torchvision_resnet18": torchvision_resnet.RESNET18,
+    "torchvision_resnet50": torchvision_resnet.RESNET50,
 }
