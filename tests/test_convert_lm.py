@@ -328,3 +328,24 @@ def test_registered():
   assert mj.io.convert.CONVERTERS["gpt2"] is gpt2.CONVERTER
   assert mj.io.convert.CONVERTERS["llama"] is llama.CONVERTER
   assert gpt2.CONVERTER.zoo_name == llama.CONVERTER.zoo_name == "lm"
+
+
+def test_merge_checkpoints_program_merges_hf_files_that_transformers_loads(tmp_path):
+  """experiments/merge_checkpoints.py end to end: two HF GPT-2 directories in, one out."""
+  from experiments import merge_checkpoints
+
+  case = _case("gpt2")
+  other = _hf_model("gpt2", seed=3)
+  for name in ("a", "b", "merged"):
+    (tmp_path / name).mkdir()
+  dirs = [_save_pretrained(tmp_path / name, _numpy_state(m), case.model.config)
+          for name, m in (("a", case.model), ("b", other))]
+  out = tmp_path / "merged"
+  merge_checkpoints.run(method="average", models=[str(d / "model.safetensors") for d in dirs],
+                        output=str(out / "model.safetensors"), family="gpt2",
+                        family_config=str(dirs[0] / "config.json"))
+  case.model.config.save_pretrained(out)
+  merged = mj.merge.average([case.variables, case.conv.to_variables(_numpy_state(other), case.kwargs)])
+  logits = _hf_logits(_load_pretrained(case, out))
+  np.testing.assert_allclose(logits, np.asarray(case.apply(merged, IDS)), rtol=0, atol=1e-4)
+  assert np.abs(logits - case.logits).max() > 1e-2
