@@ -1,10 +1,12 @@
-"""The absl entry point the experiments share: `--config` and `--workdir`.
+"""The absl entry point the experiments share: `--config`, `--workdir`, `--distributed`.
 
     if __name__ == "__main__":
       cli.main(run, about="Re-basin")
 
 Flags are defined only when a script runs as `__main__`, so experiments can
-import one another.
+import one another. `--distributed` calls `jax.distributed.initialize()` (no
+arguments: TPU pods, SLURM and Open MPI are found by jax) unless jax already
+is (experiments/launch_local.py initialises its processes itself).
 """
 
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from experiments import logs
@@ -31,12 +34,19 @@ def main(
   """
   config_flags.DEFINE_config_file("config", config, f"{about} config file.", lock_config=True)
   flags.DEFINE_string("workdir", workdir, "Directory for models and results.")
+  flags.DEFINE_bool(
+      "distributed", False,
+      "Call jax.distributed.initialize() first (one process per host of a TPU pod slice or GPU cluster;"
+      " no-op if already initialised). The experiments do not shard their data or checkpoints per"
+      " process yet (README, Many devices and hosts).")
   flags.mark_flags_as_required([n for n, d in (("config", config), ("workdir", workdir)) if d is None])
 
   def absl_main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.quiet_libraries()
+    if flags.FLAGS.distributed and not jax.distributed.is_initialized():
+      jax.distributed.initialize()
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
   app.run(absl_main)

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import distributed
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree
@@ -516,10 +517,13 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "exact", key: jax.Arr
   The state is `(count: i32[], sums, key)`: the real examples seen, the sum of
   their Fishers, and the key of "sampled" (None for the other kinds).
   `update(state, variables, x, mask, axis_name=None)` adds a (padded) batch;
-  with `axis_name` it `psum`s over that axis and numbers the examples as laid
-  out along it (device i holds rows `i * batch` onwards of the global batch,
-  as `shard_map` and `pmap` split it), so "sampled" draws the same labels
-  however the batch is split. "empirical" reads labels: its `x` is the pair
+  with `axis_name` (a mapped axis, or a tuple of them) it `psum`s over that
+  axis and numbers the real examples (mask True) consecutively in the order
+  of the global batch laid out along it (device i holds rows `i * batch`
+  onwards, as `shard_map` and `pmap` split it), padded rows skipped wherever
+  they are, so "sampled" draws the same labels however the batch is split or
+  padded (also the per-process padding of a multi-process pass).
+  "empirical" reads labels: its `x` is the pair
   `(x, y)` (`labels=True`). `finalize` gives `sums / count`.
 
   `update` and `finalize` are the same functions for the same `logits_fn`,
@@ -563,11 +567,13 @@ def _fisher_update(logits_fn: LogitsFn, kind: str, class_chunk: int,
     count, sums, key = state
     x, y = batch if kind == "empirical" else (batch, None)
     size = x.shape[0]
-    first = count if axis_name is None else count + jax.lax.axis_index(axis_name) * size
+    seen = mask.sum(dtype=jnp.int32)
+    # Real rows are numbered consecutively in the order of the global batch
+    # (device by device along axis_name), skipping padded rows wherever they are.
+    before = count if axis_name is None else count + _real_rows_before(seen, axis_name)
     y = jnp.zeros(size, jnp.int32) if y is None else y  # read by "empirical" only
     batch_sums = _batch_sum(logits_fn, kind, class_chunk, example_chunk, key, variables, x, y,
-                            first + jnp.arange(size), mask)
-    seen = mask.sum(dtype=jnp.int32)
+                            before + jnp.cumsum(mask, dtype=jnp.int32) - 1, mask)
     if axis_name is not None:
       seen, batch_sums = jax.lax.psum((seen, batch_sums), axis_name)
     return count + seen, jax.tree.map(jnp.add, sums, batch_sums), key
@@ -577,6 +583,12 @@ def _fisher_update(logits_fn: LogitsFn, kind: str, class_chunk: int,
     return jax.tree.map(lambda s: s / jnp.maximum(count, 1), sums)
 
   return update, finalize
+
+
+def _real_rows_before(seen: jax.Array, axis_name: Any) -> jax.Array:
+  """The real rows on the devices before this one along `axis_name` (a name or a tuple)."""
+  counts = jax.lax.all_gather(seen, axis_name)
+  return jnp.where(jnp.arange(counts.shape[0]) < jax.lax.axis_index(axis_name), counts, 0).sum()
 
 
 def _check_first_batch(logits_fn: LogitsFn, variables: PyTree, batch: Any, kind: str) -> None:
@@ -625,7 +637,9 @@ def fisher(
     kind: "exact", "empirical" or "sampled" (module docstring).
     key: the PRNG key of "sampled": the same key gives the same Fisher on any
       batching and any number of devices.
-    mesh: a 1-D mesh whose axis is named "data"; default all local devices.
+    mesh: the devices each batch is split over (`stats.accumulate`); default
+      every device of every process: under `jax.distributed` each process
+      passes its own batches and gets the Fisher of all of them.
     progress: log batches/s at most every 10 s.
     class_chunk: classes pulled back together by the exact Fisher.
     example_chunk: examples whose gradients are vmapped together (memory
@@ -640,14 +654,20 @@ def fisher(
       non-finite variables, no batches, a first batch without labels for
       "empirical", logits that are not f32[batch, classes] or not finite on
       the first batch, or labels of the first batch out of range; during it,
-      for a batch of another shape (`stats.accumulate`).
+      for a batch of another shape (`stats.accumulate`). Over several
+      processes a check that fails on one raises on every one.
   """
   stat = fisher_accumulator(logits_fn, kind=kind, key=key, class_chunk=class_chunk,
                             example_chunk=example_chunk)
   tree.check_finite(variables, "fisher: variables")
+  mesh = distributed.default_mesh() if mesh is None else mesh
   it = iter(batches() if callable(batches) else batches)
-  first = next(it, None)
-  if first is None:
-    raise ValueError("fisher: batches is empty")
-  _check_first_batch(logits_fn, variables, first, kind)
+  first, error = next(it, None), None
+  try:
+    if first is None:
+      raise ValueError("fisher: batches is empty")
+    _check_first_batch(logits_fn, variables, first, kind)
+  except ValueError as e:  # each process checks its own first batch: all raise together
+    error = e
+  distributed.raise_together(mesh, error, "fisher")
   return stats.accumulate(stat, variables, itertools.chain([first], it), mesh=mesh, progress=progress)

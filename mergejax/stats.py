@@ -19,19 +19,26 @@ catastrophically for features far from zero).
 
 `accumulate` runs one pass: every batch is padded to the first batch's size
 (rounded up to a multiple of the device count) and masked, so the update
-compiles once, and is split over the devices of a 1-D mesh by
-`jax.shard_map`.
+compiles once, and its rows are split over all the devices of a mesh by
+`jax.shard_map`. Under `jax.distributed` the default mesh holds every
+process's devices: each process passes its own batches, the processes agree
+on the padded size and on when all are done (`mergejax.distributed`), and
+every process gets the statistic of all the data.
 """
 
+import collections
 from collections.abc import Callable, Iterable, Sequence
 import functools
 import time
 from typing import Any, NamedTuple
+import zlib
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mergejax import distributed
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -141,6 +148,53 @@ def moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Accumul
 
   def finalize(state):
     return [{"count": n, "mean": m[0], "cov": c[(0, 0)] / jnp.maximum(n, 1.0)} for n, m, c in state]
+
+  return Accumulator(init, update, finalize)
+
+
+def _unit_batch(x: jax.Array, w: jax.Array, axis_name: str | None):
+  """(count, f32[d] means, f32[d] centred sums of squares) of one (sharded) batch's rows x: f32[rows, d]."""
+  n = w.sum()
+  sums = jnp.einsum("r,rd->d", w, x, precision=HIGHEST)
+  if axis_name is not None:
+    n, sums = jax.lax.psum((n, sums), axis_name)
+  mean = sums / jnp.maximum(n, 1.0)
+  squares = jnp.einsum("r,rd->d", w, (x - mean) ** 2, precision=HIGHEST)
+  if axis_name is not None:
+    squares = jax.lax.psum(squares, axis_name)
+  return n, mean, squares
+
+
+def _merge_units(state, batch):
+  """Chan's update of (count, means, sums of squares), unit by unit."""
+  (n1, m1, c1), (n2, m2, c2) = state, batch
+  n = n1 + n2
+  delta = m2 - m1
+  mean = m1 + delta * jnp.where(n > 0, n2 / jnp.maximum(n, 1.0), 0.0)
+  return n, mean, c1 + c2 + jnp.where(n > 0, n1 * n2 / jnp.maximum(n, 1.0), 0.0) * delta**2
+
+
+def unit_moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Accumulator:
+  """Per feature f32[..., d] of `feature_fn(variables, x)` (a list): count, mean and variance of each unit.
+
+  `moments` without the covariance: f32[d] statistics, for passes that need
+  each unit alone (REPAIR's rescaling). finalize: `[{"count", "mean", "var"}]`,
+  the variance over rows (population: / count).
+  """
+
+  def init(variables, x):
+    return [(jnp.float32(0), jnp.zeros(s.shape[-1]), jnp.zeros(s.shape[-1]))
+            for s in jax.eval_shape(feature_fn, variables, x)]
+
+  def update(state, variables, x, mask, axis_name=None):
+    out = []
+    for (n1, m1, c1), f in zip(state, feature_fn(variables, x)):
+      rows, w = _rows(f, mask)
+      out.append(_merge_units((n1, m1, c1), _unit_batch(rows, w, axis_name)))
+    return out
+
+  def finalize(state):
+    return [{"count": n, "mean": m, "var": c / jnp.maximum(n, 1.0)} for n, m, c in state]
 
   return Accumulator(init, update, finalize)
 
@@ -267,6 +321,50 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
 
 
+_EXHAUSTED, _BATCH, _FAILED = 0, 1, 2
+
+
+def _pull(it: Iterable[Any]) -> tuple[tuple[np.ndarray, ...] | None, Exception | None]:
+  """(the next batch or None once exhausted, the error reading it raised)."""
+  try:
+    return next(it, None), None
+  except Exception as e:  # the user's iterator or a batch without labels: the other processes must hear of it
+    return None, e
+
+
+def _signature(arrays: tuple[np.ndarray, ...] | None) -> int:
+  """A CRC-32 of the arrays' shapes past the batch axis and dtypes (0 for None)."""
+  if arrays is None:
+    return 0
+  return zlib.crc32(repr([(a.shape[1:], a.dtype.str) for a in arrays]).encode())
+
+
+def _check_batch(arrays: tuple[np.ndarray, ...], first: tuple[np.ndarray, ...], count: int,
+                 labels: bool) -> ValueError | None:
+  """The error of a batch that does not fit the first batch of its process, else None."""
+  x = arrays[0]
+  if x.shape[1:] != first[0].shape[1:] or x.shape[0] > first[0].shape[0]:
+    return ValueError(
+        f"accumulate: batch {count} has shape {x.shape}; batches must be at most the first's"
+        f" {first[0].shape}, with the same input shape")
+  if labels and (arrays[1].shape[0] != x.shape[0] or arrays[1].shape[1:] != first[1].shape[1:]):
+    return ValueError(
+        f"accumulate: batch {count} has inputs {x.shape} and labels {arrays[1].shape}; each"
+        f" input needs a label of the first batch's label shape {first[1].shape[1:]}")
+  return None
+
+
+def _raise_failures(table: np.ndarray, error: Exception | None, count: int) -> None:
+  """Raises this process's error, or a ValueError naming the processes that failed."""
+  if error is not None:
+    raise error
+  failed = np.flatnonzero(table[:, 0] == _FAILED)
+  if failed.size:
+    raise ValueError(
+        f"accumulate: process(es) {failed.tolist()} failed to read or check their batch at step {count}"
+        " (see their logs)")
+
+
 def accumulate(
     stat: Accumulator,
     variables: PyTree,
@@ -275,77 +373,134 @@ def accumulate(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> Any:
-  """One pass of `stat` over `batches`, sharded over the devices of `mesh`.
+  """One pass of `stat` over `batches`, each batch split over the devices of `mesh`.
+
+  With several processes (`jax.distributed`) each passes its own batches
+  (its shard of the data) and the same `variables`; over a mesh holding
+  devices of every process (the default) the result is the statistic of all
+  the processes' data, the same on every process. Step k updates with the k-th
+  batch of every process, assembled into one global batch
+  (`jax.make_array_from_process_local_data`, process by process in device
+  order); a process whose batches ran out passes a fully masked one until
+  every process's have (DESIGN.md, Statistics over several processes).
 
   Args:
     stat: an Accumulator.
-    variables: passed to every update (replicated).
+    variables: passed to every update (replicated over the mesh); the same on
+      every process.
     batches: inputs, or tuples whose first element is the input (and second
       the labels, where `stat.labels`), or a callable returning a fresh
       iterable (DESIGN.md, batches).
-    mesh: a 1-D mesh whose axis is named "data"; default all local devices.
+    mesh: the devices each batch's rows are split over, along all the mesh's
+      axes at once (a user's `("data", "model")` mesh works as it is; the
+      variables are replicated over it). Default: a 1-D mesh named "data" over
+      every device of every process. A mesh of this process's devices only
+      gives this process's statistic.
     progress: log batches/s at most every 10 s.
 
   Returns:
     `stat.finalize` of the accumulated state, on the first local device.
 
   Raises:
-    ValueError: for no batches, a batch larger than the first or of another
-      input shape, or (where `stat.labels`) a batch without labels or with
-      labels of another shape.
+    ValueError: for no batches (on any process), a batch larger than its
+      process's first or of another input shape, first batches of different
+      input shapes or dtypes on different processes, variables that differ
+      between processes, or (where `stat.labels`) a batch without labels or
+      with labels of another shape; a process's failure raises on every
+      process of the mesh (never a hang), and so does a mesh that spans some
+      processes but not all.
   """
-  if mesh is None:
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-  devices = mesh.devices.size
-  spec = jax.sharding.PartitionSpec
+  mesh = distributed.default_mesh() if mesh is None else mesh
+  global_pass = distributed.is_global(mesh)
+  me = jax.process_index()
+  devices_of = collections.Counter(d.process_index for d in mesh.devices.flat)
   it = iter(_examples(batches, stat.labels))
-  first = next(it, None)
-  if first is None:
-    raise ValueError("accumulate: batches is empty")
-  size = -(-first[0].shape[0] // devices) * devices
+  first, error = _pull(it)
+  if first is not None:
+    error = _check_batch(first, first, 0, stat.labels)
+  status = _FAILED if error is not None else _EXHAUSTED if first is None else _BATCH
+  table = distributed.gather_ints(mesh, [
+      status, 0 if first is None else first[0].shape[0], _signature(first),
+      distributed.fingerprint(variables) if global_pass else 0])
+  _raise_failures(table, error, 0)
+  processes = sorted(devices_of) if global_pass else [me]
+  _check_first_batches(table, processes, first)
 
   def arg(arrays):  # what init and update take as x
     return arrays if stat.labels else arrays[0]
 
+  per_device = max(-(-int(rows) // devices_of[p]) for p, rows in zip(processes, table[:, 1]))
+  size, global_size = per_device * devices_of[me], per_device * mesh.devices.size
+  axes = tuple(mesh.axis_names)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes[0] if len(axes) == 1 else axes))
+
+  def global_batch(local):
+    return jax.make_array_from_process_local_data(rows, local, (global_size, *local.shape[1:]))
+
   update = _sharded_update(stat.update, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, spec())
-  variables = jax.device_put(variables, replicated)  # also when committed to one device
-  state = jax.device_put(stat.init(variables, arg(first)), replicated)
-  start, last_log, count = time.perf_counter(), time.perf_counter(), 0
-  for arrays in _chain(first, it):
-    x = arrays[0]
-    if x.shape[1:] != first[0].shape[1:] or x.shape[0] > first[0].shape[0]:
-      raise ValueError(
-          f"accumulate: batch {count} has shape {x.shape}; batches must be at most the first's"
-          f" {first[0].shape}, with the same input shape")
-    if stat.labels and (arrays[1].shape[0] != x.shape[0] or arrays[1].shape[1:] != first[1].shape[1:]):
-      raise ValueError(
-          f"accumulate: batch {count} has inputs {x.shape} and labels {arrays[1].shape}; each"
-          f" input needs a label of the first batch's label shape {first[1].shape[1:]}")
-    mask = np.arange(size) < x.shape[0]
-    state = update(state, variables, arg(tuple(_padded(a, size) for a in arrays)), mask)
+  state = distributed.replicate(stat.init(variables, arg(first)), mesh)
+  variables = distributed.replicate(variables, mesh)  # also when committed to one device
+  blank = tuple(np.zeros((size, *a.shape[1:]), a.dtype) for a in first)
+  arrays, count = first, 0
+  start = last_log = time.perf_counter()
+  while True:
+    if arrays is None:
+      local, real = blank, 0
+    else:
+      local, real = tuple(_padded(a, size) for a in arrays), arrays[0].shape[0]
+    xs = tuple(global_batch(a) for a in local)
+    state = update(state, variables, arg(xs), global_batch(np.arange(size) < real))
     count += 1
     if progress and time.perf_counter() - last_log > 10:
       jax.block_until_ready(state)
       last_log = time.perf_counter()
       logging.info("accumulate: %d batches, %.1f batches/s", count, count / (last_log - start))
-  return stat.finalize(jax.device_put(state, jax.local_devices()[0]))
+    if arrays is not None:
+      arrays, error = _pull(it)
+      if arrays is not None:
+        error = _check_batch(arrays, first, count, stat.labels)
+    status = _FAILED if error is not None else _EXHAUSTED if arrays is None else _BATCH
+    table = distributed.gather_ints(mesh, [status])
+    _raise_failures(table, error, count)
+    if (table[:, 0] == _EXHAUSTED).all():
+      return stat.finalize(distributed.local_copy(state))
+
+
+def _check_first_batches(table: np.ndarray, processes: list[int], first: tuple[np.ndarray, ...] | None) -> None:
+  """Every process has a first batch, of one input shape and dtype, and the same variables.
+
+  `table` holds each process's `(status, rows, signature, fingerprint)`.
+  """
+  if len(processes) == 1:
+    if first is None:
+      raise ValueError("accumulate: batches is empty")
+    return
+  empty = [p for p, s in zip(processes, table[:, 0]) if s == _EXHAUSTED]
+  if empty:
+    raise ValueError(
+        f"accumulate: batches is empty on process(es) {empty}; every process needs at least one batch")
+  mine = "" if first is None else f" (process {jax.process_index()}'s: {[(a.shape, a.dtype.name) for a in first]})"
+  if len(set(table[:, 2])) > 1:
+    raise ValueError(
+        "accumulate: the processes' first batches differ in shape past the batch axis or dtype"
+        f"{mine}; every process's batches must have the same input (and label) shape and dtype")
+  if len(set(table[:, 3])) > 1:
+    differ = [p for p, f in zip(processes, table[:, 3]) if f != table[0, 3]]
+    raise ValueError(
+        f"accumulate: the variables differ between processes (process(es) {differ} from process"
+        f" {processes[0]}); every process must pass the same variables")
 
 
 @functools.lru_cache(maxsize=64)
 def _sharded_update(update: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[..., Any]:
-  """`update` jitted and sharded over the mesh's axis, made once per (update, mesh).
+  """`update` jitted and sharded over all the mesh's axes, made once per (update, mesh).
 
   So passes of one accumulator's update (the Fishers of several models, say)
   share a compilation.
   """
-  (axis,) = mesh.axis_names
+  axes = tuple(mesh.axis_names)
+  axis = axes[0] if len(axes) == 1 else axes
   spec = jax.sharding.PartitionSpec
   return jax.jit(jax.shard_map(
       functools.partial(update, axis_name=axis), mesh=mesh,
       in_specs=(spec(), spec(), spec(axis), spec(axis)), out_specs=spec(), check_vma=False))
-
-
-def _chain(first, rest):
-  yield first
-  yield from rest

@@ -1,5 +1,7 @@
 """Tests for mergejax.stats: against NumPy, on 1 and 8 devices, and stable."""
 
+import functools
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mergejax as mj
 from mergejax import stats
 
 
@@ -63,6 +66,21 @@ def test_moments_are_stable_far_from_zero():
   np.testing.assert_allclose(result[0]["mean"], x.astype(np.float64).mean(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_unit_moments_are_the_diagonal_of_moments_and_stable_far_from_zero(devices):
+  pa, _, x = _data()
+  result = stats.accumulate(stats.unit_moments(lambda v, x: _features(v, x)), pa, _batches(x, 5),
+                            mesh=_mesh(devices), progress=False)
+  for r, f in zip(result, _features(pa, x)):
+    f = np.asarray(f, np.float64).reshape(-1, f.shape[-1])
+    assert int(r["count"]) == len(f)
+    np.testing.assert_allclose(r["mean"], f.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["var"], f.var(0), rtol=1e-4, atol=1e-6)
+  far = (1e4 + np.random.default_rng(1).standard_normal((64, 3))).astype(np.float32)
+  (r,) = stats.accumulate(stats.unit_moments(lambda v, x: [x]), None, _batches(far, 16), progress=False)
+  np.testing.assert_allclose(r["var"], far.astype(np.float64).var(0), rtol=0.05)
+
+
 @hypothesis.settings(max_examples=8)
 @hypothesis.given(st.lists(st.integers(1, 9), min_size=1, max_size=5))
 def test_any_split_of_the_data_gives_the_same_result(cuts):
@@ -78,20 +96,54 @@ def test_any_split_of_the_data_gives_the_same_result(cuts):
     np.testing.assert_allclose(r.cov_ab, w.cov_ab, rtol=1e-4, atol=1e-5)
 
 
-def test_update_inside_the_users_shard_map():
-  pa, pb, x = _data(n=32)
-  stat = stats.cross_moments(_features)
-  mesh = _mesh(8)
+def _logits(params, x):
+  return jnp.tanh(x @ params["w"]) @ params["head"]
+
+
+def _accumulator(name):
+  """(an Accumulator, its variables) of each kind."""
+  pa, pb, _ = _data()
+  head = {"head": np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)}
+  hidden = lambda params, x: [jnp.tanh(x @ params["w"])]
+  return {
+      "moments": lambda: (stats.moments(hidden), pa),
+      "cross_moments": lambda: (stats.cross_moments(hidden), (pa, pb)),
+      "gram": lambda: (stats.gram(hidden, chunk=3), (pa, pb)),
+      "fisher": lambda: (mj.fisher_accumulator(_logits, kind="sampled", key=jax.random.key(3)), {**pa, **head}),
+  }[name]()
+
+
+def _users_update(stat, how):
+  """`stat.update` inside the user's own `shard_map` or `pmap` over an axis "i" of 8 devices."""
   spec = jax.sharding.PartitionSpec
-  update = jax.jit(jax.shard_map(lambda s, v, x, m: stat.update(s, v, x, m, axis_name="data"),
-                                 mesh=mesh, in_specs=(spec(), spec(), spec("data"), spec("data")),
-                                 out_specs=spec(), check_vma=False))
-  state = stat.init((pa, pb), x)
-  state = update(state, (pa, pb), x, np.ones(32, bool))
-  mine = stat.finalize(state)
-  theirs = stats.accumulate(stat, (pa, pb), [x], progress=False)
-  for a, b in zip(mine, theirs):
-    np.testing.assert_allclose(a.cov_ab, b.cov_ab, rtol=1e-5, atol=1e-6)
+  if how == "shard_map":
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("i",))
+    return jax.jit(jax.shard_map(functools.partial(stat.update, axis_name="i"), mesh=mesh,
+                                 in_specs=(spec(), spec(), spec("i"), spec("i")), out_specs=spec(),
+                                 check_vma=False))
+  mapped = jax.pmap(functools.partial(stat.update, axis_name="i"), axis_name="i", in_axes=(None, None, 0, 0))
+
+  def update(state, variables, x, mask):
+    per_device = mapped(state, variables, x.reshape(8, -1, *x.shape[1:]), mask.reshape(8, -1))
+    return jax.tree.map(lambda a: a[0], per_device)  # every device holds the same state
+
+  return update
+
+
+@pytest.mark.parametrize("name", ["moments", "cross_moments", "gram", "fisher"])
+def test_update_inside_the_users_pmap_and_shard_map(name):
+  stat, variables = _accumulator(name)
+  _, _, x = _data(n=64)
+  full, holes = x[:32], x[32:]
+  mask = np.tile([True, False, True, True], 8)  # padded rows inside every device's rows
+  theirs = stats.accumulate(stat, variables, [full, holes[mask]], progress=False)
+  for how in ("shard_map", "pmap"):
+    update = _users_update(stat, how)
+    state = stat.init(variables, full)
+    for batch, m in ((full, np.ones(32, bool)), (holes, mask)):
+      state = update(state, variables, batch, m)
+    for a, b in zip(jax.tree.leaves(stat.finalize(state)), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=how)
 
 
 def test_one_compilation_for_a_ragged_pass():

@@ -257,7 +257,7 @@ def regmean_grams(apply_fn: Callable[..., Any], variables: PyTree, batches: Batc
     apply_fn: `apply_fn(variables, x)`.
     variables: one model's variables.
     batches: that model's inputs (DESIGN.md, batches).
-    mesh: a 1-D mesh with axis "data"; default all local devices.
+    mesh: a 1-D mesh with axis "data"; default every device of every process (`distributed.default_mesh()`).
 
   Returns:
     `{kernel path: f32[d, d]}`, features ordered like the kernel's leading
@@ -345,7 +345,7 @@ def regmean_plus_plus(
     alpha: in [0, 1], the Grams' shrinkage as in `regmean`.
     blocks: `kernel or leaf path -> block key`, kernels of one key merged in
       one step; default every kernel its own step.
-    mesh: a 1-D mesh with axis "data"; default all local devices.
+    mesh: a 1-D mesh with axis "data"; default every device of every process (`distributed.default_mesh()`).
 
   Returns:
     The merged variables.

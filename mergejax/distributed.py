@@ -1,0 +1,129 @@
+"""What the processes of a multi-process run agree on before a data pass.
+
+Under `jax.distributed` every process runs the same program on its own
+shard of the data. A statistic over all of it needs the processes to agree on
+host-side facts (how many batches, how many rows, which shapes) through a
+small collective on host integers, and to raise the same error together
+rather than leave the others waiting in their next collective. A mesh is
+"local" when all its devices belong to this process (nothing is exchanged:
+each process computes on its own) and "global" when it holds devices of every
+process.
+
+    mesh = distributed.default_mesh()               # every device of every process
+    table = distributed.gather_ints(mesh, [rows])    # int64[processes, 1], the same everywhere
+    distributed.raise_together(mesh, error, "fisher")
+"""
+
+from collections.abc import Sequence
+from typing import Any
+import zlib
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+PyTree = Any
+
+
+def default_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh named "data" over every device of every process (`jax.devices()`)."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def mesh_processes(mesh: jax.sharding.Mesh) -> tuple[int, ...]:
+  """The process indices holding the mesh's devices, sorted.
+
+  Raises:
+    ValueError: when this process holds none of them, or the mesh spans
+      several processes but not all (a pass over it would wait for processes
+      that never join).
+  """
+  processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
+  if jax.process_index() not in processes:
+    raise ValueError(
+        f"mesh: process {jax.process_index()} holds none of the mesh's devices (it spans processes"
+        f" {list(processes)})")
+  if 1 < len(processes) < jax.process_count():
+    raise ValueError(
+        f"mesh: spans processes {list(processes)} of {jax.process_count()}; a mesh must hold devices of"
+        " one process (a local pass) or of every process")
+  return processes
+
+
+def is_global(mesh: jax.sharding.Mesh) -> bool:
+  """Whether the mesh holds devices of several processes (of all: `mesh_processes`)."""
+  return len(mesh_processes(mesh)) > 1
+
+
+def gather_ints(mesh: jax.sharding.Mesh, values: Sequence[int]) -> np.ndarray:
+  """Every process's `values`, as int64[processes, len(values)], row p from process p.
+
+  On a local mesh, just `[values]` (nothing is exchanged). On a global mesh
+  every process must call it with as many values, in the same order of calls.
+  """
+  local = np.asarray(values, np.int64).reshape(1, -1)
+  if not is_global(mesh):
+    return local
+  return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
+
+
+def raise_together(mesh: jax.sharding.Mesh, error: Exception | None, what: str) -> None:
+  """Raises on every process of a global mesh if any process has an error.
+
+  The process with the error raises it; the others raise a ValueError naming
+  it. On a local mesh `error` is raised, if any. Call it where a check that
+  depends on a process's own data may fail on some processes only.
+  """
+  failed = gather_ints(mesh, [error is not None])[:, 0]
+  if error is not None:
+    raise error
+  if failed.any():
+    raise ValueError(f"{what}: process(es) {np.flatnonzero(failed).tolist()} failed (see their logs)")
+
+
+def fingerprint(tree: PyTree) -> int:
+  """A CRC-32 of every leaf's shape, dtype and bytes (host copies), in flattening order.
+
+  Leaves that are global arrays (not fully addressable) are skipped: jax
+  keeps them consistent across processes.
+  """
+  crc = 0
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      continue
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{a.shape}{a.dtype.str}".encode(), crc)
+    crc = zlib.crc32(a.view(np.uint8).reshape(-1), crc)
+  return crc
+
+
+def replicate(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+  """Every leaf replicated over `mesh` (each process passes the same values).
+
+  Global arrays are resharded; other leaves are copied from this process's
+  host copy, with no check that the processes agree (`fingerprint` checks).
+  PRNG key arrays keep their implementation.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if not is_global(mesh):
+    return jax.device_put(tree, replicated)
+
+  def leaf_replicated(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return jax.device_put(leaf, replicated)
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(leaf))
+      return jax.random.wrap_key_data(jax.make_array_from_process_local_data(replicated, data, data.shape),
+                                      impl=jax.random.key_impl(leaf))
+    a = np.asarray(leaf)
+    return jax.make_array_from_process_local_data(replicated, a, a.shape)
+
+  return jax.tree.map(leaf_replicated, tree)
+
+
+def local_copy(tree: PyTree) -> PyTree:
+  """Each replicated leaf's copy on this process's first local device."""
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), device), tree)

@@ -1,0 +1,246 @@
+"""Data passes over 2 processes x 4 CPU devices (experiments/launch_local.py).
+
+One launch runs every case (`run_cases`, in the launched processes): each
+process passes its own shard of the data, and the test (one process, 8
+devices) checks that both processes got the same result, bit for bit, and
+that it equals one process's over all the data in the same order. Without
+the processes agreeing, each returned its own shard's statistics (the
+`local_mesh` case keeps that behaviour, asked for by a mesh of one process's
+devices), uneven shards built different global shapes per process, and a
+process with fewer batches left the other waiting.
+"""
+
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import launch_local
+import mergejax as mj
+from mergejax import stats
+
+PROCESSES, DEVICES = 2, 4
+KEY = 7  # the "sampled" Fisher's key
+
+
+def _mlp(v, x):
+  h = jnp.tanh(x @ v["params"]["l1"]["kernel"] + v["params"]["l1"]["bias"])
+  return h @ v["params"]["head"]["kernel"] + v["params"]["head"]["bias"]
+
+
+def _hidden(v, x):
+  return [jnp.tanh(x @ v["params"]["l1"]["kernel"] + v["params"]["l1"]["bias"])]
+
+
+def _variables(seed):
+  rng = np.random.default_rng(seed)
+  dense = lambda i, o: {"kernel": rng.standard_normal((i, o)).astype(np.float32) / np.sqrt(i),
+                        "bias": 0.1 * rng.standard_normal(o).astype(np.float32)}
+  return {"params": {"l1": dense(4, 6), "head": dense(6, 3)}}
+
+
+def _x():
+  return np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+
+
+# Each case: (rows of process 0's batches, rows of process 1's batches).
+SHARDS = {
+    "even": ([(0, 8), (16, 24)], [(8, 16), (24, 32)]),
+    "uneven_rows": ([(0, 4)], [(4, 12)]),
+    "uneven_batches": ([(0, 8), (16, 24)], [(8, 16)]),
+}
+
+
+def _shard(case, process):
+  x = _x()
+  return [x[a:b] for a, b in SHARDS[case][process]]
+
+
+def _all_data(case, devices_in_mesh_order=None):
+  """One process's batches over all the data: step k is every process's k-th batch.
+
+  In the order the mesh's devices hold the rows, given as (process, local
+  device) pairs (default: process by process), each device holding an equal
+  part of its process's batch; the "sampled" Fisher numbers examples in it.
+  """
+  parts = [_shard(case, p) for p in range(PROCESSES)]
+  order = devices_in_mesh_order or [(p, d) for p in range(PROCESSES) for d in range(DEVICES)]
+  per_device = max(-(-len(part[0]) // DEVICES) for part in parts)  # as accumulate pads
+  steps = []
+  for k in range(max(len(p) for p in parts)):
+    steps.append(np.concatenate([parts[p][k][d * per_device:(d + 1) * per_device]
+                                 for p, d in order if k < len(parts[p])]))
+  return steps
+
+
+_STATS = {}
+
+
+def _stat(name):
+  """One Accumulator per name, so every case reuses its compiled update."""
+  if name not in _STATS:
+    _STATS[name] = {
+        "gram": lambda: stats.gram(_hidden, chunk=3),
+        "cross_moments": lambda: stats.cross_moments(_hidden),
+        "fisher": lambda: mj.fisher_accumulator(_mlp, kind="sampled", key=jax.random.key(KEY)),
+    }[name]()
+  return _STATS[name]
+
+
+def _variables_of(name):
+  va, vb = _variables(1), _variables(2)
+  return {"gram": (va, vb), "cross_moments": (va, vb), "fisher": va}[name]
+
+
+def _pass(name, batches, mesh=None):
+  return jax.tree.leaves(stats.accumulate(_stat(name), _variables_of(name), batches, mesh=mesh, progress=False))
+
+
+def _meshes():
+  devices = np.array(jax.devices())
+  return {
+      # processes along "data", 2 devices of each on "model"
+      "mesh_2d": jax.sharding.Mesh(devices.reshape(4, 2), ("data", "model")),
+      # "model" across the processes: each process's rows are not contiguous
+      "mesh_2d_model_across": jax.sharding.Mesh(devices.reshape(2, 4).T, ("data", "model")),
+  }
+
+
+def _matched(batches):
+  va, vb = _variables(1), _variables(2)
+  spec = mj.permutation_spec(_mlp, va, _x()[:1])
+  matched = mj.activation_matching(spec, _mlp, va, vb, batches, progress=False)
+  return [*jax.tree.leaves(matched.perm), *jax.tree.leaves(matched.pair_scores)]
+
+
+def _pleas(batches):
+  va, vb = _variables(1), _variables(2)
+  merged, _ = mj.merge.pleas(_mlp, va, vb, lambda: iter(batches), budget=1.5, matching="activation",
+                             progress=False)
+  return jax.tree.leaves(merged)
+
+
+def _error(fn):
+  try:
+    fn()
+  except ValueError as e:
+    return str(e)
+  return "no error"
+
+
+def run_cases(outdir):
+  """In each launched process: every case, results to `<outdir>/<process>.npz`."""
+  me = jax.process_index()
+  out, seconds = {}, {}
+
+  def record(case, leaves_fn):
+    start = time.perf_counter()
+    out.update({f"{case}/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves_fn())})
+    seconds[case] = round(time.perf_counter() - start, 2)
+
+  for case in SHARDS:
+    for name in ("gram", "cross_moments", "fisher"):
+      record(f"{case}/{name}", lambda: _pass(name, _shard(case, me)))
+  for (case, mesh), name in zip(_meshes().items(), ("gram", "fisher")):
+    record(f"{case}/{name}", lambda: _pass(name, _shard("even", me), mesh))
+  local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+  record("local_mesh/gram", lambda: _pass("gram", _shard("even", me), local))
+  record("activation_matching", lambda: _matched(_shard("even", me)))
+  record("pleas", lambda: _pleas(_shard("even", me)))
+  errors = {
+      # process 1's second batch is larger than its first
+      "larger_batch": lambda: _pass("gram", _shard("even", me) if me == 0 else [_x()[:4], _x()[:8]]),
+      "empty": lambda: _pass("gram", [] if me == 0 else _shard("even", me)),
+      "other_variables": lambda: stats.accumulate(_stat("gram"), (_variables(1), _variables(me + 2)),
+                                                  _shard("even", me), progress=False),
+      "fisher_labels": lambda: mj.fisher(_mlp, _variables(1), [(_x()[:8], np.full(8, 5 * me, np.int32))],
+                                         kind="empirical", progress=False),
+  }
+  for name, fn in errors.items():
+    out[f"error/{name}"] = np.array(_error(fn))
+  print("seconds per case:", seconds, flush=True)
+  np.savez(pathlib.Path(outdir) / f"{me}.npz", **out)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  outdir = tmp_path_factory.mktemp("multiprocess")
+  finished = launch_local.launch("tests.test_multiprocess:run_cases", [str(outdir)], processes=PROCESSES,
+                                 devices_per_process=DEVICES, timeout_s=240)
+  assert all(f.returncode == 0 for f in finished), launch_local.describe(finished)
+  return [dict(np.load(outdir / f"{p}.npz")) for p in range(PROCESSES)]
+
+
+def _leaves(results, case):
+  per_process = []
+  for r in results:
+    keys = sorted((k for k in r if k.startswith(case + "/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+    per_process.append([r[k] for k in keys])
+  return per_process
+
+
+def _check(results, case, want, rtol=1e-5, atol=1e-6):
+  first, second = _leaves(results, case)
+  assert len(first) == len(want) > 0, case
+  for a, b, w in zip(first, second, want):
+    np.testing.assert_array_equal(a, b, err_msg=f"{case}: the processes differ")
+    np.testing.assert_allclose(a, w, rtol=rtol, atol=atol, err_msg=case)
+
+
+@pytest.mark.parametrize("case", list(SHARDS))
+@pytest.mark.parametrize("name", ["gram", "cross_moments", "fisher"])
+def test_statistics_of_all_processes_data(results, case, name):
+  _check(results, f"{case}/{name}", _pass(name, _all_data(case)))
+
+
+def test_a_users_2d_mesh(results):
+  _check(results, "mesh_2d/gram", _pass("gram", _all_data("even")))
+  # "model" across the processes: the global batch interleaves their devices' rows
+  interleaved = [(p, d) for d in range(DEVICES) for p in range(PROCESSES)]
+  _check(results, "mesh_2d_model_across/fisher", _pass("fisher", _all_data("even", interleaved)))
+
+
+def test_a_mesh_of_one_process_gives_that_process_statistics(results):
+  for p, r in enumerate(results):
+    own = _pass("gram", _shard("even", p))
+    got = [r[f"local_mesh/gram/{i}"] for i in range(len(own))]
+    assert int(got[0]) == 16  # its own half of 32 rows
+    for g, w in zip(got, own):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_matching_and_pleas_as_one_process(results):
+  _check(results, "activation_matching", _matched(_all_data("even")))
+  _check(results, "pleas", _pleas(_all_data("even")), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failure_on_one_process_raises_on_every_process(results):
+  first, second = ({k[len("error/"):]: str(v) for k, v in r.items() if k.startswith("error/")} for r in results)
+  assert "batches must be at most the first's" in second["larger_batch"]
+  assert "process(es) [1] failed" in first["larger_batch"]
+  for r in (first, second):
+    assert "batches is empty on process(es) [0]" in r["empty"]
+    assert "variables differ between processes (process(es) [1]" in r["other_variables"]
+  assert "labels must lie in [0, 3)" in second["fisher_labels"]
+  assert "fisher: process(es) [1] failed" in first["fisher_labels"]
+
+
+def _started(*codes):
+  return [subprocess.Popen([sys.executable, "-c", code]) for code in codes]
+
+
+def test_the_launcher_ends_the_others_when_one_fails_or_time_runs_out():
+  start = time.monotonic()
+  running = _started("import time; time.sleep(60)", "raise SystemExit(3)")
+  timed_out, killed = launch_local._wait(running, time.monotonic() + 60)
+  assert (timed_out, killed, running[1].returncode) == (set(), {0}, 3)
+  running = _started("import time; time.sleep(60)", "pass")
+  timed_out, killed = launch_local._wait(running, time.monotonic() + 1)
+  assert (timed_out, killed, running[1].returncode) == ({0}, set(), 0)
+  assert running[0].returncode != 0
+  assert time.monotonic() - start < 30
