@@ -16,6 +16,7 @@ from mergejax import models
 from mergejax import permute
 from mergejax import repair
 from mergejax import spec
+from mergejax import stacked
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree

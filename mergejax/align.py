@@ -24,6 +24,7 @@ import optax
 
 from mergejax import permute
 from mergejax import spec as spec_lib
+from mergejax import stacked
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree
@@ -152,11 +153,25 @@ def weight_matching(
     lap_method: `mergejax.lap`'s method.
     tol: relative objective improvement below which the sweeps stop.
 
+  A spec with batched groups (stacked copies) is matched on
+  `stacked.unstack`'s flat spec (each copy its own group, in that spec's
+  order), and its perm and pair scores come back stacked, int32[L, n] and
+  f32[L, n]: the same result as matching the unrolled model with its groups
+  in that order.
+
   Returns:
     MatchResult; `objective_trace[s]` is the objective after sweep s.
   """
   _check_models(spec, va, vb)
   key = jax.random.key(0) if key is None else key
+  if spec.batch_sizes:
+    flat_spec, fa = stacked.unstack(spec, va)
+    fb = stacked.unstack(spec, vb)[1]
+    init = None if init_perm is None else stacked.unstack_permutation(spec, init_perm)
+    res = weight_matching.__wrapped__(flat_spec, fa, fb, key=key, max_sweeps=max_sweeps, init_perm=init,
+                                      lap_method=lap_method, tol=tol)
+    return MatchResult(stacked.stack_permutation(spec, res.perm), res.objective_trace,
+                       stacked.stack_permutation(spec, res.pair_scores))
   perm0 = permute.identity_permutation(spec) if init_perm is None else dict(init_perm)
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
   run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
@@ -335,8 +350,15 @@ def activation_matching(
     vb: the model to align (or a sequence of models).
     batches: inputs (DESIGN.md, batches).
     lap_method: `mergejax.lap`'s method.
-    mesh: devices to shard the pass over (default: all local devices).
+    mesh: devices to shard the pass over (default: every device of every process, `distributed.default_mesh()`).
     progress: log the pass's progress.
+
+  A spec with batched groups (layers under `scan`) is matched copy by copy:
+  the scans over variables are unrolled (`trace.kernel_uses(...,
+  unroll_scans=True)`), each copy's kernels are keyed by their per-copy path,
+  the groups are those of `stacked.unstack`'s flat spec (every scanned
+  kernel cut into its copies), and the perm and pair scores come back
+  stacked ([L, n]): the unrolled model's result.
 
   Returns:
     MatchResult; `objective_trace` holds one entry, the sum of the matched
@@ -345,13 +367,16 @@ def activation_matching(
   """
   _check_models(spec, va, vb)
   example, batches = peek(batches)
-  plan = _plan_for(spec, apply_fn, va, example)
+  unroll = bool(spec.batch_sizes)
+  uses = _uses_for(apply_fn, va, example, unroll)
+  batched, spec = spec, _flat_spec(spec, va, uses) if unroll else spec
+  plan = _feature_plan(spec, uses)
   missing = sorted(g for g in set(spec.groups) - {f.group for f in plan} if spec.sizes[g] > 1)
   if missing:
     raise ValueError(f"activation_matching: no kernel reads or writes groups {missing}")
 
   def features(variables, x):
-    _, found = trace.kernel_uses(apply_fn)(variables, x)
+    _, found = trace.kernel_uses(apply_fn, unroll_scans=unroll)(variables, x)
     return [_feature_rows((found[f.path][f.use].output if f.is_output else found[f.path][f.use].input), f)
             for f in plan]
 
@@ -364,7 +389,16 @@ def activation_matching(
   perm = {g: lap(c, maximize=True, method=lap_method).astype(jnp.int32) for g, c in corr.items()}
   scores = {g: corr[g][jnp.arange(spec.sizes[g]), perm[g]] for g in spec.groups}
   total = sum(s.sum() for s in scores.values())
+  if unroll:
+    perm, scores = stacked.stack_permutation(batched, perm), stacked.stack_permutation(batched, scores)
   return MatchResult(perm, jnp.reshape(total, (1,)), scores)
+
+
+def _flat_spec(spec: spec_lib.PermutationSpec, variables: PyTree, uses: Mapping) -> spec_lib.PermutationSpec:
+  """`stacked.unstack`'s flat spec, cutting every kernel the unrolled scans read by copy (`path + (l,)`)."""
+  leaves = tree.leaves_by_path(variables)
+  copies = {p[:-1]: 0 for p in uses if p not in leaves and p[:-1] in leaves}
+  return stacked.unstack(spec, variables, stacked=copies)[0]
 
 
 def peek(batches) -> tuple[Any, Any]:
@@ -382,15 +416,20 @@ def peek(batches) -> tuple[Any, Any]:
 
 def _plan_for(spec, apply_fn, variables, example) -> list[_Feature]:
   """The feature plan, from one abstract trace of the kernels' uses."""
+  return _feature_plan(spec, _uses_for(apply_fn, variables, example, False))
+
+
+def _uses_for(apply_fn, variables, example, unroll_scans: bool) -> dict:
+  """The kernels' uses, from one abstract trace (`trace.kernel_uses`)."""
   found = {}
 
   def probe(v, x):
-    _, uses = trace.kernel_uses(apply_fn)(v, x)
+    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(v, x)
     found.update(uses)
     return 0
 
   jax.eval_shape(probe, variables, example)
-  return _feature_plan(spec, found)
+  return found
 
 
 @_many
@@ -429,6 +468,7 @@ def ste_matching(
     MatchResult; `objective_trace` is the loss at each step.
   """
   _check_models(spec, va, vb)
+  stacked.check_unbatched(spec, "ste_matching")
   if num_steps < 1:
     raise ValueError(f"num_steps must be at least 1, got {num_steps}")
   optimizer = optax.adam(1e-3) if optimizer is None else optimizer

@@ -7,7 +7,8 @@
 Permutations are gathers (DESIGN.md): for every AxisRef of group g,
 `take(leaf, perm[g], axis)` (for a factored axis, along its component of the
 view), so B's unit `perm[g][i]` lands on A's unit i. A permutation is a dict
-`{group: int[n]}` over exactly the spec's groups.
+`{group: int[n]}` over exactly the spec's groups; a batched group's (stacked
+copies, `spec.batch_sizes[g] = L`) is int[L, n], row l permuting copy l.
 """
 
 from collections.abc import Mapping
@@ -34,7 +35,8 @@ def take_units(x: jax.Array, perm: jax.Array, ref: spec_lib.AxisRef) -> jax.Arra
   Args:
     x: the leaf `ref` points at, any shape and dtype.
     perm: int[n], the units' new order: unit i of the result is unit
-      `perm[i]` of `x`.
+      `perm[i]` of `x`; int[L, n] for a ref with a batch axis (row l gathers
+      copy l, the leaf indexed l on `ref.batch`).
     ref: the axis; with a factor `(view, index)` the axis is reshaped to
       `view`, gathered along component `index`, and reshaped back; with a
       part `(start, stop)` only those units are gathered (the factor views
@@ -46,6 +48,10 @@ def take_units(x: jax.Array, perm: jax.Array, ref: spec_lib.AxisRef) -> jax.Arra
   """
   xp = np if isinstance(x, np.ndarray) and not _is_traced(perm) else jnp
   perm = np.asarray(perm) if xp is np else perm
+  if ref.batch is not None:
+    copy = ref._replace(axis=ref.axis - (ref.axis > ref.batch), batch=None)
+    index = lambda l: (slice(None),) * ref.batch + (l,)  # noqa: E731
+    return xp.stack([take_units(x[index(l)], perm[l], copy) for l in range(x.shape[ref.batch])], axis=ref.batch)
   if ref.part is not None:
     start, stop = ref.part
     cut = lambda a, b: x[(slice(None),) * ref.axis + (slice(a, b),)]
@@ -63,9 +69,10 @@ def check_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any]) -
   """Raises ValueError unless `perm` holds one permutation per group of `spec`.
 
   `perm` must name exactly the spec's groups, and each `perm[g]` must be an
-  integer array of shape `(sizes[g],)`. Concrete values must be a
-  permutation of `range(sizes[g])`; traced ones (under jit) are checked by
-  shape and dtype only.
+  integer array of shape `(sizes[g],)`, or `(batch_sizes[g], sizes[g])` for
+  a batched group. Concrete values must be permutations of
+  `range(sizes[g])` (each row); traced ones (under jit) are checked by shape
+  and dtype only.
 
   Raises:
     ValueError: naming the missing or unknown groups, or the group whose
@@ -78,11 +85,14 @@ def check_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any]) -
     raise ValueError(f"permutation: missing groups {missing}, unknown groups {unknown}")
   for g in spec.groups:
     p, n = perm[g], spec.sizes[g]
+    want = (n,) if g not in spec.batch_sizes else (spec.batch_sizes[g], n)
     shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
-    if shape != (n,) or not jnp.issubdtype(dtype, jnp.integer):
-      raise ValueError(f"permutation of group {g!r}: expected int[{n}], got {dtype}{list(shape)}")
-    if not _is_traced(p) and not np.array_equal(np.sort(np.asarray(p)), np.arange(n)):
-      raise ValueError(f"permutation of group {g!r} is not a permutation of range({n})")
+    if shape != want or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"permutation of group {g!r}: expected int{list(want)}, got {dtype}{list(shape)}")
+    if not _is_traced(p) and not np.array_equal(np.sort(np.asarray(p), axis=-1),
+                                                np.broadcast_to(np.arange(n), want)):
+      raise ValueError(f"permutation of group {g!r} is not a permutation of range({n})"
+                       + (" in every row" if len(want) == 2 else ""))
 
 
 def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], variables: PyTree) -> PyTree:
@@ -99,7 +109,8 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
   Args:
     spec: the groups; it must fit `variables` (`spec.check_spec`).
     perm: group -> int[n], a permutation of range(n), for exactly the spec's
-      groups.
+      groups; int[L, n] for a batched group (row l permutes copy l of each
+      member).
     variables: the tree to permute (arrays of any dtype, kept).
 
   Returns:
@@ -121,8 +132,13 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
 
 
 def identity_permutation(spec: spec_lib.PermutationSpec) -> Perm:
-  """`{group: arange(n)}`: the permutation that changes nothing."""
-  return {g: jnp.arange(n, dtype=jnp.int32) for g, n in spec.sizes.items()}
+  """`{group: arange(n)}` (`[L, n]`, every row arange(n), for a batched group): changes nothing."""
+  return {g: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), _shape(spec, g)) for g, n in spec.sizes.items()}
+
+
+def _shape(spec: spec_lib.PermutationSpec, g: str) -> tuple[int, ...]:
+  n = spec.sizes[g]
+  return (n,) if g not in spec.batch_sizes else (spec.batch_sizes[g], n)
 
 
 def invert_permutation(perm: Mapping[str, Any]) -> Perm:
@@ -132,27 +148,28 @@ def invert_permutation(perm: Mapping[str, Any]) -> Perm:
   `apply(p, apply(invert(p), v)) == v`. Jittable.
 
   Args:
-    perm: group -> int[n], a permutation of range(n).
+    perm: group -> int[n], a permutation of range(n) (or int[L, n], one per row).
 
   Returns:
-    group -> int32[n].
+    group -> int32 of the same shape.
   """
-  return {g: jnp.argsort(jnp.asarray(p)).astype(jnp.int32) for g, p in perm.items()}
+  return {g: jnp.argsort(jnp.asarray(p), axis=-1).astype(jnp.int32) for g, p in perm.items()}
 
 
 def compose_permutations(first: Mapping[str, Any], second: Mapping[str, Any]) -> Perm:
   """The permutation that applies `first`, then `second`.
 
-  `compose(p, q)[g] == p[g][q[g]]`, so for any spec and variables
+  `compose(p, q)[g] == p[g][q[g]]` (row by row for a batched group's
+  int[L, n]), so for any spec and variables
   `apply(compose(p, q), v) == apply(q, apply(p, v))`. (Gathers compose in
   this order: unit i after both is unit `q[i]` after `p`, which is unit
   `p[q[i]]` of `v`.) Jittable.
 
   Args:
-    first, second: group -> int[n], over the same groups and sizes.
+    first, second: group -> int[n] (or int[L, n]), over the same groups and shapes.
 
   Returns:
-    group -> int32[n], in `first`'s group order.
+    group -> int32 of the same shape, in `first`'s group order.
 
   Raises:
     ValueError: naming the groups or the group whose sizes differ.
@@ -165,7 +182,8 @@ def compose_permutations(first: Mapping[str, Any], second: Mapping[str, Any]) ->
           f"compose: group {g!r} has shape {np.shape(first[g])} in the first permutation and"
           f" {np.shape(second[g])} in the second"
       )
-  return {g: jnp.asarray(first[g])[jnp.asarray(second[g])].astype(jnp.int32) for g in first}
+  return {g: jnp.take_along_axis(jnp.asarray(first[g]), jnp.asarray(second[g]), axis=-1).astype(jnp.int32)
+          for g in first}
 
 
 def random_permutation(spec: spec_lib.PermutationSpec, key: jax.Array) -> Perm:
@@ -174,10 +192,18 @@ def random_permutation(spec: spec_lib.PermutationSpec, key: jax.Array) -> Perm:
   Args:
     spec: the groups and their sizes.
     key: a `jax.random` key; group i (in `spec.groups` order) uses the i-th
-      key of `jax.random.split(key, len(groups))`.
+      key of `jax.random.split(key, len(groups))`; a batched group's row l
+      the l-th key of that key split in L.
 
   Returns:
-    group -> int32[n].
+    group -> int32[n] (int32[L, n] for a batched group).
   """
   keys = jax.random.split(key, max(len(spec.sizes), 1))
-  return {g: jax.random.permutation(k, n).astype(jnp.int32) for k, (g, n) in zip(keys, spec.sizes.items())}
+  out = {}
+  for k, (g, n) in zip(keys, spec.sizes.items()):
+    if g in spec.batch_sizes:
+      rows = [jax.random.permutation(c, n) for c in jax.random.split(k, spec.batch_sizes[g])]
+      out[g] = jnp.stack(rows).astype(jnp.int32)
+    else:
+      out[g] = jax.random.permutation(k, n).astype(jnp.int32)
+  return out

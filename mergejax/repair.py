@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import spec as spec_lib
+from mergejax import stacked
+from mergejax import stats
 from mergejax import trace
 from mergejax import tree
 
@@ -54,7 +56,15 @@ def reset_batch_norm(
 
   Returns:
     `variables` with `batch_stats` replaced.
+
+  Raises:
+    NotImplementedError: under `jax.distributed` with several processes (each
+      would average its own batches only and the processes' models would
+      differ); run it in one process over all the data.
   """
+  if jax.process_count() > 1:
+    raise NotImplementedError("reset_batch_norm runs in one process only: with several processes each would"
+                              " average its own batches and the processes' models would differ")
   if "batch_stats" not in variables:
     raise ValueError("reset_batch_norm: variables have no batch_stats collection")
 
@@ -102,6 +112,7 @@ def repair(
     t: float = 0.5,
     eps: float = 1e-5,
     missing_bias: str = "error",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> PyTree:
   """REPAIR (Jordan et al. 2023) for networks without BatchNorm.
 
@@ -127,6 +138,9 @@ def repair(
       "error" (the default) refuses before any statistics pass, naming every
       such layer; "scale_only" repairs its standard deviation only (its
       output mean becomes the merged mean times the scale).
+    mesh: the devices each statistics pass is split over (`stats.accumulate`;
+      default every device of every process: under `jax.distributed` each
+      process passes its own batches and every process gets the same repair).
 
   Returns:
     The repaired merged variables.
@@ -139,6 +153,7 @@ def repair(
     raise ValueError(f"repair: missing_bias must be 'error' or 'scale_only', got {missing_bias!r}")
   tree.check_same_shapes(va, vb)
   tree.check_same_shapes(va, merged)
+  stacked.check_unbatched(spec, "repair")
   if not callable(batches):
     batches = list(batches)
   written = {(r.path, r.axis) for refs in spec.groups.values() for r in refs
@@ -151,13 +166,13 @@ def repair(
   if bias_free and missing_bias == "error":
     raise ValueError(f"repair: {', '.join(bias_free)} have no sibling bias, so their means cannot be"
                      " restored; pass missing_bias='scale_only' to repair their standard deviations only")
-  stats_a = _unit_stats(apply_fn, va, batches, layers, eps)
-  stats_b = _unit_stats(apply_fn, vb, batches, layers, eps)
+  stats_a = _unit_stats(apply_fn, va, batches, layers, eps, mesh)
+  stats_b = _unit_stats(apply_fn, vb, batches, layers, eps, mesh)
   for i, layer in enumerate(layers):
     (ma, sa), (mb, sb) = stats_a[i], stats_b[i]
     targets[layer] = ((1 - t) * ma + t * mb, (1 - t) * sa + t * sb)
   for i, layer in enumerate(layers):
-    mean, std = _unit_stats(apply_fn, merged, batches, [layer], eps)[0]
+    mean, std = _unit_stats(apply_fn, merged, batches, [layer], eps, mesh)[0]
     merged = _rescale(merged, layer, mean, std, *targets[layer])
   return merged
 
@@ -175,31 +190,21 @@ def _uses_in_order(apply_fn, variables, x) -> list[tuple[tuple[str, ...], tuple[
           if len(uses) == 1 and len(uses[0].output_axes) == 1]
 
 
-def _unit_stats(apply_fn, variables, batches, layers, eps) -> list[tuple[jax.Array, jax.Array]]:
-  """Per layer: mean and std of each output unit (bias included) over the data."""
+def _unit_stats(apply_fn, variables, batches, layers, eps, mesh) -> list[tuple[jax.Array, jax.Array]]:
+  """Per layer: mean and std of each output unit (bias included) over the data, one streamed pass."""
 
-  @jax.jit
-  def sums(variables, x):
+  def features(variables, x):
     _, uses = trace.kernel_uses(apply_fn)(variables, x)
-    out = []
     leaves = tree.leaves_by_path(variables)
+    out = []
     for path, out_axis, _ in layers:
       y = jnp.moveaxis(uses[path][0].output, out_axis, -1)
       bias = leaves.get(path[:-1] + ("bias",))
-      y = y + bias if bias is not None and bias.shape == y.shape[-1:] else y
-      y = y.reshape(-1, y.shape[-1])
-      out.append((y.shape[0], y.sum(0), (y * y).sum(0)))
+      out.append(y + bias if bias is not None and bias.shape == y.shape[-1:] else y)
     return out
 
-  totals = None
-  for x in _inputs(batches):
-    s = sums(variables, x)
-    totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
-  result = []
-  for n, s1, s2 in totals:
-    mean = s1 / n
-    result.append((mean, jnp.sqrt(jnp.maximum(s2 / n - mean**2, 0.0) + eps)))
-  return result
+  result = stats.accumulate(stats.unit_moments(features), variables, batches, mesh=mesh, progress=False)
+  return [(r["mean"], jnp.sqrt(r["var"] + eps)) for r in result]
 
 
 def _rescale(variables, layer, mean, std, target_mean, target_std):

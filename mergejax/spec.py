@@ -11,6 +11,15 @@ construction.
     check_spec(spec, variables)        # ValueError naming the path that does not fit
     save_spec("spec.json", spec); load_spec("spec.json") == spec
 
+A group may be *batched*: its members are axes of variables stacked on an axis
+of size L (the layers of a scanned stack, a mixture's experts), each copy with
+a permutation of its own, so its permutation is int[L, n]. Every member
+AxisRef names the stacked axis (`batch`) and `spec.batch_sizes[group]` is L:
+
+    PermutationSpec({"mlp": [AxisRef(("params", "blocks", "up", "kernel"), 2, batch=0),
+                             AxisRef(("params", "blocks", "down", "kernel"), 1, batch=0)]},
+                    {"mlp": 128}, batch_sizes={"mlp": 4})
+
 AxisRef factors are kept canonical (`canonical_ref`), so a spec written by
 hand and one traced from a jaxpr compare equal when they claim the same units.
 
@@ -55,23 +64,31 @@ class AxisRef(NamedTuple):
       apart from the rest (one of the q, k, v of a fused projection split by
       `jnp.split`); a factor then views the part, not the whole axis. The
       units outside the part are left where they are.
+    batch: None (one permutation for the whole variable), or the axis of the
+      variable that indexes its stacked copies (a scanned stack's layers):
+      the ref is a member of a batched group, whose permutation int[L, n]
+      permutes copy l (the variable indexed l on `batch`) by row l. `axis`
+      stays an axis of the whole variable (never `batch`); factor and part
+      apply to every copy alike.
   """
 
   path: tuple[str, ...]
   axis: int
   factor: tuple[tuple[int, ...], int] | None = None
   part: tuple[int, int] | None = None
+  batch: int | None = None
 
 
 def _where(ref: AxisRef) -> str:
   part = "" if ref.part is None else f" [{ref.part[0]}:{ref.part[1]}]"
-  return f"{tree.path_str(ref.path)} axis {ref.axis}{part}"
+  batch = "" if ref.batch is None else f" (copies on axis {ref.batch})"
+  return f"{tree.path_str(ref.path)} axis {ref.axis}{part}{batch}"
 
 
 def _as_ref(value: Any) -> AxisRef:
-  """An AxisRef from an AxisRef or a `(path, axis[, factor[, part]])` sequence."""
-  if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in (2, 3, 4):
-    raise ValueError(f"an AxisRef is (path, axis[, factor[, part]]), got {value!r}")
+  """An AxisRef from an AxisRef or a `(path, axis[, factor[, part[, batch]]])` sequence."""
+  if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in (2, 3, 4, 5):
+    raise ValueError(f"an AxisRef is (path, axis[, factor[, part[, batch]]]), got {value!r}")
   path, axis, *rest = value
   if isinstance(path, str) or not isinstance(path, Sequence):
     raise ValueError(f"AxisRef path must be a tuple of key names, got {path!r}")
@@ -83,6 +100,12 @@ def _as_ref(value: Any) -> AxisRef:
     raise ValueError(f"{tree.path_str(path)}: axis must be a non-negative int, got {axis!r}")
   factor = rest[0] if rest else None
   part = rest[1] if len(rest) > 1 else None
+  batch = rest[2] if len(rest) > 2 else None
+  if batch is not None:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0 or batch == axis:
+      raise ValueError(f"{tree.path_str(path)} axis {axis}: batch must be a non-negative int other than"
+                       f" the axis, got {batch!r}")
+    batch = int(batch)
   if part is not None:
     if (isinstance(part, str) or not isinstance(part, Sequence) or len(part) != 2
         or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in part)
@@ -105,7 +128,7 @@ def _as_ref(value: Any) -> AxisRef:
     factor = (tuple(int(d) for d in shape), int(index))
     if part is not None and math.prod(factor[0]) != part[1] - part[0]:
       raise ValueError(f"{tree.path_str(path)} axis {axis}: factor {factor} does not view the part {part}")
-  return AxisRef(path, int(axis), factor, part)
+  return AxisRef(path, int(axis), factor, part, batch)
 
 
 def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
@@ -116,7 +139,7 @@ def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
   outer and inner are dropped where they are 1 (n is always kept), and a
   factor whose outer and inner are both 1 becomes None (the whole axis). So
   `((4, 4, 32), 2)` becomes `((16, 32), 1)` and `((1, 8), 1)` becomes None.
-  A part is kept as it is (the factor views it).
+  A part and a batch axis are kept as they are (the factor views the part).
 
   Raises:
     ValueError: naming the path, for a malformed path, axis or factor.
@@ -127,9 +150,9 @@ def canonical_ref(ref: AxisRef | Sequence[Any]) -> AxisRef:
   shape, index = ref.factor
   outer, n, inner = math.prod(shape[:index]), shape[index], math.prod(shape[index + 1:])
   if outer == 1 and inner == 1:
-    return AxisRef(ref.path, ref.axis, None, ref.part)
+    return ref._replace(factor=None)
   view = ((outer,) if outer > 1 else ()) + (n,) + ((inner,) if inner > 1 else ())
-  return AxisRef(ref.path, ref.axis, (view, 1 if outer > 1 else 0), ref.part)
+  return ref._replace(factor=(view, 1 if outer > 1 else 0))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,17 +168,23 @@ class PermutationSpec:
   Construction checks that groups and sizes name the same groups and
   normalises every AxisRef (`canonical_ref`); `check_spec` checks the spec
   against a variables tree. Group names and their order are the user's.
-  Two specs are equal when they have the same group names, sizes and, per
-  group, the same set of AxisRefs (their order within a group is free).
+  Two specs are equal when they have the same group names, sizes, batch
+  sizes and, per group, the same set of AxisRefs (their order within a group
+  is free).
 
   Attributes:
     groups: group name -> the axes it permutes (a tuple of AxisRefs; may be
       empty, e.g. for a group of size 1, whose axes are never listed).
     sizes: group name -> the group's size n (the permuted dimension).
+    batch_sizes: batched group name -> L, its number of copies (layers,
+      experts); its permutation is int[L, n] and every AxisRef of it has a
+      `batch` axis of size L. Groups not named here are ordinary (int[n],
+      no AxisRef with a batch axis).
   """
 
   groups: Mapping[str, tuple[AxisRef, ...]]
   sizes: Mapping[str, int]
+  batch_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if set(self.groups) != set(self.sizes):
@@ -173,16 +202,33 @@ class PermutationSpec:
       if isinstance(refs, (str, AxisRef)) or not isinstance(refs, Iterable):
         raise ValueError(f"group {g!r}: expected a sequence of AxisRefs, got {refs!r}")
       groups[g] = tuple(canonical_ref(r) for r in refs)
+    if not isinstance(self.batch_sizes, Mapping):
+      raise ValueError(f"batch_sizes maps batched group names to L, got {self.batch_sizes!r}")
+    unknown = sorted(set(self.batch_sizes) - set(groups))
+    if unknown:
+      raise ValueError(f"batch_sizes names groups the spec does not have: {unknown}")
+    for g, refs in groups.items():
+      length = self.batch_sizes.get(g)
+      if length is not None and (isinstance(length, bool) or not isinstance(length, numbers.Integral)
+                                 or length < 1):
+        raise ValueError(f"group {g!r}: batch size must be a positive int, got {length!r}")
+      for r in refs:
+        if (r.batch is None) != (length is None):
+          kind = "a batched group" if length is not None else "an ordinary group (no batch size)"
+          raise ValueError(f"group {g!r} is {kind}, but {_where(r)} "
+                           + ("has no batch axis" if r.batch is None else "has a batch axis"))
     object.__setattr__(self, "groups", groups)
     object.__setattr__(self, "sizes", {g: sizes[g] for g in groups})
+    object.__setattr__(self, "batch_sizes", {g: int(self.batch_sizes[g]) for g in groups
+                                             if g in self.batch_sizes})
 
   @property
   def names(self) -> tuple[str, ...]:
     """The group names, in the order they were given."""
     return tuple(self.groups)
 
-  def _key(self) -> dict[str, tuple[int, frozenset[AxisRef]]]:
-    return {g: (self.sizes[g], frozenset(refs)) for g, refs in self.groups.items()}
+  def _key(self) -> dict[str, tuple[int, int | None, frozenset[AxisRef]]]:
+    return {g: (self.sizes[g], self.batch_sizes.get(g), frozenset(refs)) for g, refs in self.groups.items()}
 
   def __eq__(self, other: object) -> bool:
     if not isinstance(other, PermutationSpec):
@@ -197,34 +243,45 @@ class PermutationSpec:
 
     Groups keep their order (and their AxisRefs theirs), so the text is
     deterministic; `factor` is null or `[shape, index]`; a ref with a part
-    has a fourth entry `[start, stop]` (refs without one have three).
+    has a fourth entry `[start, stop]` (refs without one have three); a ref
+    with a batch axis has a fifth, the axis (its fourth is then the part or
+    null). A spec with batched groups has a third key, `"batch_sizes":
+    {name: L}`.
     """
     def entry(r):
       out = [list(r.path), r.axis, None if r.factor is None else [list(r.factor[0]), r.factor[1]]]
+      if r.batch is not None:
+        return out + [None if r.part is None else list(r.part), r.batch]
       return out if r.part is None else out + [list(r.part)]
 
-    return {
+    out = {
         "groups": {
             g: [entry(r) for r in refs]
             for g, refs in self.groups.items()
         },
         "sizes": dict(self.sizes),
     }
+    if self.batch_sizes:
+      out["batch_sizes"] = dict(self.batch_sizes)
+    return out
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> "PermutationSpec":
     """The inverse of `to_json`.
 
     Raises:
-      ValueError: for anything but `{"groups": {...}, "sizes": {...}}` of the
-        shapes `to_json` writes.
+      ValueError: for anything but `{"groups": {...}, "sizes": {...}[,
+        "batch_sizes": {...}]}` of the shapes `to_json` writes.
     """
-    if not isinstance(data, Mapping) or set(data) != {"groups", "sizes"}:
+    if not isinstance(data, Mapping) or not {"groups", "sizes"} <= set(data) <= {
+        "groups", "sizes", "batch_sizes"}:
       keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-      raise ValueError(f"a PermutationSpec in JSON has keys ['groups', 'sizes'], got {keys}")
-    if not isinstance(data["groups"], Mapping) or not isinstance(data["sizes"], Mapping):
-      raise ValueError("a PermutationSpec in JSON maps group names to refs and to sizes")
-    return cls(dict(data["groups"]), dict(data["sizes"]))
+      raise ValueError(f"a PermutationSpec in JSON has keys ['groups', 'sizes'], got {keys}"
+                       " (a batched one also 'batch_sizes')")
+    batch_sizes = data.get("batch_sizes", {})
+    if not all(isinstance(data[k], Mapping) for k in ("groups", "sizes")) or not isinstance(batch_sizes, Mapping):
+      raise ValueError("a PermutationSpec in JSON maps group names to refs, to sizes and to batch sizes")
+    return cls(dict(data["groups"]), dict(data["sizes"]), dict(batch_sizes))
 
 
 def save_spec(path: str | os.PathLike, spec: PermutationSpec) -> None:
@@ -312,7 +369,9 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
   group's size. No axis is claimed twice: a whole-axis AxisRef excludes any
   other on the same axis (or overlapping part), parts of one axis are
   disjoint or nested, and factored ones must permute different
-  components of one common view of it.
+  components of one common view of it. A batched group's refs have their
+  batch axis in range, of the group's batch size, and no group claims an
+  axis that some batched ref uses as its batch axis.
 
   Args:
     spec: the groups.
@@ -324,6 +383,7 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
   """
   shapes = {path: tuple(np.shape(leaf)) for path, leaf in tree.leaves_by_path(variables).items()}
   claims: dict[tuple[tuple[str, ...], int], list[_Claim]] = {}
+  batch_axes: dict[tuple[tuple[str, ...], int], str] = {}
   for g, refs in spec.groups.items():
     n = spec.sizes[g]
     for ref in refs:
@@ -346,33 +406,43 @@ def check_spec(spec: PermutationSpec, variables: Any) -> None:
           raise ValueError(
               f"{where}: factor {ref.factor} does not view size {size} with {n} units of group {g!r}"
           )
+      if ref.batch is not None:
+        if ref.batch >= len(shape):
+          raise ValueError(f"group {g!r}: {where}: batch axis out of range for shape {shape}")
+        if shape[ref.batch] != spec.batch_sizes[g]:
+          raise ValueError(f"{where}: {shape[ref.batch]} copies, group {g!r} has {spec.batch_sizes[g]}")
+        batch_axes.setdefault((ref.path, ref.batch), g)
       claim = _claim(g, ref, shape[ref.axis])
       for seen in claims.get((ref.path, ref.axis), []):
         problem = _conflict(seen, claim, where)
         if problem:
           raise ValueError(problem)
       claims.setdefault((ref.path, ref.axis), []).append(claim)
+  for (path, axis), g in batch_axes.items():
+    if (path, axis) in claims:
+      raise ValueError(f"{tree.path_str(path)} axis {axis} indexes the copies of group {g!r} and is"
+                       f" permuted by group {claims[(path, axis)][0].group!r}")
 
 
-def permutation_to_json(perm: Mapping[str, Any]) -> dict[str, list[int]]:
-  """`{group: [ints]}`, in the permutation's group order."""
-  return {g: [int(i) for i in np.asarray(p)] for g, p in perm.items()}
+def permutation_to_json(perm: Mapping[str, Any]) -> dict[str, list]:
+  """`{group: [ints]}` (a batched group's: `[[ints]] * L`), in the permutation's group order."""
+  return {g: np.asarray(p).astype(int).tolist() for g, p in perm.items()}
 
 
 def permutation_from_json(data: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The inverse of `permutation_to_json`: `{group: int32[n]}`."""
+  """The inverse of `permutation_to_json`: `{group: int32[n] or int32[L, n]}`."""
   return {g: np.asarray(p, np.int32) for g, p in data.items()}
 
 
 def save_permutation(path: str | os.PathLike, perm: Mapping[str, Any]) -> None:
-  """Writes `perm` (`{group: int[n]}`) as JSON to the file `path`."""
+  """Writes `perm` (`{group: int[n] or int[L, n]}`) as JSON to the file `path`."""
   with open(path, "w") as f:
     json.dump(permutation_to_json(perm), f)
     f.write("\n")
 
 
 def load_permutation(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The permutation saved by `save_permutation`: `{group: int32[n]}`."""
+  """The permutation saved by `save_permutation`: `{group: int32[n] or int32[L, n]}`."""
   with open(path) as f:
     return permutation_from_json(json.load(f))
 

@@ -23,7 +23,7 @@ are variables, like BatchNorm statistics under `mutable`), constants, `iota`,
 and every axis an operation does not treat alike for all its units: the
 spatial window of a convolution, reductions other than sum/max/min/prod/and/
 or, cumulative ops, sorts, strided slices, pads, reversals, indexed axes of
-gathers, `scan` and `while`. What fixes variable axes beyond the function's
+gathers, and `while`. What fixes variable axes beyond the function's
 structure (arguments, outputs, constants, windows, looked-up axes) is named
 in one warning with the variables concerned, as are variables never read
 (which are in no group) and primitives the interpreter does not know (which
@@ -31,6 +31,13 @@ fix every axis they touch): a coverage gap is visible, never unsound
 (`spec_report` gives the same as data). Every equation that carries a jaxpr
 (`pjit`, `remat2`, `custom_jvp_call`, `custom_vjp_call`, `closed_call`) is
 interpreted inside, in a scope of its own per call site.
+
+A `scan`'s body is interpreted once, its carry out joined with its carry in.
+The classes it touches through the carry, a const or any outer value are
+one permutation for the whole loop; a class made only of the body's values
+and the axes of variables the scan iterates over (read by nothing else) is
+a *batched* group, one permutation per iteration (`AxisRef.batch = 0`):
+the per-layer groups of a scanned stack of layers.
 
 The groups are the classes that hold at least one variable axis, no fixed
 axis, and more than one unit. Group names are deterministic: the first
@@ -43,6 +50,7 @@ from typing import Any, NamedTuple
 import warnings
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from mergejax import spec as spec_lib
@@ -90,14 +98,21 @@ class _Classes:
     self.members: dict[int, list[int]] = {}
     self.fixed: set[int] = set()  # roots
     self.events: list[tuple[str | None, list[int]]] = []
+    self.owner: list[int] = []  # node -> the scope (scan body) whose value it is an axis of
+    self.scope = 0  # the scope new axes belong to
 
-  def new(self, size: int, fixed: bool = False, why: str | None = None) -> list[int]:
-    """A fresh axis of `size` units: one component, or none when size is 0 or 1."""
+  def new(self, size: int, fixed: bool = False, why: str | None = None, owner: int | None = None) -> list[int]:
+    """A fresh axis of `size` units: one component, or none when size is 0 or 1.
+
+    Its owner is the current scope, or `owner` (the pieces of a split axis
+    belong to the value the axis belongs to).
+    """
     if size <= 1:
       return []
     node = len(self.parent)
     self.parent.append(node)
     self.size.append(size)
+    self.owner.append(self.scope if owner is None else owner)
     self.members[node] = [node]
     if fixed:
       self.fixed.add(node)
@@ -166,11 +181,11 @@ class _Classes:
     first = None
     for m in members:
       if concatenated:
-        parts = [(s, self.new(s)) for s in sizes]
+        parts = [(s, self.new(s, owner=self.owner[m])) for s in sizes]
         self.parts[m] = parts
         flat = [c for _, p in parts for c in p]
       else:
-        flat = [c for s in sizes for c in self.new(s)]
+        flat = [c for s in sizes for c in self.new(s, owner=self.owner[m])]
         self.children[m] = flat
       if first is None:
         first = flat
@@ -316,13 +331,35 @@ def _cumulative_sum(sizes: Sequence[int]) -> list[int]:
   return out
 
 
+class _Scan(NamedTuple):
+  """What a `scan` equation left for `_Interpreter.batched`.
+
+  Attributes:
+    scope: the scope of its body's values (`_Classes.owner`).
+    length: its number of iterations L.
+    xs: the variables it scans over directly (their own top-level axes as
+      xs operands), by index.
+    outputs: the union-find nodes of its per-iteration outputs (ys), which
+      leave the loop stacked.
+  """
+
+  scope: int
+  length: int
+  xs: tuple[int, ...]
+  outputs: tuple[int, ...]
+
+
 class _Interpreter:
   """Abstract interpretation of a jaxpr over axis classes."""
 
   def __init__(self):
     self.classes = _Classes()
+    self.var_axes: list[list[Axis]] = []  # each variable's own axes, as created (set by spec_report)
     self.unknown: set[str] = set()
     self.read: set[int] = set()  # indices of the variables some equation reads
+    self.reads: dict[int, int] = {}  # variable index -> equations reading it (a scan's consts: its body's)
+    self.scans: list[_Scan] = []
+    self.scope_parent: dict[int, int] = {}  # scan body scope -> the scope it runs in
     self.srcs: list[int | None] = []  # the current equation's operands: variable index or None
     self.selected: list[Axis] = []  # parts of axes that a slice or split takes
     self.dropped: list[Axis] = []  # parts a slice leaves out
@@ -347,8 +384,15 @@ class _Interpreter:
       env.update(zip(eqn.outvars, outs))
       if eqn.primitive.name in _PASS_THROUGH and srcs[0] is not None:
         src[eqn.outvars[0]] = srcs[0]
-    self.read.update(src[v] for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in src)
+    returned = [src[v] for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in src]
+    self.read.update(returned)
+    self.count_reads(returned)
     return [self.value(env, v) for v in jaxpr.outvars]
+
+  def count_reads(self, srcs: Sequence[int | None]) -> None:
+    for s in srcs:
+      if s is not None:
+        self.reads[s] = self.reads.get(s, 0) + 1
 
   def equation(self, eqn, ins: list[list[Axis]], srcs: list[int | None]) -> list[list[Axis]]:
     name = eqn.primitive.name
@@ -358,19 +402,101 @@ class _Interpreter:
       inner = getattr(p[CALLS[name]], "jaxpr", p[CALLS[name]])
       n = len(inner.invars)
       self.read.update(s for s in srcs[:len(ins) - n] if s is not None)
+      self.count_reads(srcs[:len(ins) - n])
       return self.run(inner, ins[len(ins) - n:], srcs[len(ins) - n:])
     if name == "cond":
       return self.cond(eqn, ins, srcs)
+    if name == "scan":
+      return self.scan(eqn, ins, srcs)
     self.read.update(s for s in srcs if s is not None)
+    if name not in _PASS_THROUGH:  # a cast of a variable is the variable (run() follows it)
+      self.count_reads(srcs)
     self.srcs = srcs
     if name in ELEMENTWISE:
       return [self.elementwise(ins, shape) for shape in out_shapes]
     rule = getattr(self, f"rule_{name}", None)
     if rule is not None:
       return rule(eqn, ins, out_shapes)
-    if name not in ("while", "scan"):
+    if name != "while":
       self.unknown.add(name)
     return self.opaque(ins, out_shapes, name)
+
+  def scan(self, eqn, ins, srcs) -> list[list[Axis]]:
+    """The body interpreted once, in a scope of its own; carry out joined with carry in.
+
+    Operands are consts, carry, xs (sliced on axis 0, the copies' axis, fixed
+    as structure); outputs carry, ys (stacked on a fixed new axis 0). The
+    body reads the consts (their reads are counted there). Which classes
+    may take one permutation per iteration is decided at the end
+    (`batched`), when every constraint is known.
+    """
+    p = eqn.params
+    nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+    self.read.update(s for s in srcs if s is not None)
+    self.count_reads(srcs[nc:])
+    xs = ins[nc + nk:]
+    self.classes.fix([axes[0] for axes in xs])
+    outer = self.classes.scope
+    scope = len(self.scope_parent) + 1
+    self.scope_parent[scope] = outer
+    self.classes.scope = scope
+    body = p["jaxpr"]
+    outs = self.run(body.jaxpr, ins[:nc + nk] + [axes[1:] for axes in xs], srcs[:nc] + [None] * (len(ins) - nc))
+    self.classes.scope = outer
+    carry, ys = ins[nc:nc + nk], outs[nk:]
+    for before, after in zip(carry, outs[:nk]):
+      for a, b in zip(before, after):
+        self.classes.unify(a, b)
+    stacked = tuple(v for v, axes in zip(srcs[nc + nk:], xs)
+                    if v is not None and axes == self.var_axes[v] and len(axes) > 1)
+    leaving = tuple(m for y in ys for axis in y for n in axis for m in self.classes.current(n))
+    self.scans.append(_Scan(scope, length, stacked, leaving))
+    return [list(a) for a in carry] + [[self.classes.new(length, fixed=True)] + y for y in ys]
+
+  def _within(self, scope: int, outer: int) -> bool:
+    while scope != outer and scope in self.scope_parent:
+      scope = self.scope_parent[scope]
+    return scope == outer
+
+  def batched(self) -> tuple[dict[int, int], dict[int, str]]:
+    """The classes that take one permutation per iteration of a scan, and the scanned variables that do not.
+
+    A class is batched under a scan when it is not fixed, none of its
+    members leaves the loop in ys, and every member is an axis of a value of
+    the body (or of a loop nested in it) or an axis (not 0) of a variable the
+    scan iterates over directly and nothing else reads: then each iteration
+    computes alike for any permutation of the class, independently of the
+    others. Classes that touch the carry, a const or anything outside are
+    one permutation for the whole loop (the body's constraints were joined
+    with theirs).
+
+    Returns:
+      `(root -> L of every batched class, variable index -> why its copies
+      share one permutation)` for scanned variables read elsewhere too, or
+      whose classes ys carry out of the loop.
+    """
+    c = self.classes
+    out: dict[int, int] = {}
+    shared: dict[int, str] = {}
+    for scan in self.scans:
+      for v in scan.xs:
+        if self.reads.get(v, 0) > 1:
+          shared.setdefault(v, "read outside the loop")
+      own = [v for v in scan.xs if self.reads.get(v, 0) == 1]
+      allowed = {m for v in own for axis in self.var_axes[v][1:] for n in axis for m in c.current(n)}
+      leaving = {c.find(m) for m in scan.outputs}
+      for m in allowed:
+        root = c.find(m)
+        if root in out or root in c.fixed:
+          continue
+        local = all(x in allowed or self._within(c.owner[x], scan.scope) for x in c.members[root])
+        if local and root in leaving:
+          for v in own:
+            if any(c.find(x) == root for axis in self.var_axes[v][1:] for n in axis for x in c.current(n)):
+              shared.setdefault(v, "carried out of the loop by ys")
+        elif local:
+          out[root] = scan.length
+    return out, shared
 
   def cond(self, eqn, ins, srcs) -> list[list[Axis]]:
     """Every branch interpreted on the same operands; their outputs joined."""
@@ -661,12 +787,18 @@ class SpecReport(NamedTuple):
       group.
     unknown: primitives the interpreter has no rule for (they fix every axis
       they touch).
+    shared: why -> the paths of variables a `scan` iterates over whose
+      copies nonetheless share one permutation (ordinary groups instead of
+      batched ones): "read outside the loop" (by another equation than the
+      scan), "carried out of the loop by ys" (a per-iteration output of the
+      class leaves the loop stacked).
   """
 
   spec: spec_lib.PermutationSpec
   fixed_by: Mapping[str, tuple[tuple[str, ...], ...]]
   unread: tuple[tuple[str, ...], ...]
   unknown: tuple[str, ...]
+  shared: Mapping[str, tuple[tuple[str, ...], ...]] = {}
 
   def message(self) -> str | None:
     """The one warning `permutation_spec` gives for this report, or None."""
@@ -675,6 +807,9 @@ class SpecReport(NamedTuple):
       lines.append(f"unknown primitives {list(self.unknown)} fix every axis they touch")
     for why, paths in self.fixed_by.items():
       lines.append(f"{why} fixed axes of {', '.join(tree.path_str(p) for p in paths)}")
+    for why, paths in self.shared.items():
+      lines.append(f"scan: the copies of {', '.join(tree.path_str(p) for p in paths)} share one permutation"
+                   f" ({why})")
     if self.unread:
       lines.append(f"never read, in no group: {', '.join(tree.path_str(p) for p in self.unread)}")
     if not lines:
@@ -723,6 +858,7 @@ def spec_report(apply_fn: Callable[..., Any], variables: PyTree, *example_args: 
   interp = _Interpreter()
   classes = interp.classes
   var_axes = [interp.fresh(s) for s in var_shapes]
+  interp.var_axes = var_axes
   arg_axes = [interp.fresh(s, fixed=True) for s in arg_shapes]
   sources = list(range(len(var_paths))) + [None] * len(arg_shapes)
   outs = interp.run(closed.jaxpr, var_axes + arg_axes, sources)
@@ -742,11 +878,14 @@ def spec_report(apply_fn: Callable[..., Any], variables: PyTree, *example_args: 
                for axis in interp.dropped])
   read = [i in interp.read for i in range(len(var_paths))]
   described = [[_describe(classes, axis) for axis in axes] if r else [] for axes, r in zip(var_axes, read)]
+  batched, shared = interp.batched()
   return SpecReport(
-      _collect(classes, var_paths, described),
+      _collect(classes, var_paths, described, batched),
       _fixed_by(classes, var_paths, var_axes, read),
       tuple(p for p, r in zip(var_paths, read) if not r),
       tuple(sorted(interp.unknown)),
+      {why: tuple(var_paths[v] for v in sorted(shared) if shared[v] == why)
+       for why in sorted(set(shared.values()))},
   )
 
 
@@ -783,7 +922,8 @@ def _describe(classes: _Classes, axis: Axis) -> list[tuple[int, Any, Any]]:
   return out
 
 
-def _collect(classes: _Classes, paths, described) -> spec_lib.PermutationSpec:
+def _collect(classes: _Classes, paths, described, batched: Mapping[int, int]) -> spec_lib.PermutationSpec:
+  """The groups; a batched class's refs have batch axis 0 (the scanned variables' copies)."""
   groups: dict[int, list[spec_lib.AxisRef]] = {}
   names: dict[int, str] = {}
   for path, axes in zip(paths, described):
@@ -796,10 +936,11 @@ def _collect(classes: _Classes, paths, described) -> spec_lib.PermutationSpec:
           groups[root] = []
           where = "" if part is None else f"@{part[0]}"
           names[root] = f"{tree.path_str(path)}:{d}{where}" + (f"[{k}]" if factor else "")
-        groups[root].append(spec_lib.AxisRef(path, d, factor, part))
+        groups[root].append(spec_lib.AxisRef(path, d, factor, part, 0 if root in batched else None))
   return spec_lib.PermutationSpec(
       {names[r]: refs for r, refs in groups.items()},
       {names[r]: classes.size[r] for r in groups},
+      {names[r]: batched[r] for r in groups if r in batched},
   )
 
 
@@ -825,7 +966,8 @@ def _fixed_by(classes: _Classes, paths, var_axes, read) -> dict[str, tuple[tuple
   return {why: tuple(ps) for why, ps in sorted(out.items())}
 
 
-def capture(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple[str, ...], Any]]]:
+def capture(apply_fn: Callable[..., Any], *, unroll_scans: bool = False
+            ) -> Callable[..., tuple[Any, dict[tuple[str, ...], Any]]]:
   """`apply_fn` that also returns the input each kernel consumed.
 
       out, feats = capture(model.apply)(variables, x)
@@ -840,6 +982,12 @@ def capture(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple
 
   Args:
     apply_fn: as for `permutation_spec`.
+    unroll_scans: run every `scan` that iterates over a variable as a
+      Python loop, so copy l of a stacked kernel (the variable indexed l on
+      axis 0) is a kernel of its own, keyed `path + (str(l),)` (the paths of
+      `mergejax.stacked.unstack`); a variable that is a const of the scan
+      keeps its path, one use per iteration. Off: a scan is one operation
+      and its kernels are not seen.
 
   Returns:
     `(variables, *args) -> (apply_fn(variables, *args), feats)`, feats keyed by
@@ -847,7 +995,7 @@ def capture(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple
   """
 
   def captured(variables: PyTree, *args: Any):
-    out, uses = kernel_uses(apply_fn)(variables, *args)
+    out, uses = kernel_uses(apply_fn, unroll_scans=unroll_scans)(variables, *args)
     feats = {k: v[0].input if len(v) == 1 else tuple(u.input for u in v) for k, v in uses.items()}
     return out, feats
 
@@ -876,7 +1024,8 @@ class KernelUse(NamedTuple):
   params: Mapping[str, Any]
 
 
-def kernel_uses(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]]]]:
+def kernel_uses(apply_fn: Callable[..., Any], *, unroll_scans: bool = False
+                ) -> Callable[..., tuple[Any, dict[tuple[str, ...], list[KernelUse]]]]:
   """Like `capture`, with every use of a kernel and the axes it contracted.
 
   Returns:
@@ -885,7 +1034,7 @@ def kernel_uses(apply_fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[t
   """
 
   def run(variables: PyTree, *args: Any):
-    out, record = _run(apply_fn, variables, args, {})
+    out, record = _run(apply_fn, variables, args, {}, unroll_scans)
     return out, record.uses
 
   return run
@@ -928,12 +1077,14 @@ class _Record:
     self.uses: dict[tuple[str, ...], list[KernelUse]] = {}
     self.other_reads: set[tuple[str, ...]] = set()
     self.probes = probes
+    self.unroll_scans = False  # run scans over variables as Python loops (`capture`)
 
 
-def _run(apply_fn, variables: PyTree, args: tuple, probes) -> tuple[Any, _Record]:
+def _run(apply_fn, variables: PyTree, args: tuple, probes, unroll_scans: bool = False) -> tuple[Any, _Record]:
   closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(variables, *args)
   provenance = _paths(variables) + [None] * len(jax.tree.leaves(args))
   record = _Record(probes)
+  record.unroll_scans = unroll_scans
   values = jax.tree.leaves(variables) + jax.tree.leaves(args)
   outs = _evaluate(closed.jaxpr, closed.consts, values, provenance, record)
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs), record
@@ -985,6 +1136,9 @@ def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
       outs = _evaluate(inner_jaxpr, getattr(inner, "consts", []), values[-n:], sources[-n:], record)
       env.update(zip(eqn.outvars, outs))
       continue
+    if name == "scan" and record.unroll_scans and any(sources[eqn.params["num_consts"] + eqn.params["num_carry"]:]):
+      env.update(zip(eqn.outvars, _unrolled_scan(eqn.params, values, sources, record)))
+      continue
     with eqn.ctx.manager:
       outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
     outs = outs if eqn.primitive.multiple_results else [outs]
@@ -1006,6 +1160,22 @@ def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
   record.other_reads.update(origin[v] for v in jaxpr.outvars
                             if not isinstance(v, jex_core.Literal) and origin.get(v))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _unrolled_scan(params, values, sources, record: _Record) -> list:
+  """A scan as a Python loop: iteration l reads copy l of each xs variable as `path + (str(l),)`."""
+  nc, nk, length = params["num_consts"], params["num_carry"], params["length"]
+  body = params["jaxpr"]
+  consts, carry, xs = values[:nc], list(values[nc:nc + nk]), values[nc + nk:]
+  steps = range(length - 1, -1, -1) if params["reverse"] else range(length)
+  ys = {}
+  for i in steps:
+    provenance = (list(sources[:nc]) + [None] * nk
+                  + [None if s is None else s + (str(i),) for s in sources[nc + nk:]])
+    outs = _evaluate(body.jaxpr, body.consts, list(consts) + carry + [x[i] for x in xs], provenance, record)
+    carry, ys[i] = list(outs[:nk]), outs[nk:]
+  stacked = [jnp.stack([ys[i][k] for i in range(length)]) for k in range(len(body.jaxpr.outvars) - nk)]
+  return carry + stacked
 
 
 def read_order(apply_fn: Callable[..., Any], variables: PyTree, *example_args: Any) -> list[tuple[str, ...]]:

@@ -258,12 +258,14 @@ def test_groups_of_each_configuration():
   assert "lm" in models.names()
 
 
-def test_scanned_hand_spec_is_the_stream_and_sound():
+def test_scanned_hand_spec_is_the_stream_and_a_batched_group_per_block_group_and_sound():
   cfg = dict(LLAMA, scan=True)
   model, variables = _init(cfg)
   spec = models.permutation_spec("lm", variables, **cfg)
-  assert spec.names == ("embed",)
+  assert spec.names == ("embed", "blocks.kv_heads", "blocks.q_per_kv", "blocks.vo_dim", "blocks.mlp")
+  assert spec.batch_sizes == {g: 2 for g in spec.names[1:]}  # one permutation per layer
   assert {r.axis for r in spec.groups["embed"] if r.path[1] == "blocks"} == {1, 2}
+  assert all(r.batch == 0 for g in spec.names[1:] for r in spec.groups[g])
   perm = permute.random_permutation(spec, jax.random.key(0))
   apply = _apply(cfg)
   np.testing.assert_allclose(apply(permute.apply_permutation(spec, perm, variables), _ids()),

@@ -314,7 +314,8 @@ def test_unknown_primitive_fixes_its_axes_and_is_named():
   assert not spec.groups
 
 
-def test_scan_fixes_what_it_touches():
+def test_scan_joins_its_carry_across_the_loop():
+  """The carry's axes are one group with every layer's (tests/test_stacked.py: per-layer groups)."""
   rng = np.random.default_rng(0)
   params = {"embed": rng.standard_normal((4, 6)).astype(np.float32),
             "layers": rng.standard_normal((3, 6, 6)).astype(np.float32) / 3,
@@ -325,8 +326,14 @@ def test_scan_fixes_what_it_touches():
     h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x @ p["embed"], p["layers"])
     return jnp.tanh(h @ p["w"]) @ p["out"]
 
-  spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
-  assert _as_sets(spec) == {(5, frozenset([AxisRef(("w",), 1), AxisRef(("out",), 0)]))}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
+  assert _as_sets(spec) == {
+      (6, frozenset([AxisRef(("embed",), 1), AxisRef(("layers",), 1), AxisRef(("layers",), 2),
+                     AxisRef(("w",), 0)])),
+      (5, frozenset([AxisRef(("w",), 1), AxisRef(("out",), 0)]))}
+  _assert_invariant(fn, params, spec, np.ones((3, 4), np.float32))
 
 
 def test_jit_and_remat_inside_are_interpreted_per_call_site():

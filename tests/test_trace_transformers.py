@@ -403,13 +403,15 @@ def test_one_warning_names_each_fixing_construct_and_its_variables():
     report_spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
   assert len(record) == 1
   message = str(record[0].message)
-  for part in ("gather fixed axes of out, picked", "scan fixed axes of embed, layers",
-               "sort fixed axes of picked, sorted", "while fixed axes of sorted, w", "DESIGN.md"):
+  for part in ("gather fixed axes of out, picked", "sort fixed axes of picked, sorted",
+               "while fixed axes of sorted, w", "DESIGN.md"):
     assert part in message
+  assert "scan" not in message  # interpreted: its carry joins every layer (tests/test_stacked.py)
   report = trace.spec_report(fn, params, np.ones((3, 4), np.float32))
   assert report.spec == report_spec
-  assert set(report.fixed_by) == {"gather", "scan", "sort", "while"}
-  assert not report_spec.groups
+  assert set(report.fixed_by) == {"gather", "sort", "while"}
+  assert _as_sets(report_spec) == {(6, frozenset([_ref("embed", axis=1), _ref("layers", axis=1),
+                                                  _ref("layers", axis=2), _ref("w", axis=0)]))}
 
 
 # AxisRef.part: checks, JSON, permutation, and the readers that refuse it.

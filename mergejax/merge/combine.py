@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import spec as spec_lib
+from mergejax import stacked
 from mergejax import tree
 
 PyTree = Any
@@ -84,13 +85,27 @@ def partial_map(merged: Sequence[bool]) -> UnitMap:
   return UnitMap(index, weight, unmerge)
 
 
-def layout_of(maps: Mapping[str, UnitMap]) -> spec_lib.MergeLayout:
+def layout_of(maps: Mapping[str, UnitMap | Sequence[UnitMap]]) -> spec_lib.MergeLayout:
   """The MergeLayout of UnitMaps: a group w units wide out of n per model
-  merges 2n - w, and keeps the rest of each (DESIGN.md, MergeLayout)."""
+  merges 2n - w, and keeps the rest of each (DESIGN.md, MergeLayout).
+
+  A batched group's value may be a sequence of UnitMaps, one per copy: they
+  must have one width (stacked copies keep one shape), and the group gets
+  that one GroupLayout.
+
+  Raises:
+    ValueError: naming the group, where its copies' maps differ in size or width.
+  """
   out = {}
   for g, m in maps.items():
-    merged = 2 * m.size - m.width
-    out[g] = (merged, m.size - merged, m.size - merged)
+    copies = list(m) if isinstance(m, (list, tuple)) and not isinstance(m, UnitMap) else [m]
+    shapes = sorted({(c.size, c.width) for c in copies})
+    if len(shapes) != 1:
+      raise ValueError(f"layout_of: the copies of group {g!r} have (units, width) {shapes}; stacked copies"
+                       " need one width")
+    size, width = shapes[0]
+    merged = 2 * size - width
+    out[g] = (merged, size - merged, size - merged)
   return spec_lib.MergeLayout(out)
 
 
@@ -357,7 +372,7 @@ def refs_by_leaf(spec: spec_lib.PermutationSpec) -> dict[tuple[str, ...], list[t
 
 def combine(
     spec: spec_lib.PermutationSpec,
-    maps: Mapping[str, UnitMap],
+    maps: Mapping[str, UnitMap | Sequence[UnitMap]],
     va: PyTree,
     vb: PyTree,
     *,
@@ -366,17 +381,31 @@ def combine(
 ) -> PyTree:
   """Every leaf of two aligned models combined by `maps` (see the module doc).
 
+  A spec with batched groups (stacked copies, e.g. layers under `scan`) is
+  combined as the unrolled model: `stack(spec, combine(flat_spec, flat_maps,
+  unstack(va), unstack(vb)))` (`mergejax.stacked`), so each copy of a
+  batched group is laid out by its own map and all copies keep one width.
+
   Args:
     spec: the permutation groups; `maps` has one UnitMap per group, of its size.
-    maps: group -> UnitMap.
+    maps: group -> UnitMap; for a batched group of L copies, one UnitMap for
+      every copy or a sequence of L of one width (copy l merged by entry l).
     va, vb: the models' variables, `vb` aligned to `va`.
-    inputs: kernel path -> the kernel axes it contracts with its input.
+    inputs: kernel path -> the kernel axes it contracts with its input; for a
+      stacked kernel, keyed by its path (axes of the stacked leaf) or by its
+      copies' (`path + (str(l),)`, axes of a copy).
     models: leaf path -> the models reaching it (default both); `(0,)` for
       model A's own task head.
 
   Returns:
     The merged variables, each grouped axis `maps[g].width` wide.
+
+  Raises:
+    ValueError: naming the group, for a missing map, a map of the wrong size,
+      or a batched group's maps of different widths.
   """
+  if spec.batch_sizes:
+    return _combine_stacked(spec, maps, va, vb, inputs or {}, models or {})
   missing = sorted(set(spec.groups) - set(maps))
   if missing:
     raise ValueError(f"combine: no UnitMap for groups {missing}")
@@ -400,6 +429,23 @@ def combine(
   parts = {g: (model_part(maps[g], 0), model_part(maps[g], 1)) for g in used}
   out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
   return tree.replace_leaves(va, out)
+
+
+def _combine_stacked(spec, maps, va, vb, inputs, models) -> PyTree:
+  """`combine` of a batched spec, through the unrolled model (`mergejax.stacked`)."""
+  missing = sorted(set(spec.groups) - set(maps))
+  if missing:
+    raise ValueError(f"combine: no UnitMap for groups {missing}")
+  layout_of({g: maps[g] for g in spec.batch_sizes})  # one width per batched group
+  cut = stacked.stacked_leaves(spec)
+  flat_spec, fa = stacked.unstack(spec, va)
+  fb = stacked.unstack(spec, vb)[1]
+  leaves = tree.leaves_by_path(va)
+  counts = {p: np.shape(leaves[p])[a] for p, a in cut.items()}
+  merged = combine(flat_spec, stacked.unstack_per_copy(spec, maps, "combine"), fa, fb,
+                   inputs=stacked.unstack_leaf_keys(inputs, cut, counts, axes=True),
+                   models=stacked.unstack_leaf_keys(models, cut, counts))
+  return stacked.stack(spec, merged)
 
 
 class _LeafPlan(NamedTuple):

@@ -41,12 +41,16 @@ def replayable(batches) -> Callable[[], Iterable[Any]]:
   return lambda: batches
 
 
-def model_kernels(apply_fn, variables, example) -> list[Kernel]:
-  """Every kernel's matrix plan and MACs per example, from one abstract trace."""
+def model_kernels(apply_fn, variables, example, *, unroll_scans: bool = False) -> list[Kernel]:
+  """Every kernel's matrix plan and MACs per example, from one abstract trace.
+
+  With `unroll_scans`, copy l of a kernel stacked under a `scan` is a kernel
+  of its own, at `path + (str(l),)` with the copy's shape (`trace.capture`).
+  """
   found = {}
 
   def probe(v, x):
-    _, uses = trace.kernel_uses(apply_fn)(v, x)
+    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(v, x)
     found.update(uses)
     return 0
 
@@ -54,7 +58,7 @@ def model_kernels(apply_fn, variables, example) -> list[Kernel]:
   leaves = tree.leaves_by_path(variables)
   out = []
   for path, uses in found.items():
-    shape = tuple(np.shape(leaves[path]))
+    shape = tuple(np.shape(leaves[path]) if path in leaves else np.shape(leaves[path[:-1]])[1:])
     plans = {least_squares.kernel_plan(u, shape, "/".join(path)) for u in uses}
     if len(plans) != 1:
       raise ValueError(f"{'/'.join(path)}: the kernel is used with different axes; no single least-squares"
@@ -77,14 +81,15 @@ def cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budg
   return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
 
 
-def design_row_fn(apply_fn, kernels: Sequence[Kernel]):
+def design_row_fn(apply_fn, kernels: Sequence[Kernel], *, unroll_scans: bool = False):
   """(variables, x) -> [f32[batch, positions, d_in], ...]: each kernel's design rows.
 
   A kernel used several times has its uses' rows side by side (axis 1).
+  `unroll_scans` as for `model_kernels` (kernels of stacked copies).
   """
 
   def features(variables, x):
-    _, uses = trace.kernel_uses(apply_fn)(variables, x)
+    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(variables, x)
     return [jnp.concatenate([least_squares.design_rows(u, k.shape) for u in uses[k.path]], axis=1)
             for k in kernels]
 

@@ -350,7 +350,13 @@ def _solve_view(
           out["condition"].append(e[-1] / jnp.maximum(e[0], 1e-30 * e[-1]))
     return solution, total, out, (g_m, cross, w0_mat)
 
-  solution, total, out, system = jax.jit(fit)(gram.gram, gram.count, *kernels, w0)
+  key = _static_key((d_m, d, view.shape, rows_pos, cols_pos, merged_split, x_side, y_side, blocks, tuple(models),
+                      float(ridge), condition, merged_inputs))
+  compiled = _FITS.pop(key, None) or jax.jit(fit)
+  _FITS[key] = compiled  # most recent last
+  while len(_FITS) > _MAX_FITS:
+    _FITS.pop(next(iter(_FITS)))
+  solution, total, out, system = compiled(gram.gram, gram.count, *kernels, w0)
   out = jax.device_get(out)
   after = out["after"]
   for i, (p, q) in enumerate(blocks):
@@ -362,6 +368,21 @@ def _solve_view(
   kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
   return (kernel, float(sum(out["before"])), float(sum(after)), float(total),
           float(max(out["condition"], default=0.0)), tuple(sizes))
+
+
+# `_solve_view`'s compiled programs by everything their closure reads: a layer of the same structure (the
+# same kernel, views and UnitMaps, e.g. a scanned model's copy and its unrolled twin) compiles once.
+_FITS: dict[Any, Any] = {}
+_MAX_FITS = 64
+
+
+def _static_key(x: Any) -> Any:
+  """A hashable key of nested tuples, lists, NamedTuples and arrays (their shape, dtype and bytes)."""
+  if isinstance(x, np.ndarray):
+    return ("array", x.shape, x.dtype.str, x.tobytes())
+  if isinstance(x, (list, tuple)):
+    return (type(x).__name__,) + tuple(_static_key(v) for v in x)
+  return x
 
 
 def _residual(gram: jax.Array, cross: jax.Array, w: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ from mergejax import align
 from mergejax import permute
 from mergejax import repair
 from mergejax import spec as spec_lib
+from mergejax import stacked
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree
@@ -93,8 +94,9 @@ def _losses(similarity, counts) -> dict[str, list[float]]:
   """The matching objective lost by merging the m most similar pairs: sum of (1 - sim)."""
   out = {}
   for g, ms in counts.items():
-    lost = np.concatenate([[0.0], np.cumsum(1.0 - np.sort(similarity[g])[::-1])])
-    out[g] = [float(lost[m]) for m in ms]
+    rows = np.atleast_2d(similarity[g])  # a batched group's copies: the sum of their losses
+    lost = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(1.0 - -np.sort(-rows, axis=1), axis=1)], axis=1)
+    out[g] = [float(lost[:, m].sum()) for m in ms]
   return out
 
 
@@ -113,7 +115,10 @@ def allocate(
   Args:
     spec: the groups.
     terms: the cost terms (`fixed` groups already left out: their ratio is 1).
-    similarity: group -> f64[n], each aligned pair's similarity.
+    similarity: group -> f64[n], each aligned pair's similarity; f64[L, n]
+      for a batched group of L copies, whose ratio is tied across them (its
+      lost objective is the sum over the copies, each copy merges its own
+      most similar pairs).
     budget: in [1, 2].
     grid: the merge ratios each group may take (rounded to whole units).
     method: "exact" (least lost objective, `budget.allocate`), "uniform" (one
@@ -122,7 +127,8 @@ def allocate(
     fixed: groups merged fully whatever the budget.
 
   Returns:
-    The Allocation and group -> bool[n], the pairs to merge (the most similar).
+    The Allocation and group -> bool[n] (bool[L, n] for a batched group), the
+    pairs to merge (the most similar).
   """
   options, counts = _options(spec, fixed, grid)
   losses = _losses(similarity, counts)
@@ -137,9 +143,11 @@ def allocate(
   merged = {}
   for g, n in spec.sizes.items():
     m = n if g in fixed else spec_lib.round_half_up(alloc.ratios[g] * n)
-    chosen = np.zeros(n, bool)
-    chosen[np.argsort(-similarity[g], kind="stable")[:m]] = True
-    merged[g] = chosen
+    rows = np.atleast_2d(similarity[g])
+    chosen = np.zeros(rows.shape, bool)
+    for row, sim in zip(chosen, rows):
+      row[np.argsort(-sim, kind="stable")[:m]] = True
+    merged[g] = chosen if np.ndim(similarity[g]) == 2 else chosen[0]
   return alloc, merged
 
 
@@ -180,7 +188,10 @@ def pleas(
     matching: "weight" or "activation" (Git Re-Basin).
     spec: the permutation groups (default: traced from `apply_fn`); a zoo
       model's hand spec (`mj.models.permutation_spec`) names the groups as
-      `mj.models.build` expects them.
+      `mj.models.build` expects them. A batched group (stacked copies, e.g.
+      layers under `scan`) gets one merge ratio for all its copies (its cost
+      the sum over them), each copy merging its own most similar pairs and
+      solved by its own least squares (DESIGN.md, Stacked <-> unrolled).
     heads: `{"a": path, "b": path}`: each model keeps its own task head
       (the leaves under `path`), solved from the merged and its own kept
       features; otherwise the models share their outputs, which are averaged.
@@ -237,11 +248,15 @@ def pleas(
   start = time.perf_counter()
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
-  heads_models = kernels_lib.head_models(heads, va)
-  kernels = kernels_lib.model_kernels(apply_fn, va, example)
+  view = _Unrolled.of(spec, apply_fn, va, example)
+  flat_spec, fa = view.spec, view.unstack(va)
+  heads_models = kernels_lib.head_models(heads, fa)
+  kernels = view.kernels
   in_axes = {k.path: frozenset(k.plan.in_axes) for k in kernels}
-  fixed = combine.fixed_groups(spec, in_axes)
-  terms = kernels_lib.cost_terms(spec, kernels, va, heads_models, fixed, cost)
+  fixed = frozenset(view.owner[g] for g in combine.fixed_groups(flat_spec, in_axes))
+  flat_fixed = frozenset(g for g in flat_spec.groups if view.owner[g] in fixed)
+  terms = [t._replace(groups=tuple(view.owner[g] for g in t.groups))
+           for t in kernels_lib.cost_terms(flat_spec, kernels, fa, heads_models, flat_fixed, cost)]
   options, _ = _options(spec, fixed, grid)
   budget_lib.check_reachable(terms, options, budget)
   seconds["trace"] = time.perf_counter() - start
@@ -252,14 +267,23 @@ def pleas(
   else:
     result = align.activation_matching(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
   vb = permute.apply_permutation(spec, result.perm, vb)
-  vb, similarity = jax.block_until_ready((vb, _similarity(spec, result, va, vb, matching)))
+  fb = view.unstack(vb)
+  flat_result = (result._replace(pair_scores=stacked.unstack_permutation(spec, result.pair_scores))
+                 if matching == "activation" else result)  # weight matching's similarity reads the weights
+  fb, flat_similarity = jax.block_until_ready((fb, _similarity(flat_spec, flat_result, fa, fb, matching)))
+  similarity = {g: flat_similarity[g] if g not in spec.batch_sizes else
+                np.stack([flat_similarity[stacked.copy_name(g, i)] for i in range(spec.batch_sizes[g])])
+                for g in spec.groups}
   seconds["match"] = time.perf_counter() - start
 
   start = time.perf_counter()
   alloc, chosen = allocate(spec, terms, similarity, budget, grid=grid, method=allocation, fixed=fixed)
-  maps = {g: combine.partial_map(chosen[g]) for g in spec.groups}
+  maps = {g: combine.partial_map(c) if c.ndim == 1 else [combine.partial_map(row) for row in c]
+          for g, c in chosen.items()}
   layout = combine.layout_of(maps)
-  merged = jax.block_until_ready(combine.combine(spec, maps, va, vb, inputs=in_axes, models=heads_models))
+  flat_maps = stacked.unstack_per_copy(spec, maps, "pleas")
+  merged = jax.block_until_ready(combine.combine(flat_spec, flat_maps, fa, fb, inputs=in_axes,
+                                                 models=heads_models))
   seconds["allocation"] = time.perf_counter() - start
   if progress:
     logging.info("pleas: budget %.3f -> cost %.3f, ratios %s", budget, alloc.cost,
@@ -267,14 +291,16 @@ def pleas(
 
   layers = []
   if least_squares_fit:
-    fit = functools.partial(_fit_layers, kernels=kernels, spec=spec, maps=maps, heads_models=heads_models,
-                            ridge=ridge, chunk=chunk, mesh=mesh, progress=progress)
+    fit = functools.partial(_fit_layers, view=view, flat=(fa, fb), kernels=kernels, spec=flat_spec,
+                            maps=flat_maps, heads_models=heads_models, ridge=ridge, chunk=chunk, mesh=mesh,
+                            progress=progress)
     if inputs == "original":
       merged, layers, seconds["statistics"], seconds["solves"] = fit(apply_fn, va, vb, merged, batches)
     else:
       merged_fn = merged_apply_fn(layout) if merged_apply_fn is not None else apply_fn
       merged, layers, seconds["statistics"], seconds["solves"] = fit(
           apply_fn, va, vb, merged, batches, merged_fn=merged_fn)
+  merged = view.stack(merged)
 
   start = time.perf_counter()
   if build_fn is not None:
@@ -287,16 +313,65 @@ def pleas(
   return merged, layout
 
 
-def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads_models, ridge, chunk, mesh,
-                progress, merged_fn=None):
+class _Unrolled(NamedTuple):
+  """A model as PLeaS reads it: its spec with batched groups unrolled (`mergejax.stacked`).
+
+  For a spec without batched groups every field is the identity. With them,
+  the flat spec has a group per copy, every stacked leaf a `scan` reads as
+  a kernel is cut into its copies (their paths `trace.capture(...,
+  unroll_scans=True)`'s), and each copy is a kernel of its own.
+
+  Attributes:
+    spec: the flat spec.
+    owner: flat group -> the given spec's group (`"g[l]"` -> g).
+    kernels: every kernel (copies apart), `kernels.model_kernels`.
+    cut: `{stacked leaf: batch axis}` given to `unstack` (None: nothing cut).
+    batched: the given spec.
+  """
+
+  spec: spec_lib.PermutationSpec
+  owner: dict[str, str]
+  kernels: list[kernels_lib.Kernel]
+  cut: dict[Path, int] | None
+  batched: spec_lib.PermutationSpec
+
+  @classmethod
+  def of(cls, spec, apply_fn, variables, example) -> "_Unrolled":
+    unroll = bool(spec.batch_sizes)
+    kernels = kernels_lib.model_kernels(apply_fn, variables, example, unroll_scans=unroll)
+    if not unroll:
+      return cls(spec, {g: g for g in spec.groups}, kernels, None, spec)
+    leaves = tree.leaves_by_path(variables)
+    cut = {k.path[:-1]: 0 for k in kernels if k.path not in leaves and k.path[:-1] in leaves}
+    flat_spec, _ = stacked.unstack(spec, variables, stacked=cut)
+    return cls(flat_spec, stacked.copy_owners(spec), kernels, cut, spec)
+
+  @property
+  def unroll(self) -> bool:
+    return self.cut is not None
+
+  def unstack(self, variables):
+    """The model's variables -> the flat spec's."""
+    return variables if not self.unroll else stacked.unstack(self.batched, variables, stacked=self.cut)[1]
+
+  def stack(self, flat_variables):
+    """The flat spec's variables -> the model's."""
+    return flat_variables if not self.unroll else stacked.stack(self.batched, flat_variables, stacked=self.cut)
+
+
+def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec, maps, heads_models, ridge, chunk,
+                mesh, progress, merged_fn=None):
   """Every kernel of `merged` by least squares: `(merged, reports, statistics s, solves s)`.
 
   Without `merged_fn` one pass gathers every layer's Gram of the originals'
   inputs `[X_a | X_b]`. With it (`inputs="merged"`), the layers are fitted in
   order, each from a pass over `[X_m | X_a | X_b]` with `X_m` the inputs
   `merged_fn` gives the layer once the layers before it are fitted.
+  `va`, `vb` are the models' variables (the passes run `apply_fn` on them),
+  `flat` and `merged` the flat spec's (`view`, `_Unrolled`): a stacked
+  kernel's copies are fitted one by one.
   """
-  la, lb = tree.leaves_by_path(va), tree.leaves_by_path(vb)
+  la, lb = (tree.leaves_by_path(v) for v in flat)
   by_leaf = combine.refs_by_leaf(spec)
   seconds = {"statistics": 0.0, "solves": 0.0}
 
@@ -306,11 +381,12 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads
     seconds[stage] += time.perf_counter() - start
     return out
 
+  rows_of = functools.partial(kernels_lib.design_row_fn, unroll_scans=view.unroll)
   if merged_fn is None:
     logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels),
                  kernels_lib.gram_bytes(kernels) / 2**20)
     grams = timed("statistics", stats.accumulate,
-                  stats.gram(kernels_lib.design_row_fn(apply_fn, kernels), chunk=chunk), (va, vb), batches,
+                  stats.gram(rows_of(apply_fn, kernels), chunk=chunk), (va, vb), batches,
                   mesh=mesh, progress=progress)
   solved, layers = {}, []
   for i, k in enumerate(kernels):
@@ -318,19 +394,19 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, kernels, spec, maps, heads
     if merged_fn is None:
       g = grams[i]
     else:
-      original_rows = kernels_lib.design_row_fn(apply_fn, [k])
-      merged_rows = kernels_lib.design_row_fn(merged_fn, [k._replace(shape=tuple(np.shape(lm[k.path])))])
+      original_rows = rows_of(apply_fn, [k])
+      merged_rows = rows_of(merged_fn, [k._replace(shape=tuple(np.shape(lm[k.path])))])
       # The dict key tells the merged model's variables from the originals' (it is static under jit).
       rows = lambda v, x: merged_rows(v["merged"], x) if "merged" in v else original_rows(v["original"], x)
       (g,) = timed("statistics", stats.accumulate, stats.gram(rows, chunk=chunk),
-                   ({"merged": merged}, {"original": va}, {"original": vb}), batches, mesh=mesh,
+                   ({"merged": view.stack(merged)}, {"original": va}, {"original": vb}), batches, mesh=mesh,
                    progress=progress)
     where = "/".join(k.path)
     if not bool(jnp.all(jnp.isfinite(g.gram))):
       raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
-    view = combine.leaf_pieces(k.shape, by_leaf.get(k.path, []), where)
+    pieces = combine.leaf_pieces(k.shape, by_leaf.get(k.path, []), where)
     kernel, rep = timed("solves", least_squares.solve_layer, k.path, g, (la[k.path], lb[k.path]), lm[k.path],
-                        view, k.plan, maps, models=heads_models.get(k.path, (0, 1)), ridge=ridge,
+                        pieces, k.plan, maps, models=heads_models.get(k.path, (0, 1)), ridge=ridge,
                         merged_inputs=merged_fn is not None)
     solved[k.path] = kernel
     if merged_fn is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from mergejax import align
 from mergejax import repair
 from mergejax import spec as spec_lib
+from mergejax import stacked
 from mergejax import stats
 from mergejax import trace
 from mergejax import tree
@@ -92,6 +93,7 @@ def zipit(
   batches = kernels_lib.replayable(batches)
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
+  stacked.check_unbatched(spec, "zipit")
   heads_models = kernels_lib.head_models(heads, va)
   kernels = kernels_lib.model_kernels(apply_fn, va, example)
   inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}

@@ -28,8 +28,10 @@ GPT-2's `4 * embed_dim`.)
 Parameters and their HF names. A Flax Dense kernel is [in, out]: GPT-2's
 Conv1D weights are stored [in, out] already and load as they are; torch
 Linear weights (Llama) are [out, in] and load transposed (`.T`). Embedding
-tables are [vocab or positions, embed] in both. Importers are not written
-yet; these tables are what they will follow.
+tables are [vocab or positions, embed] in both. The converters
+`mergejax.io.convert.gpt2` and `.llama` follow these tables both ways (their
+docstrings give them from HF's side, with the config fields read; tested
+against transformers in tests/test_convert_lm.py).
 
 GPT-2 (`style="gpt2"`; i the layer, d = embed_dim, P = max_len):
 
@@ -104,11 +106,12 @@ the MLP hidden widths; head_dim stays. With `scan=True` every layer must have
 the same widths (a layout giving layers different widths is refused).
 
 Hand spec: `permutation_spec` lists every group above for the unrolled model.
-For `scan=True` it has only `embed` (every stacked leaf's stream axis, one
-permutation shared by all layers, which is what AxisRef can say today); the
-per-layer groups of stacked params (one permutation per layer along the
-leading axis) cannot be expressed by AxisRef yet and are left out, so the
-scanned hand spec's groups are a subset of `groups()`.
+For `scan=True` it has `embed` (every stacked leaf's stream axis one axis
+later, one permutation shared by all layers: the scan's carry) and, for each
+of block 0's groups `block0.X`, a batched group `blocks.X` over the `depth`
+stacked copies (`AxisRef.batch = 0`, permutation int[depth, n]; copy l is
+block l's group, `mergejax.stacked.unstack` gives the unrolled spec's groups
+as `blocks.X[l]`). This is what `trace.permutation_spec` finds.
 """
 
 from collections.abc import Mapping, Sequence
@@ -429,64 +432,77 @@ class LMConfig(config.ModelConfig):
     if self.scan:
       return self._scanned_spec()
     b = config.SpecBuilder(self.groups())
+    self._outer_refs(b)
+    for i in range(self.depth):
+      self._block_refs(b, f"block{i}", i)
+    return b.build()
+
+  def _outer_refs(self, b: config.SpecBuilder) -> None:
+    """The stream axes of the leaves outside the blocks: embeddings, final norm, head."""
+    b.add("embed", ("params", "embed", "embedding"), 1)
+    if self.positions == "learned":
+      b.add("embed", ("params", "pos_embed"), 1)
+    self._norm_refs(b, ["ln_final"])
+    if not self.tie_embeddings:
+      b.add("embed", ("params", "lm_head", "kernel"), 0)
+
+  def _block_refs(self, b: config.SpecBuilder, blk: str, i: int, offset: int = 0) -> None:
+    """Block i's refs under `params/{blk}`, its groups `{blk}.X`; every axis `offset` later (stacked)."""
     hd = self.head_dim
 
     def add(group, path, axis, factor=None, part=None):
       if group is not None and b.sizes[group] > 1:
-        b.refs[group].append(spec_lib.AxisRef(tuple(path), axis, factor, part))
+        b.refs[group].append(spec_lib.AxisRef(tuple(path), axis + offset, factor, part))
 
-    b.add("embed", ("params", "embed", "embedding"), 1)
-    if self.positions == "learned":
-      b.add("embed", ("params", "pos_embed"), 1)
-    for i in range(self.depth):
-      blk = f"block{i}"
-      h, kv = self.num_heads[i], self.num_kv_heads[i]
-      rep = h // kv
-      self._norm_refs(b, [blk, "ln_attn"])
-      if self._grouped(i):
-        head_groups = [(f"{blk}.kv_heads", 0), (f"{blk}.q_per_kv", 1)]
-        q_view = (kv, rep, hd)
+    h, kv = self.num_heads[i], self.num_kv_heads[i]
+    rep = h // kv
+    self._norm_refs(b, [blk, "ln_attn"], offset=offset)
+    if self._grouped(i):
+      head_groups = [(f"{blk}.kv_heads", 0), (f"{blk}.q_per_kv", 1)]
+      q_view = (kv, rep, hd)
+    else:
+      head_groups = [(f"{blk}.heads", 0)]
+      q_view = (h, hd)
+    qk_dim = f"{blk}.qk_dim" if self.positions != "rope" else None
+    vo_dim = f"{blk}.vo_dim"
+    # (leaf, width in units, head groups with their component in the leaf's
+    # view, view, head_dim group): q | k | v.
+    kv_view = (kv, hd)
+    kv_head = [(head_groups[0][0], 0)]
+    projections = [("query", h * hd, head_groups, q_view, qk_dim),
+                   ("key", kv * hd, kv_head, kv_view, qk_dim),
+                   ("value", kv * hd, kv_head, kv_view, vo_dim)]
+    start = 0
+    for proj, width, groups, view, within in projections:
+      if self.fused_qkv:
+        leaf, part = ("params", blk, "attn_qkv"), (start, start + width)
       else:
-        head_groups = [(f"{blk}.heads", 0)]
-        q_view = (h, hd)
-      qk_dim = f"{blk}.qk_dim" if self.positions != "rope" else None
-      vo_dim = f"{blk}.vo_dim"
-      # (leaf, width in units, head groups with their component in the leaf's
-      # view, view, head_dim group): q | k | v.
-      kv_view = (kv, hd)
-      kv_head = [(head_groups[0][0], 0)]
-      projections = [("query", h * hd, head_groups, q_view, qk_dim),
-                     ("key", kv * hd, kv_head, kv_view, qk_dim),
-                     ("value", kv * hd, kv_head, kv_view, vo_dim)]
-      start = 0
-      for proj, width, groups, view, within in projections:
-        if self.fused_qkv:
-          leaf, part = ("params", blk, "attn_qkv"), (start, start + width)
-        else:
-          leaf, part = ("params", blk, f"attn_{proj}"), None
-        start += width
-        if not self.fused_qkv or proj == "query":
-          add("embed", (*leaf, "kernel"), 0)
-        names = [("kernel", 1)] + ([("bias", 0)] if self.use_bias else [])
-        for name, axis in names:
-          for g, component in groups:
-            add(g, (*leaf, name), axis, (view, component), part)
-          add(within, (*leaf, name), axis, (view, len(view) - 1), part)
-      out = ("params", blk, "attn_out")
-      for g, component in head_groups:
-        add(g, (*out, "kernel"), 0, (q_view, component))
-      add(vo_dim, (*out, "kernel"), 0, (q_view, len(q_view) - 1))
-      add("embed", (*out, "kernel"), 1)
+        leaf, part = ("params", blk, f"attn_{proj}"), None
+      start += width
+      if not self.fused_qkv or proj == "query":
+        add("embed", (*leaf, "kernel"), 0)
+      names = [("kernel", 1)] + ([("bias", 0)] if self.use_bias else [])
+      for name, axis in names:
+        for g, component in groups:
+          add(g, (*leaf, name), axis, (view, component), part)
+        add(within, (*leaf, name), axis, (view, len(view) - 1), part)
+    out = ("params", blk, "attn_out")
+    for g, component in head_groups:
+      add(g, (*out, "kernel"), 0, (q_view, component))
+    add(vo_dim, (*out, "kernel"), 0, (q_view, len(q_view) - 1))
+    add("embed", (*out, "kernel"), 1)
+    if self.use_bias:
+      add("embed", (*out, "bias"), 0)
+    self._norm_refs(b, [blk, "ln_mlp"], offset=offset)
+    for name in ("mlp_gate", "mlp_up") if self.mlp == "swiglu" else ("mlp_up",):
+      add("embed", ("params", blk, name, "kernel"), 0)
+      add(f"{blk}.mlp", ("params", blk, name, "kernel"), 1)
       if self.use_bias:
-        add("embed", (*out, "bias"), 0)
-      self._norm_refs(b, [blk, "ln_mlp"])
-      for name in ("mlp_gate", "mlp_up") if self.mlp == "swiglu" else ("mlp_up",):
-        b.dense([blk, name], "embed", f"{blk}.mlp", bias=self.use_bias)
-      b.dense([blk, "mlp_down"], f"{blk}.mlp", "embed", bias=self.use_bias)
-    self._norm_refs(b, ["ln_final"])
-    if not self.tie_embeddings:
-      b.add("embed", ("params", "lm_head", "kernel"), 0)
-    return b.build()
+        add(f"{blk}.mlp", ("params", blk, name, "bias"), 0)
+    add(f"{blk}.mlp", ("params", blk, "mlp_down", "kernel"), 0)
+    add("embed", ("params", blk, "mlp_down", "kernel"), 1)
+    if self.use_bias:
+      add("embed", ("params", blk, "mlp_down", "bias"), 0)
 
   def _norm_refs(self, b: config.SpecBuilder, name: list[str], *, offset: int = 0) -> None:
     b.add("embed", ("params", *name, "scale"), offset)
@@ -494,26 +510,15 @@ class LMConfig(config.ModelConfig):
       b.add("embed", ("params", *name, "bias"), offset)
 
   def _scanned_spec(self) -> spec_lib.PermutationSpec:
-    """The `embed` group only: stacked leaves' stream axes (one axis later)."""
-    b = config.SpecBuilder({"embed": self.embed_dim})
-    b.add("embed", ("params", "embed", "embedding"), 1)
-    if self.positions == "learned":
-      b.add("embed", ("params", "pos_embed"), 1)
-    blk = "blocks"
-    self._norm_refs(b, [blk, "ln_attn"], offset=1)
-    inputs = ["attn_qkv"] if self.fused_qkv else ["attn_query", "attn_key", "attn_value"]
-    inputs += ["mlp_gate", "mlp_up"] if self.mlp == "swiglu" else ["mlp_up"]
-    for name in inputs:
-      b.add("embed", ("params", blk, name, "kernel"), 1)
-    for name in ("attn_out", "mlp_down"):
-      b.add("embed", ("params", blk, name, "kernel"), 2)
-      if self.use_bias:
-        b.add("embed", ("params", blk, name, "bias"), 1)
-    self._norm_refs(b, [blk, "ln_mlp"], offset=1)
-    self._norm_refs(b, ["ln_final"])
-    if not self.tie_embeddings:
-      b.add("embed", ("params", "lm_head", "kernel"), 0)
-    return b.build()
+    """`embed` over the stacked leaves' stream axes (one axis later), and each of
+    block 0's groups as a batched group `blocks.X` over `depth` copies (batch axis 0)."""
+    per_block = {g.removeprefix("block0."): n for g, n in self.groups().items() if g.startswith("block0.")}
+    sizes = {"embed": self.embed_dim, **{f"blocks.{g}": n for g, n in per_block.items()}}
+    b = config.SpecBuilder(sizes)
+    self._outer_refs(b)
+    self._block_refs(b, "blocks", 0, offset=1)
+    refs = {g: rs if g == "embed" else [r._replace(batch=0) for r in rs] for g, rs in b.refs.items()}
+    return spec_lib.PermutationSpec(refs, sizes, {g: self.depth for g in sizes if g != "embed"})
 
 
 _BLOCK = re.compile(r"block(\d+)$")
