@@ -132,7 +132,7 @@ def test_budget_two_widens_heads_not_head_dim_and_the_norms_see_both_models(name
   _close(got[("params", "block0", first, "kernel")], want, 1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama-mqa"])
 def test_budget_two_of_a_permuted_copy_is_the_model(name):
   """Both halves of every norm's input are the same units: the norms see one model's statistics."""
   zoo, cfg, model, x, va, spec, copy = _case(name)
@@ -146,6 +146,8 @@ def test_budget_two_of_a_permuted_copy_is_the_model(name):
   merged, layout = mj.merge.pleas(model.apply, va, copy, [x], budget=2.0, spec=spec, least_squares_fit=False, grid=(0.0,),
                                   progress=False)
   assert layout["embed"].n_merged == 0
+  if name == "llama-mqa":  # one kv head cannot widen: the query heads do, all reading it
+    assert layout["block0.kv_heads"].width == 1 and layout["block0.q_per_kv"].n_merged == 0
   _close(_run(zoo, cfg, layout, merged, x), _run(zoo, cfg, None, va, x))
 
 

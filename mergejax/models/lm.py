@@ -94,7 +94,8 @@ Groups (`groups()`, in forward order; block i of `depth`):
   `block{i}.kv_heads` and `block{i}.q_per_kv` (grouped-query,
     `num_kv_heads < num_heads`): the kv heads (each with its group of query
     heads) and the query heads within a group: the query head axis is the
-    product (kv_heads, q_per_kv), kv-major;
+    product (kv_heads, q_per_kv), kv-major; q_per_kv is never widened,
+    except with one kv head (multi-query), where the query heads widen;
   `block{i}.qk_dim`, `block{i}.vo_dim`: the units within each head of
     queries/keys and of values/output projection; never widened (fixed
     groups). With RoPE the q/k units are fixed by the rotation's frequencies
@@ -399,8 +400,12 @@ class LMConfig(config.ModelConfig):
 
   def fixed_groups(self) -> frozenset[str]:
     """head_dim groups, and under GQA the queries per kv head: the kv heads widen and carry
-    their queries (as `merge.combine.fixed_groups` lays them out), their count stays."""
-    return frozenset(g for g in self.groups() if g.endswith(("qk_dim", "vo_dim", "q_per_kv")))
+    their queries (as `merge.combine.fixed_groups` lays them out), their count stays. With one
+    kv head (multi-query) the kv heads cannot widen (a group of one unit names no axis) and the
+    query heads widen instead, all reading the one kv head."""
+    sizes = self.groups()
+    return frozenset(g for g in sizes if g.endswith(("qk_dim", "vo_dim"))
+                     or (g.endswith("q_per_kv") and sizes[g.replace("q_per_kv", "kv_heads")] > 1))
 
   def module(self, widths: Mapping[str, int]) -> LM:
     heads, kv_heads = [], []
