@@ -16,12 +16,15 @@ SMALL_SETTINGS = {
     "quickstart.ipynb": "FEATURES = (32,)\nNUM_STEPS = 60\n",
     "rebasin.ipynb": "DATASET = 'digits'\nWIDTH = 32\nNUM_STEPS = 100\nNUM_POINTS = 3\n",
     "pleas.ipynb": "WIDTH = 32\nNUM_STEPS = 150\nBUDGETS = (1.0, 1.5)\n",
+    "lm_merge.ipynb": "EMBED_DIM = 16\nDEPTH = 1\nCONTEXT = 16\nNUM_STEPS = 60\nMAX_BYTES = 20000\n"
+                      "WINDOWS = 32\nBUDGETS = (1.0,)\n",
 }
 # What each notebook prints when it runs through.
 PRINTS = {
     "quickstart.ipynb": ("ensemble", "restored from"),
     "rebasin.ipynb": ("naive", "weight matching", "train loss barrier"),
     "pleas.ipynb": ("model A", "permute and average", "PLeaS", "condition"),
+    "lm_merge.ipynb": ("model A (code)", "ensemble", "permute and average 1.0", "PLeaS 1.0", "widened groups"),
 }
 
 
