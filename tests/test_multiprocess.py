@@ -8,6 +8,10 @@ the processes agreeing, each returned its own shard's statistics (the
 `local_mesh` case keeps that behaviour, asked for by a mesh of one process's
 devices), uneven shards built different global shapes per process, and a
 process with fewer batches left the other waiting.
+
+Checkpoints: the processes save variables sharded over all 8 devices, restore
+them, and merge two such checkpoints; the test process restores them in its
+own topology (orbax's own restore failed there: "Topology mismatch").
 """
 
 import pathlib
@@ -16,13 +20,18 @@ import sys
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from experiments import launch_local
 import mergejax as mj
 from mergejax import stats
+
+# One worker runs this file's tests: its module-scoped fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("multiprocess_launch")
 
 PROCESSES, DEVICES = 2, 4
 KEY = 7  # the "sampled" Fisher's key
@@ -126,11 +135,68 @@ def _pleas(batches):
 
 
 def _error(fn):
+  return _error_of(ValueError, fn)
+
+
+def _error_of(kind, fn):
   try:
     fn()
-  except ValueError as e:
+  except kind as e:
     return str(e)
   return "no error"
+
+
+def _checkpoint_values():
+  rng = np.random.default_rng(3)
+  return {"params": {"w": rng.standard_normal((8, 6)).astype(np.float32),
+                     "b": rng.standard_normal(6).astype(np.float32),
+                     "table": np.arange(16, dtype=np.float32)}}
+
+
+def _other_checkpoint_values():
+  return jax.tree.map(lambda v: 2 * v + 1, _checkpoint_values())
+
+
+def _checkpoint_shardings(mesh):
+  specs = {"params": {"w": P("data", "model"), "b": P(), "table": P(("data", "model"))}}
+  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs)
+
+
+def _checkpoint_mesh():
+  """All 8 devices, 4 x 2: "data" across the processes."""
+  return jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+
+
+def _global_arrays(values, shardings):
+  return jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i: v[i]), values, shardings)
+
+
+def checkpoint_cases(outdir):
+  """Saves sharded variables from every process, restores them; the checks' inputs as {name: array}."""
+  out = {}
+  values = _checkpoint_values()
+  shardings = _checkpoint_shardings(_checkpoint_mesh())
+  path = pathlib.Path(outdir) / "checkpoint"
+  mj.io.save(path, _global_arrays(jax.tree.map(np.negative, values), shardings))
+  out["error/checkpoint_exists"] = np.array(_error_of(FileExistsError, lambda: mj.io.save(path, values)))
+  mj.io.save(path, _global_arrays(values, shardings), overwrite=True, metadata={"by": jax.process_count()})
+  restored = mj.io.restore(path, like=_global_arrays(values, shardings))
+  kept = jax.tree.map(lambda r, s: r.sharding == s, restored, shardings)
+  out["checkpoint/same_sharding"] = np.array(all(jax.tree.leaves(kept)))
+  for i, leaf in enumerate(jax.tree.leaves(restored)):
+    out[f"checkpoint/restored/{i}"] = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  whole = mj.io.restore(path)  # the default: each process's first device, whole
+  out["checkpoint/default_on_own_device"] = np.array(
+      all(leaf.devices() == {jax.local_devices()[0]} for leaf in jax.tree.leaves(whole)))
+  for i, leaf in enumerate(jax.tree.leaves(whole)):
+    out[f"checkpoint/restored_whole/{i}"] = np.asarray(leaf)
+  other = pathlib.Path(outdir) / "other_checkpoint"
+  mj.io.save(other, _global_arrays(_other_checkpoint_values(), shardings))
+  merge = lambda out_path, **kw: mj.io.merge_checkpoints("average", [path, other], out_path, **kw)
+  merge(pathlib.Path(outdir) / "merged")
+  out["error/merge_to_safetensors"] = np.array(
+      _error(lambda: merge(pathlib.Path(outdir) / "merged.safetensors", output_format="safetensors")))
+  return out
 
 
 def run_cases(outdir):
@@ -163,13 +229,20 @@ def run_cases(outdir):
   }
   for name, fn in errors.items():
     out[f"error/{name}"] = np.array(_error(fn))
+  start = time.perf_counter()
+  out.update(checkpoint_cases(outdir))
+  seconds["checkpoint"] = round(time.perf_counter() - start, 2)
   print("seconds per case:", seconds, flush=True)
   np.savez(pathlib.Path(outdir) / f"{me}.npz", **out)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  outdir = tmp_path_factory.mktemp("multiprocess")
+def outdir(tmp_path_factory):
+  return tmp_path_factory.mktemp("multiprocess")
+
+
+@pytest.fixture(scope="module")
+def results(outdir):
   finished = launch_local.launch("tests.test_multiprocess:run_cases", [str(outdir)], processes=PROCESSES,
                                  devices_per_process=DEVICES, timeout_s=240)
   assert all(f.returncode == 0 for f in finished), launch_local.describe(finished)
@@ -228,6 +301,52 @@ def test_a_failure_on_one_process_raises_on_every_process(results):
     assert "variables differ between processes (process(es) [1]" in r["other_variables"]
   assert "labels must lie in [0, 3)" in second["fisher_labels"]
   assert "fisher: process(es) [1] failed" in first["fisher_labels"]
+
+
+def test_every_process_saves_its_shards_and_restores_them(results, outdir):
+  want = jax.tree.leaves(_checkpoint_values())
+  for r in results:
+    assert r["checkpoint/same_sharding"]
+    assert r["checkpoint/default_on_own_device"]
+    for kind in ("restored", "restored_whole"):
+      for i, w in enumerate(want):
+        np.testing.assert_array_equal(r[f"checkpoint/{kind}/{i}"], w, err_msg=f"{kind}/{i}")
+    assert "exists; pass overwrite=True to replace it" in str(r["error/checkpoint_exists"])
+    assert "safetensors output is written by one process" in str(r["error/merge_to_safetensors"])
+  # one merged checkpoint, no scratch directory left, nothing written by the refused merge
+  assert sorted(p.name for p in outdir.iterdir()) == ["0.npz", "1.npz", "checkpoint", "merged", "other_checkpoint"]
+
+
+def test_a_checkpoint_of_two_processes_restores_in_one(results, outdir):
+  path = outdir / "checkpoint"
+  values = _checkpoint_values()
+  assert mj.io.load_metadata(path)["by"] == PROCESSES
+  shardings = _checkpoint_shardings(_checkpoint_mesh())  # this process's 8 devices, the same layout
+  like = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), values, shardings)
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)), P())
+  restored = {
+      "like": (mj.io.restore(path, like=like), shardings),
+      "tree_of_shardings": (mj.io.restore(path, sharding=shardings), shardings),
+      "one_sharding": (mj.io.restore(path, sharding=replicated), jax.tree.map(lambda _: replicated, values)),
+      "default": (mj.io.restore(path), jax.tree.map(
+          lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), values)),
+  }
+  for how, (got, want_shardings) in restored.items():
+    assert jax.tree.structure(got) == jax.tree.structure(values), how
+    for g, v, s in zip(jax.tree.leaves(got), jax.tree.leaves(values), jax.tree.leaves(want_shardings)):
+      assert g.sharding == s, how
+      np.testing.assert_array_equal(np.asarray(g), v, err_msg=how)
+
+
+def test_a_merge_of_two_processes_is_the_merge_of_one(results, outdir, tmp_path):
+  inputs = [outdir / "checkpoint", outdir / "other_checkpoint"]
+  merged = mj.io.restore(outdir / "merged")
+  one_process = mj.io.restore(mj.io.merge_checkpoints("average", inputs, tmp_path / "merged"))
+  assert mj.io.load_metadata(outdir / "merged") == mj.io.load_metadata(tmp_path / "merged")
+  want = jax.tree.map(lambda a, b: (a + b) / 2, _checkpoint_values(), _other_checkpoint_values())
+  for got, same, w in zip(jax.tree.leaves(merged), jax.tree.leaves(one_process), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(same))
+    np.testing.assert_allclose(np.asarray(got), w, rtol=1e-6)
 
 
 def _started(*codes):

@@ -42,7 +42,9 @@ complete. As safetensors (`output_format="safetensors"`), the header is
 written first from the inputs' shapes and dtypes (merges keep both), then
 each merged tensor as it is computed, into the same hidden directory. A
 failure removes that directory: `out_path` holds the whole merge or what it
-held before.
+held before. Under several processes each computes every leaf alike, orbax
+writes process 0's copy, and process 0 alone makes, renames and removes
+the hidden directory (its name broadcast), between barriers.
 """
 
 from collections.abc import Sequence
@@ -52,12 +54,14 @@ import json
 import math
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -396,6 +400,8 @@ def _write_merge(
   record = {}
   for done, (key_path, like) in enumerate(leaves.items(), 1):
     merged = _merge_leaf(method, inputs, key_path, like, kwargs)
+    if jax.process_count() > 1:  # the same on every process: orbax writes process 0's host copy
+      merged = jax.tree.map(np.asarray, merged)
     partial.save(path, merged)
     record.update(checkpoint.leaf_record(merged))
     _log_progress(progress, done, len(leaves), key_path)
@@ -435,6 +441,25 @@ def _write_merge_safetensors(
   }
   metadata = {"mergejax_merge": json.dumps(_merge_record(method, inputs))}
   state_dict.write_safetensors(path, tensors, metadata=metadata, max_shard_size=max_shard_size)
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (nothing under one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _scratch_directory(out: pathlib.Path) -> pathlib.Path:
+  """A new hidden directory beside `out`, made by process 0 and the same on every process."""
+  if jax.process_count() == 1:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+  scratch = out.parent / f".{out.name}.{token:08x}.merging"
+  if jax.process_index() == 0:
+    scratch.mkdir(parents=True)
+  _barrier(f"merge_checkpoints: {scratch} made")
+  return scratch
 
 
 def _replace_directory(new: pathlib.Path, out: pathlib.Path, aside: pathlib.Path) -> None:
@@ -514,6 +539,11 @@ def merge_checkpoints(
   key paths joined with dots, with that entry as JSON in the
   `__metadata__`'s `"mergejax_merge"`.
 
+  Under several processes (`jax.distributed`) every process calls it with
+  the same arguments and paths on storage all of them see: each reads and
+  merges every leaf, process 0's result is written, one checkpoint (orbax
+  output only).
+
   Args:
     method: a key of `METHODS`, the function of `mergejax.merge` of that
       name: "average", "metric_weighted_average" (pass `metrics=`), the
@@ -549,7 +579,8 @@ def merge_checkpoints(
       `fisher_paths`, a setting that couples leaves (PCB's global scope), checkpoints that differ in leaf paths or shapes (the two
       checkpoints and the leaf named), a checkpoint that orbax cannot read, a
       state dict that `read_state_dict` refuses (or whose names cannot be key
-      paths: `a` beside `a.b`), an unknown `output_format`, or keyword
+      paths: `a` beside `a.b`), an unknown `output_format` (or safetensors
+      output under several processes), or keyword
       arguments the method rejects: all before any leaf is read.
     FileNotFoundError: a path that does not exist (named).
     FileExistsError: `out_path` exists and `overwrite` is False.
@@ -560,9 +591,14 @@ def merge_checkpoints(
   if max_shard_size is not None and output_format != "safetensors":
     raise ValueError(f"max_shard_size is for safetensors output, not {output_format}")
   if output_format == "safetensors":
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"merge_checkpoints: safetensors output is written by one process; this is process"
+          f" {jax.process_index()} of {jax.process_count()} (jax.distributed): run it in a single process"
+          " (e.g. python -m experiments.merge_checkpoints), or write orbax output")
     state_dict.check_output_path(out_path, max_shard_size)
   out = pathlib.Path(out_path).absolute()
-  if out.exists() and not overwrite:
+  if checkpoint._exists_on_process_0(out) and not overwrite:  # pylint: disable=protected-access
     raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
   inputs = _Inputs(
       models=[pathlib.Path(p).absolute() for p in paths],
@@ -572,8 +608,7 @@ def merge_checkpoints(
   leaves = _common_leaves(inputs.paths())
   kwargs, thresholds_pass, balance_pass, convention = _checked_kwargs(method, method_kwargs, len(inputs.models))
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+  scratch = _scratch_directory(out)
   try:
     if thresholds_pass:
       kwargs["thresholds"] = _global_thresholds(
@@ -587,7 +622,10 @@ def merge_checkpoints(
       _write_merge(method, inputs, leaves, kwargs, merged, progress)
     else:
       _write_merge_safetensors(method, inputs, leaves, kwargs, merged, max_shard_size, progress)
-    _replace_directory(merged, out, scratch / "replaced")
+    if jax.process_index() == 0:
+      _replace_directory(merged, out, scratch / "replaced")
+    _barrier(f"merge_checkpoints: {out} written")
   finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+    if jax.process_index() == 0:
+      shutil.rmtree(scratch, ignore_errors=True)
   return out
