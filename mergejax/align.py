@@ -170,14 +170,25 @@ def weight_matching(
     init = None if init_perm is None else stacked.unstack_permutation(spec, init_perm)
     res = weight_matching.__wrapped__(flat_spec, fa, fb, key=key, max_sweeps=max_sweeps, init_perm=init,
                                       lap_method=lap_method, tol=tol)
-    return MatchResult(stacked.stack_permutation(spec, res.perm), res.objective_trace,
-                       stacked.stack_permutation(spec, res.pair_scores))
+    return _replicated_like(MatchResult(stacked.stack_permutation(spec, res.perm), res.objective_trace,
+                                        stacked.stack_permutation(spec, res.pair_scores)), va)
   perm0 = permute.identity_permutation(spec) if init_perm is None else dict(init_perm)
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
   run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
   perm, trace_, sweeps = run(key, perm0, va, vb)
   scores = _pair_scores(_spec_key(spec))(perm, va, vb)
-  return MatchResult(perm, trace_[: int(sweeps)], scores)
+  return _replicated_like(MatchResult(perm, trace_[: int(sweeps)], scores), va)
+
+
+def _replicated_like(result: PyTree, variables: PyTree) -> PyTree:
+  """result replicated over the mesh of the first `NamedSharding` leaf of
+  variables (a sharded model's permutations are the same on every device and
+  process; under jit SciPy's assignment lands on one device), else as is."""
+  for leaf in jax.tree.leaves(variables):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.device_put(result, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+  return result
 
 
 @functools.lru_cache(maxsize=32)

@@ -127,8 +127,17 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
   updates = {}
   for g, refs in spec.groups.items():
     for ref in refs:
-      updates[ref.path] = take_units(updates.get(ref.path, leaves[ref.path]), perm[g], ref)
+      updates[ref.path] = _take_keeping_sharding(updates.get(ref.path, leaves[ref.path]), perm[g], ref)
   return tree.replace_leaves(variables, updates)
+
+
+def _take_keeping_sharding(x: Any, perm: Any, ref: spec_lib.AxisRef) -> Any:
+  """`take_units`, compiled to keep x's `NamedSharding` (a sharded leaf is
+  permuted shard by shard, never gathered whole); as is for other leaves."""
+  sharding = getattr(x, "sharding", None)
+  if _is_traced(x) or not isinstance(sharding, jax.sharding.NamedSharding):
+    return take_units(x, perm, ref)
+  return jax.jit(take_units, static_argnums=2, out_shardings=sharding)(x, perm, ref)
 
 
 def identity_permutation(spec: spec_lib.PermutationSpec) -> Perm:
