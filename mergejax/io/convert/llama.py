@@ -56,7 +56,6 @@ import re
 from typing import Any
 
 from mergejax.io.convert import lm_table
-from mergejax.io.convert.base import check_state
 from mergejax.io.convert.base import Converter
 from mergejax.models import lm
 from mergejax.models import zoo
@@ -195,11 +194,9 @@ def to_variables(state: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[st
   """
   cfg = _config(kwargs)
   state = canonical_names(state)
-  table = rows(cfg)
-  check_state(state, lm_table.expected_shapes(table), where="llama state dict",
-              ignore=lambda k: bool(_BUFFER.match(k)) or (cfg.tie_embeddings and k == "lm_head.weight"))
-  variables = lm_table.to_variables(state, table)
-  return lm.stack_layers(variables) if cfg.scan else variables
+  return lm_table.lm_variables(
+      state, rows(cfg), scan=cfg.scan, where="llama state dict",
+      ignore=lambda k: bool(_BUFFER.match(k)) or (cfg.tie_embeddings and k == "lm_head.weight"))
 
 
 def from_variables(variables: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,9 +207,7 @@ def from_variables(variables: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
       the zoo config `kwargs`.
   """
   cfg = _config(kwargs)
-  if cfg.scan:
-    variables = lm.unstack_layers(variables)
-  return lm_table.from_variables(variables, rows(cfg), where="llama: zoo variables")
+  return lm_table.lm_state(variables, rows(cfg), scan=cfg.scan, where="llama: zoo variables")
 
 
 CONVERTER = Converter(zoo_name="lm", infer_config=infer_config, expected_shapes=expected_shapes,

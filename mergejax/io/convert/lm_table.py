@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mergejax import tree as mt
+from mergejax.io.convert.base import check_state
+from mergejax.models import lm
 
 PyTree = Any
 
@@ -112,6 +114,19 @@ class Renamed(Mapping):
 
   def __len__(self) -> int:
     return len(self._names)
+
+
+def lm_variables(state: Mapping[str, Any], rows: Sequence[Row], *, scan: bool, where: str,
+                 ignore: Callable[[str], bool]) -> dict[str, Any]:
+  """The zoo LM's variables of `state` (checked first: `check_state`), stacked when `scan`."""
+  check_state(state, expected_shapes(rows), where=where, ignore=ignore)
+  variables = to_variables(state, rows)
+  return lm.stack_layers(variables) if scan else variables
+
+
+def lm_state(variables: PyTree, rows: Sequence[Row], *, scan: bool, where: str) -> dict[str, Any]:
+  """`lm_variables`' inverse: the zoo LM's variables (unstacked first when `scan`) as a state dict."""
+  return from_variables(lm.unstack_layers(variables) if scan else variables, rows, where=where)
 
 
 def layer_count(names: Iterable[str], pattern: str, *, where: str) -> int:

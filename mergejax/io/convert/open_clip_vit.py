@@ -29,7 +29,6 @@ from typing import Any
 
 from mergejax.io.convert import vision_table
 from mergejax.io.convert import vit_names
-from mergejax.io.convert.base import Converter
 
 NAMES = vit_names.ViTNames(
     cls_token="class_embedding", pos_embedding="positional_embedding", token_rank=1, patch="conv1",
@@ -76,19 +75,4 @@ def infer_config(state: Mapping[str, Any], library_config: Mapping[str, Any] | N
   }
 
 
-def expected_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  """Every tensor of the tower's state dict for `models.build("vit", **kwargs)` -> shape."""
-  return vision_table.expected_shapes(vit_names.table(NAMES, kwargs))
-
-
-def to_variables(state: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """{"params": ...} of `models.build("vit", **kwargs)`; the state is checked first."""
-  return vision_table.to_variables(vit_names.table(NAMES, kwargs), state, where=WHERE)
-
-
-def from_variables(variables: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """The tower's state dict (OpenCLIP's names and layouts) of the zoo ViT's variables."""
-  return vision_table.from_variables(vit_names.table(NAMES, kwargs), variables, where="vit variables")
-
-
-CONVERTER = Converter("vit", infer_config, expected_shapes, to_variables, from_variables)
+CONVERTER = vit_names.converter(NAMES, infer_config, WHERE)

@@ -27,7 +27,6 @@ from typing import Any
 
 from mergejax.io.convert import vision_table
 from mergejax.io.convert import vit_names
-from mergejax.io.convert.base import Converter
 
 NAMES = vit_names.ViTNames(
     cls_token="cls_token", pos_embedding="pos_embed", token_rank=3, patch="patch_embed.proj",
@@ -71,19 +70,4 @@ def infer_config(state: Mapping[str, Any], library_config: Mapping[str, Any] | N
   }
 
 
-def expected_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  """Every tensor of timm's state dict for `models.build("vit", **kwargs)` -> shape."""
-  return vision_table.expected_shapes(vit_names.table(NAMES, kwargs))
-
-
-def to_variables(state: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """{"params": ...} of `models.build("vit", **kwargs)`; the state is checked first."""
-  return vision_table.to_variables(vit_names.table(NAMES, kwargs), state, where=WHERE)
-
-
-def from_variables(variables: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """timm's state dict (names and layouts) of the zoo ViT's variables."""
-  return vision_table.from_variables(vit_names.table(NAMES, kwargs), variables, where="vit variables")
-
-
-CONVERTER = Converter("vit", infer_config, expected_shapes, to_variables, from_variables)
+CONVERTER = vit_names.converter(NAMES, infer_config, WHERE)

@@ -9,11 +9,12 @@ position embeddings reshaped to the zoo's `f[1, 1, embed]` and
 `f[1, tokens, embed]`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import math
 from typing import Any, NamedTuple
 
 from mergejax.io.convert import vision_table
+from mergejax.io.convert.base import Converter
 from mergejax.models import zoo
 
 
@@ -126,3 +127,24 @@ def image_size(tokens: int, patch_size: int, where: str) -> int:
 def config_value(library_config: Mapping[str, Any] | None, key: str, default: Any) -> Any:
   """`library_config[key]`, or `default` where there is no config or no such key."""
   return default if library_config is None else library_config.get(key, default)
+
+
+def converter(names: ViTNames, infer_config: Callable[..., dict[str, Any]], where: str) -> Converter:
+  """The library's `Converter` to the zoo "vit": `infer_config` its own, the rest `table(names, kwargs)`'s.
+
+  Args:
+    names: the library's tensor names.
+    infer_config: `(state, library_config) -> kwargs` of `models.build("vit", **kwargs)`.
+    where: what a state dict is called in errors (e.g. "timm ViT state dict").
+  """
+
+  def expected_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return vision_table.expected_shapes(table(names, kwargs))
+
+  def to_variables(state: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return vision_table.to_variables(table(names, kwargs), state, where=where)
+
+  def from_variables(variables: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return vision_table.from_variables(table(names, kwargs), variables, where="vit variables")
+
+  return Converter("vit", infer_config, expected_shapes, to_variables, from_variables)
