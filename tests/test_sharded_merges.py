@@ -88,6 +88,13 @@ def test_kth_largest_of_parts_is_that_of_their_concatenation(mesh):
   assert_no_all_gather(tv._kth_largest_of_jit, sharded, 7)
 
 
+def test_kth_largest_over_more_entries_than_int32_counts_is_refused_before_any_work():
+  too_many = [jax.ShapeDtypeStruct((1, 2**30), jnp.float32), jax.ShapeDtypeStruct((1, 2**30), jnp.float32)]
+  with pytest.raises(ValueError, match="2147483648 entries per row"):
+    jax.eval_shape(tv._kth_largest_of, too_many, jnp.ones((1,), jnp.int32))
+  jax.eval_shape(tv._kth_largest_of, too_many[:1], jnp.ones((1,), jnp.int32))  # 2^30 entries fit
+
+
 @pytest.mark.parametrize("trim", ["tensor", "global"])
 def test_sharded_ties_equals_reference_and_keeps_shardings(host_models, sharded_models, trim):
   base, models = sharded_models

@@ -485,6 +485,11 @@ def _kth_largest_of(parts: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   if not parts:  # Empty leaves: nothing to trim.
     return jnp.zeros((num,), dtype)
   int_dtype = jnp.int64 if dtype == jnp.float64 else jnp.int32
+  entries = sum(math.prod(p.shape[1:]) for p in parts)
+  if entries > jnp.iinfo(jnp.int32).max:  # the counts are int32 (int64 needs jax_enable_x64)
+    raise ValueError(f"a top-k threshold over {entries} entries per row: more than its int32 counts hold (int64"
+                     " needs jax_enable_x64); split the merge (TIES: trim per tensor, or out of core with"
+                     " mj.io.merge_checkpoints)")
   bits = [jax.lax.bitcast_convert_type(p, int_dtype) for p in parts]
 
   def count_at_least(t):
