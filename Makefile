@@ -5,9 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 WORKDIR ?= workdir
-# Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices. Files whose
-# module-scoped fixtures are costly mark themselves xdist_group: one worker runs each.
-PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
+# Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices.
+PYTEST_ARGS ?= -n 2 --durations=15
 
 .PHONY: demo test test-all bench lock clean torch-fixtures
 

@@ -21,9 +21,6 @@ from mergejax.io.convert import gpt2
 from mergejax.io.convert import llama
 from mergejax.models import lm
 
-# One worker runs this file's tests: its module-scoped fixtures are built once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("hf_models")
-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

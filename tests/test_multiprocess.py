@@ -30,9 +30,6 @@ from experiments import launch_local
 import mergejax as mj
 from mergejax import stats
 
-# One worker runs this file's tests: its module-scoped fixtures are built once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("multiprocess_launch")
-
 PROCESSES, DEVICES = 2, 4
 KEY = 7  # the "sampled" Fisher's key
 
@@ -236,12 +233,12 @@ def run_cases(outdir):
   np.savez(pathlib.Path(outdir) / f"{me}.npz", **out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def outdir(tmp_path_factory):
   return tmp_path_factory.mktemp("multiprocess")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def results(outdir):
   finished = launch_local.launch("tests.test_multiprocess:run_cases", [str(outdir)], processes=PROCESSES,
                                  devices_per_process=DEVICES, timeout_s=240)

@@ -17,9 +17,6 @@ from experiments.configs import pleas_lm_text
 from experiments.configs import pleas_mlp_digits
 from experiments.configs import pleas_vit_digits
 
-# One worker runs this file's tests: its module-scoped fixtures are built once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("pleas_experiment_runs")
-
 
 def _small_config():
   config = pleas_mlp_digits.get_config()
@@ -141,7 +138,7 @@ def _small_lm_config():
   return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm_run(tmp_path_factory):
   """(config, workdir, summary) of the shrunk language-model experiment."""
   config, workdir = _small_lm_config(), tmp_path_factory.mktemp("lm")
