@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 WORKDIR ?= workdir
-# Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices.
-PYTEST_ARGS ?= -n 2 --durations=15
+# Tests run in 2 processes (CI has 2 cores); each process sees 8 CPU devices. --dist loadfile
+# keeps a file's tests on one worker, so its fixtures and caches (a multi-process launch, trained
+# models) are built once: 19 min 21 s against 20 min 41 s for --dist load (clean clone, 2 cores).
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 
 .PHONY: demo test test-all bench lock clean torch-fixtures
 
