@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax import spec as spec_lib
 from mergejax import stacked
@@ -124,6 +125,13 @@ def repair(
   bias so the mean is `mu_target`, where target = (1 - t) A + t B. Later
   layers are measured after earlier ones are repaired (one pass per layer).
 
+  A spec with batched groups (layers under `scan`) is repaired copy by copy:
+  the scans are unrolled (`trace.kernel_uses(..., unroll_scans=True)`), copy
+  l of a stacked kernel is a layer of its own (its bias copy l of the stacked
+  sibling bias), in the unrolled model's forward order, so the result is
+  REPAIR of the unrolled model stacked back. Only values change, never a
+  width, so every per-copy choice fits the stacked form.
+
   Args:
     spec: the permutation groups of the architecture.
     apply_fn: `apply_fn(variables, x)` in eval mode.
@@ -153,36 +161,39 @@ def repair(
     raise ValueError(f"repair: missing_bias must be 'error' or 'scale_only', got {missing_bias!r}")
   tree.check_same_shapes(va, vb)
   tree.check_same_shapes(va, merged)
-  stacked.check_unbatched(spec, "repair")
   if not callable(batches):
     batches = list(batches)
+  unroll = bool(spec.batch_sizes)
+  uses = _uses_in_order(apply_fn, va, next(iter(_inputs(batches))), unroll)
+  if unroll:
+    spec = stacked.unstack(spec, va, stacked=stacked.scanned_copies(va, [p for p, _ in uses]))[0]
   written = {(r.path, r.axis) for refs in spec.groups.values() for r in refs
              if r.factor is None and r.part is None}
-  targets = {}
-  uses = _uses_in_order(apply_fn, va, next(iter(_inputs(batches))))
   layers = [(path, out_axis, k_axis) for path, (out_axis, k_axis) in uses if (path, k_axis) in written]
   leaves = tree.leaves_by_path(merged)
-  bias_free = [tree.path_str(path) for path, _, _ in layers if path[:-1] + ("bias",) not in leaves]
+  bias_free = [tree.path_str(path) for path, _, _ in layers if _bias(leaves, path) is None]
   if bias_free and missing_bias == "error":
     raise ValueError(f"repair: {', '.join(bias_free)} have no sibling bias, so their means cannot be"
                      " restored; pass missing_bias='scale_only' to repair their standard deviations only")
-  stats_a = _unit_stats(apply_fn, va, batches, layers, eps, mesh)
-  stats_b = _unit_stats(apply_fn, vb, batches, layers, eps, mesh)
+  stats_a = _unit_stats(apply_fn, va, batches, layers, eps, mesh, unroll)
+  stats_b = _unit_stats(apply_fn, vb, batches, layers, eps, mesh, unroll)
+  targets = {}
   for i, layer in enumerate(layers):
     (ma, sa), (mb, sb) = stats_a[i], stats_b[i]
     targets[layer] = ((1 - t) * ma + t * mb, (1 - t) * sa + t * sb)
-  for i, layer in enumerate(layers):
-    mean, std = _unit_stats(apply_fn, merged, batches, [layer], eps, mesh)[0]
+  for layer in layers:
+    mean, std = _unit_stats(apply_fn, merged, batches, [layer], eps, mesh, unroll)[0]
     merged = _rescale(merged, layer, mean, std, *targets[layer])
   return merged
 
 
-def _uses_in_order(apply_fn, variables, x) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
-  """Kernels used once with one produced axis: (path, (output axis, kernel axis))."""
+def _uses_in_order(apply_fn, variables, x, unroll_scans) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
+  """Kernels used once with one produced axis: (path, (output axis, kernel axis)); with
+  `unroll_scans`, each copy of a kernel stacked under a scan (`path + (str(l),)`, its axes)."""
   found = {}
 
   def probe(v, x):
-    found.update(trace.kernel_uses(apply_fn)(v, x)[1])
+    found.update(trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(v, x)[1])
     return 0
 
   jax.eval_shape(probe, variables, x)
@@ -190,16 +201,44 @@ def _uses_in_order(apply_fn, variables, x) -> list[tuple[tuple[str, ...], tuple[
           if len(uses) == 1 and len(uses[0].output_axes) == 1]
 
 
-def _unit_stats(apply_fn, variables, batches, layers, eps, mesh) -> list[tuple[jax.Array, jax.Array]]:
+def _copy(leaves, path) -> tuple[tuple[str, ...], int | None]:
+  """`(leaf path, copy index)` of a kernel: a leaf as it is (None), or copy l of a stacked
+  leaf (`path + (str(l),)`)."""
+  return (path, None) if path in leaves else (path[:-1], int(path[-1]))
+
+
+def _bias(leaves, path) -> tuple[tuple[str, ...], int | None] | None:
+  """The kernel's sibling `bias` as `_copy` locates it (a stacked kernel's is its stacked bias's copy), or None."""
+  leaf, index = _copy(leaves, path)
+  bias = leaf[:-1] + ("bias",)
+  if bias not in leaves:
+    return None
+  if index is not None and (np.ndim(leaves[bias]) < 2 or np.shape(leaves[bias])[0] != np.shape(leaves[leaf])[0]):
+    return None  # not stacked with the kernel
+  return bias, index
+
+
+def _read(leaves, located):
+  leaf, index = located
+  return leaves[leaf] if index is None else leaves[leaf][index]
+
+
+def _write(leaves, located, value) -> dict:
+  leaf, index = located
+  return {leaf: value if index is None else jnp.asarray(leaves[leaf]).at[index].set(value)}
+
+
+def _unit_stats(apply_fn, variables, batches, layers, eps, mesh, unroll_scans) -> list[tuple[jax.Array, jax.Array]]:
   """Per layer: mean and std of each output unit (bias included) over the data, one streamed pass."""
 
   def features(variables, x):
-    _, uses = trace.kernel_uses(apply_fn)(variables, x)
+    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(variables, x)
     leaves = tree.leaves_by_path(variables)
     out = []
     for path, out_axis, _ in layers:
       y = jnp.moveaxis(uses[path][0].output, out_axis, -1)
-      bias = leaves.get(path[:-1] + ("bias",))
+      at = _bias(leaves, path)
+      bias = None if at is None else _read(leaves, at)
       out.append(y + bias if bias is not None and bias.shape == y.shape[-1:] else y)
     return out
 
@@ -211,11 +250,12 @@ def _rescale(variables, layer, mean, std, target_mean, target_std):
   path, _, k_axis = layer
   scale = target_std / std
   leaves = tree.leaves_by_path(variables)
-  kernel = leaves[path]
+  at = _copy(leaves, path)
+  kernel = _read(leaves, at)
   shape = [1] * kernel.ndim
   shape[k_axis] = -1
-  updates = {path: kernel * scale.reshape(shape)}
-  bias_path = path[:-1] + ("bias",)
-  if bias_path in leaves:
-    updates[bias_path] = (leaves[bias_path] - mean) * scale + target_mean
+  updates = _write(leaves, at, kernel * scale.reshape(shape))
+  bias = _bias(leaves, path)
+  if bias is not None:
+    updates.update(_write(leaves, bias, (_read(leaves, bias) - mean) * scale + target_mean))
   return tree.replace_leaves(variables, updates)

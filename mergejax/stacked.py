@@ -189,6 +189,14 @@ def stack_permutation(spec: spec_lib.PermutationSpec, flat_perm: Mapping[str, An
   return out
 
 
+def scanned_copies(variables: PyTree, kernel_paths) -> dict[Path, int]:
+  """`{stacked leaf: 0}` for each kernel copy among `kernel_paths` (a `trace.kernel_uses(...,
+  unroll_scans=True)` key `path + (str(l),)` whose `path` is a leaf): `unstack`'s `stacked=`
+  that cuts every leaf a scan reads as a kernel into the copies the unrolled trace names."""
+  leaves = tree.leaves_by_path(variables)
+  return {p[:-1]: 0 for p in map(tuple, kernel_paths) if p not in leaves and p[:-1] in leaves}
+
+
 def check_unbatched(spec: spec_lib.PermutationSpec, what: str) -> None:
   """Raises NotImplementedError naming `what` and the batched groups, if `spec` has any."""
   if spec.batch_sizes:

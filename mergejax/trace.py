@@ -15,8 +15,14 @@ member, so factored axes come out as `AxisRef.factor`.
 
 A `split`, contiguous `slice` or `concatenate` cuts a class into consecutive
 parts instead (q | k | v of a fused projection), which come out as
-`AxisRef.part`; a `gather` that takes an axis whole passes it on (embedding
-tables join the residual stream); `cond` joins its branches' constraints.
+`AxisRef.part`. So does a reshape whose new outer axis the jaxpr only ever
+indexes, through transposes, one index at a time (`qkv.reshape(b, t, 3, h,
+hd)` then `qkv[:, :, 0]`, `jnp.unstack`, or `jnp.moveaxis` and unpacking): it
+is read as a split, each index one part with components of its own; an
+indexed reshape not read so (its value leaves the jaxpr it is made in) keeps
+one set of inner components for all its parts and is named in the warning.
+A `gather` that takes an axis whole passes it on (embedding tables join the
+residual stream); `cond` joins its branches' constraints.
 
 Fixed are the example arguments, the function's outputs (except outputs that
 are variables, like BatchNorm statistics under `mutable`), constants, `iota`,
@@ -77,6 +83,11 @@ CALLS = {  # primitive -> the param holding the jaxpr it calls
     "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
 }
 
+# The `SpecReport.fixed_by` key of an indexed reshape that is not read as a
+# split (`_indexed_reshapes`): the parts share their inner components, and the
+# outer one (the part index) is fixed.
+_INDEXED_WHOLE = "an index of a reshaped axis not read as parts (they share their inner groups)"
+
 
 class _Classes:
   """Union-find over axis components, with class-wide splits and fixing.
@@ -94,6 +105,7 @@ class _Classes:
     self.parent: list[int] = []
     self.size: list[int] = []
     self.children: dict[int, list[int]] = {}
+    self.product: dict[int, int] = {}  # component -> the node split into it (inverse of children)
     self.parts: dict[int, list[tuple[int, Axis]]] = {}  # node -> [(size, part's axis)]
     self.members: dict[int, list[int]] = {}
     self.fixed: set[int] = set()  # roots
@@ -133,6 +145,13 @@ class _Classes:
     for node in axis:
       out.extend(self.leaves(self.children[node]) if node in self.children else [node])
     return out
+
+  def outer_component(self, axis: Axis) -> int | None:
+    """The axis's node where it is one component of a product, not its innermost; else None."""
+    if len(axis) != 1 or axis[0] not in self.product:
+      return None
+    siblings = self.children[self.product[axis[0]]]
+    return axis[0] if siblings.index(axis[0]) < len(siblings) - 1 else None
 
   def current(self, node: int) -> list[int]:
     """Every union-find leaf below `node`, through both kinds of split."""
@@ -187,6 +206,7 @@ class _Classes:
       else:
         flat = [c for s in sizes for c in self.new(s, owner=self.owner[m])]
         self.children[m] = flat
+        self.product.update((c, m) for c in flat)
       if first is None:
         first = flat
       else:
@@ -315,6 +335,72 @@ class _Classes:
     return False
 
 
+def _outer_factors(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple[int, int]]:
+  """`(a, d)`: output axis a is the outer factor of input axis d, which the reshape splits."""
+  if 0 in in_shape or 0 in out_shape:
+    return []
+  out, i, j = [], 0, 0
+  while i < len(in_shape) and j < len(out_shape):
+    pi, pj, i2, j2 = in_shape[i], out_shape[j], i + 1, j + 1
+    while pi != pj:
+      if pi < pj:
+        pi, i2 = pi * in_shape[i2], i2 + 1
+      else:
+        pj, j2 = pj * out_shape[j2], j2 + 1
+    if i2 - i == 1 and j2 - j > 1 and 1 < out_shape[j] < in_shape[i]:
+      out.append((j, i))
+    i, j = i2, j2
+  return out
+
+
+def _indexed_reshapes(jaxpr) -> dict[Any, tuple[int, int]]:
+  """Reshapes whose new outer axis is only ever indexed: outvar -> `(a, d)` (`_outer_factors`).
+
+  Indexed: every use of the value, through transposes, is a `slice` of one
+  index on that axis (the rest whole) or an `unstack` along it
+  (`qkv[..., 0, :, :]`, `q, k, v = jnp.moveaxis(qkv, -3, 0)`). Such a
+  reshape is a split in disguise (`_Interpreter.indexed_reshape`); a value
+  the jaxpr returns is not, its uses being unknown.
+  """
+  uses: dict[Any, list] = {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if not isinstance(v, jex_core.Literal):
+        uses.setdefault(v, []).append(eqn)
+  returned = {v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal)}
+
+  def indexed(value, a: int) -> bool:
+    if value in returned:
+      return False
+    for eqn in uses.get(value, []):
+      name, p = eqn.primitive.name, eqn.params
+      if name == "transpose":
+        ok = indexed(eqn.outvars[0], list(p["permutation"]).index(a))
+      elif name == "unstack":
+        ok = p["axis"] == a
+      elif name == "slice":
+        shape = value.aval.shape
+        ok = (all(st == 1 for st in p["strides"] or ()) and p["limit_indices"][a] - p["start_indices"][a] == 1
+              and all((s, l) == (0, n) for d, (s, l, n) in enumerate(zip(p["start_indices"], p["limit_indices"],
+                                                                        shape)) if d != a))
+      else:
+        ok = False
+      if not ok:
+        return False
+    return True
+
+  plan = {}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None:
+      continue
+    out = eqn.outvars[0]
+    for a, d in _outer_factors(eqn.invars[0].aval.shape, out.aval.shape):
+      if indexed(out, a):
+        plan[out] = (a, d)
+        break
+  return plan
+
+
 def _cumulative(sizes: Sequence[int]) -> list[int]:
   out, p = [], 1
   for s in sizes:
@@ -362,6 +448,7 @@ class _Interpreter:
     self.scope_parent: dict[int, int] = {}  # scan body scope -> the scope it runs in
     self.srcs: list[int | None] = []  # the current equation's operands: variable index or None
     self.selected: list[Axis] = []  # parts of axes that a slice or split takes
+    self.indexed_outer: list[int] = []  # outer product components indexed as a whole value (not as parts)
     self.dropped: list[Axis] = []  # parts a slice leaves out
 
   def fresh(self, shape: Sequence[int], fixed: bool = False, why: str | None = None) -> list[Axis]:
@@ -377,9 +464,13 @@ class _Interpreter:
     env = {v: self.fresh(v.aval.shape, fixed=True) for v in jaxpr.constvars}
     env.update(zip(jaxpr.invars, in_axes))
     src = {v: s for v, s in zip(jaxpr.invars, in_srcs or ()) if s is not None}
+    plan = _indexed_reshapes(jaxpr)
+    stacks: dict[Any, tuple[int, list[list[Axis]]]] = {}
     for eqn in jaxpr.eqns:
-      ins = [self.value(env, v) for v in eqn.invars]
       srcs = [None if isinstance(v, jex_core.Literal) else src.get(v) for v in eqn.invars]
+      if self.stacked(eqn, env, srcs, plan, stacks):
+        continue
+      ins = [self.value(env, v) for v in eqn.invars]
       outs = self.equation(eqn, ins, srcs)
       env.update(zip(eqn.outvars, outs))
       if eqn.primitive.name in _PASS_THROUGH and srcs[0] is not None:
@@ -388,6 +479,38 @@ class _Interpreter:
     self.read.update(returned)
     self.count_reads(returned)
     return [self.value(env, v) for v in jaxpr.outvars]
+
+  def stacked(self, eqn, env: dict, srcs, plan: Mapping[Any, tuple[int, int]],
+              stacks: dict[Any, tuple[int, list[list[Axis]]]]) -> bool:
+    """Steps a reshape in `plan` and the transposes and indexes of its value; False for any other equation.
+
+    `stacks[value] = (a, views)`: the value is views[i] at index i of its
+    axis a (views without axis a); it is only ever transposed and indexed
+    on a (`_indexed_reshapes`), so it needs no axes of its own.
+    """
+    out = eqn.outvars[0] if eqn.outvars else None
+    if out in plan:
+      self.srcs = srcs
+      views = self.indexed_reshape(eqn, [self.value(env, eqn.invars[0])], plan[out])
+      if views is not None:
+        stacks[out] = (plan[out][0], views)
+      return views is not None
+    operand = eqn.invars[0] if eqn.invars else None
+    if operand is None or isinstance(operand, jex_core.Literal) or operand not in stacks:
+      return False
+    a, views = stacks[operand]
+    name = eqn.primitive.name
+    if name == "transpose":
+      perm = list(eqn.params["permutation"])
+      b = perm.index(a)
+      full = [[(v[:a] + [[]] + v[a:])[p] for p in perm] for v in views]
+      stacks[out] = (b, [f[:b] + f[b + 1:] for f in full])
+    elif name == "slice":
+      view = views[eqn.params["start_indices"][a]]
+      env[out] = view[:a] + [[]] + view[a:]
+    else:  # unstack
+      env.update(zip(eqn.outvars, views))
+    return True
 
   def count_reads(self, srcs: Sequence[int | None]) -> None:
     for s in srcs:
@@ -546,10 +669,12 @@ class _Interpreter:
     return [[axis for d, axis in enumerate(ins[0]) if d not in dims]]
 
   def rule_reshape(self, eqn, ins, out_shapes):
-    (shape,) = out_shapes
-    if eqn.params.get("dimensions") is not None:
-      return self.opaque(ins, out_shapes, "reshape")
-    flat = [n for axis in ins[0] for n in self.classes.leaves(axis)]
+    out = None if eqn.params.get("dimensions") is not None else self._reshaped(ins[0], out_shapes[0])
+    return self.opaque(ins, out_shapes, "reshape") if out is None else [out]
+
+  def _reshaped(self, axes: list[Axis], shape: Sequence[int]) -> list[Axis] | None:
+    """`axes` viewed as `shape` (row-major), splitting components class-wide; None where no view fits."""
+    flat = [n for axis in axes for n in self.classes.leaves(axis)]
     out = []
     for size in shape:
       take, product = [], 1
@@ -558,7 +683,7 @@ class _Interpreter:
         need = size // product
         big = self.classes.size[node] > need
         if size % product or (big and (self.classes.size[node] % need or node in self.classes.parts)):
-          return self.opaque(ins, out_shapes, "reshape")
+          return None
         if big:
           self.classes.split(node, [need, self.classes.size[node] // need])
           flat = self.classes.leaves([node]) + flat[1:]
@@ -566,9 +691,34 @@ class _Interpreter:
         take.append(flat.pop(0))
         product *= self.classes.size[take[-1]]
       if product != size:
-        return self.opaque(ins, out_shapes, "reshape")
+        return None
       out.append(take)
-    return [out]
+    return out
+
+  def indexed_reshape(self, eqn, ins, where: tuple[int, int]) -> list[list[Axis]] | None:
+    """A reshape whose new outer axis is only ever indexed, as a split: its parts' axes, or None.
+
+    `where = (a, d)`: output axis a is the outer factor of input axis d
+    (`[b, t, 3 * h * hd] -> [b, t, 3, h, hd]`, a = 2, d = 2). Input axis d
+    is cut in a's size of equal parts (class-wide, like `split`), each part
+    viewed as the output's other axes: index i of axis a is part i, so each
+    of q, k, v gets components of its own (`AxisRef.part` with a factor).
+    Returns each part's axes (the output's axes but a); None (nothing
+    changed) where the axis's components do not allow the cut.
+    """
+    a, d = where
+    shape = eqn.outvars[0].aval.shape
+    n = eqn.invars[0].aval.shape[d] // shape[a]
+    parts = self.classes.cut(ins[0][d], [n] * shape[a])
+    if parts is None:
+      return None
+    self.read.update(s for s in self.srcs if s is not None)
+    self.count_reads(self.srcs)
+    views = [self._reshaped(ins[0][:d] + [part] + ins[0][d + 1:], shape[:a] + shape[a + 1:]) for part in parts]
+    if any(v is None for v in views):
+      self.opaque(ins, [], "reshape")
+      return [self.fresh(shape[:a] + shape[a + 1:], True, "reshape") for _ in parts]
+    return views
 
   def _reduce(self, eqn, ins, out_shapes, why: str | None):
     axes = set(eqn.params["axes"])
@@ -636,6 +786,9 @@ class _Interpreter:
       if s == 0 and l == n and st == 1:
         out.append(axis)
         continue
+      outer = self.classes.outer_component(self.classes.leaves(axis))
+      if l - s == 1 and outer is not None:
+        self.indexed_outer.append(outer)
       parts = self.classes.cut(axis, [s, l - s, n - l]) if st == 1 else None
       if parts is None:
         self.classes.fix([axis], "slice")
@@ -657,6 +810,9 @@ class _Interpreter:
 
   def rule_unstack(self, eqn, ins, out_shapes):
     d = eqn.params["axis"]
+    outer = self.classes.outer_component(self.classes.leaves(ins[0][d]))
+    if outer is not None:
+      self.indexed_outer.append(outer)
     self.classes.fix([ins[0][d]])  # each output is one index of it, as a slice and squeeze
     return [ins[0][:d] + ins[0][d + 1:] for _ in out_shapes]
 
@@ -782,7 +938,10 @@ class SpecReport(NamedTuple):
       `{"scan": (("params", "layers", "kernel"),)}`. Axes fixed by the
       function's structure (arguments, outputs, constants, `iota`, the
       spatial axes of convolutions and windows, the looked-up axis of an
-      embedding) are not listed.
+      embedding) are not listed. An indexed reshape not read as a split
+      lists its variables under "an index of a reshaped axis not read as
+      parts (...)": its part index is fixed and its parts share their inner
+      groups (coarser than the split).
     unread: the paths of variables the function never reads; they are in no
       group.
     unknown: primitives the interpreter has no rule for (they fix every axis
@@ -879,14 +1038,26 @@ def spec_report(apply_fn: Callable[..., Any], variables: PyTree, *example_args: 
   read = [i in interp.read for i in range(len(var_paths))]
   described = [[_describe(classes, axis) for axis in axes] if r else [] for axes, r in zip(var_axes, read)]
   batched, shared = interp.batched()
+  fixed_by = _fixed_by(classes, var_paths, var_axes, read)
+  indexed = {classes.find(n) for n in interp.indexed_outer}
+  whole = tuple(p for p, axes, r in zip(var_paths, var_axes, read)
+                if r and any(classes.find(m) in indexed for axis in axes for n in axis for m in _below(classes, n)))
+  if whole:
+    fixed_by = dict(sorted({**fixed_by, _INDEXED_WHOLE: whole}.items()))
   return SpecReport(
       _collect(classes, var_paths, described, batched),
-      _fixed_by(classes, var_paths, var_axes, read),
+      fixed_by,
       tuple(p for p, r in zip(var_paths, read) if not r),
       tuple(sorted(interp.unknown)),
       {why: tuple(var_paths[v] for v in sorted(shared) if shared[v] == why)
        for why in sorted(set(shared.values()))},
   )
+
+
+def _below(classes: _Classes, node: int) -> list[int]:
+  """`node` and every node a split made of it, through both kinds of split."""
+  inner = classes.children.get(node, []) + [c for _, p in classes.parts.get(node, []) for c in p]
+  return [node] + [m for c in inner for m in _below(classes, c)]
 
 
 def _describe(classes: _Classes, axis: Axis) -> list[tuple[int, Any, Any]]:

@@ -263,6 +263,7 @@ def test_scanned_hand_spec_is_the_stream_and_a_batched_group_per_block_group_and
   model, variables = _init(cfg)
   spec = models.permutation_spec("lm", variables, **cfg)
   assert spec.names == ("embed", "blocks.kv_heads", "blocks.q_per_kv", "blocks.vo_dim", "blocks.mlp")
+  assert spec.sizes == models.groups("lm", **cfg)  # the layouts' names (a merge's layout builds the model)
   assert spec.batch_sizes == {g: 2 for g in spec.names[1:]}  # one permutation per layer
   assert {r.axis for r in spec.groups["embed"] if r.path[1] == "blocks"} == {1, 2}
   assert all(r.batch == 0 for g in spec.names[1:] for r in spec.groups[g])
@@ -307,12 +308,18 @@ def test_layouts_that_widen_head_dim_or_unbalance_a_scan_are_refused():
     layout = {**MergeLayout.identity(models.groups("lm", **cfg)), group: (n - 1, 1, 1)}
     with pytest.raises(ValueError, match=f"'{group}' is never widened"):
       models.build("lm", layout, **cfg)
+  # Scanned: one GroupLayout per `blocks.X` for every layer, the names of the scanned spec's batched groups.
   cfg = dict(GPT2, scan=True)
-  layout = {**MergeLayout.identity(models.groups("lm", **cfg)), "block0.mlp": (6, 6, 6)}
-  with pytest.raises(ValueError, match="scan=True every block needs the same widths"):
-    models.build("lm", layout, **cfg)
-  uniform = {**layout, "block1.mlp": (6, 6, 6)}
-  assert models.build("lm", uniform, **cfg).mlp_dims == (18, 18)
+  sizes = models.groups("lm", **cfg)
+  assert sizes == {"embed": 8, "blocks.heads": 4, "blocks.qk_dim": 4, "blocks.vo_dim": 4, "blocks.mlp": 12}
+  assert models.config("lm", **dict(LLAMA, scan=True)).fixed_groups() == {"blocks.vo_dim", "blocks.q_per_kv"}
+  layout = {**MergeLayout.identity(sizes), "blocks.mlp": (6, 6, 6)}
+  assert models.build("lm", layout, **cfg).mlp_dims == (18, 18)
+  unrolled = {**MergeLayout.identity(models.groups("lm", **GPT2)), "block0.mlp": (6, 6, 6)}
+  with pytest.raises(ValueError, match=r"missing \['blocks.heads', .*unknown \['block0.heads'"):
+    models.build("lm", unrolled, **cfg)
+  with pytest.raises(ValueError, match="'blocks.qk_dim' is never widened"):
+    models.build("lm", {**layout, "blocks.qk_dim": (3, 1, 1)}, **cfg)
 
 
 # Scan.

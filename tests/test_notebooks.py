@@ -2,7 +2,10 @@
 
 A notebook's cell tagged `parameters` holds its settings; a cell injected after
 it shrinks them (the papermill convention), so the test is quick and the
-notebook a user opens keeps its real settings.
+notebook a user opens keeps its real settings. The kernels run with XLA's
+optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`): at these sizes compiling
+is most of a notebook's time, and the test checks that it runs through and
+what it prints, not its speed.
 """
 
 import pathlib
@@ -40,7 +43,8 @@ def _with_small_settings(nb, settings: str):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_SETTINGS))
-def test_notebook_executes(name, tmp_path):
+def test_notebook_executes(name, tmp_path, monkeypatch):
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # the kernel inherits it
   nb = nbformat.read(ROOT / "colab" / name, as_version=4)
   nb = _with_small_settings(nb, SMALL_SETTINGS[name])
   nbclient.NotebookClient(

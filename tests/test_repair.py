@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,3 +102,63 @@ def test_repair_of_bias_free_layers_is_refused_before_any_pass_or_repairs_their_
   (ma, sa), (mb, sb), (m0, s0), (m, s) = map(moments, (va, vb, merged, fixed))
   np.testing.assert_allclose(s, 0.5 * sa + 0.5 * sb, rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(m, m0 * s / s0, rtol=1e-3, atol=1e-3)
+
+
+# A batched spec: a lax.scan stack of L residual MLP blocks, repaired copy by copy.
+
+L, D, F = 2, 5, 4
+
+
+def _scanned(p, x):
+  def block(h, w):
+    return h + jax.nn.relu(h @ w["up"]["kernel"] + w["up"]["bias"]) @ w["down"]["kernel"] + w["down"]["bias"], None
+
+  h = jnp.tanh(x @ p["embed"]["kernel"] + p["embed"]["bias"])
+  return jax.lax.scan(block, h, {"up": p["up"], "down": p["down"]})[0] @ p["out"]["kernel"]
+
+
+def _unrolled(p, x):
+  """`_scanned` with its blocks as variables of their own, `up{l}` and `down{l}`."""
+  h = jnp.tanh(x @ p["embed"]["kernel"] + p["embed"]["bias"])
+  for i in range(L):
+    up, down = p[f"up{i}"], p[f"down{i}"]
+    h = h + jax.nn.relu(h @ up["kernel"] + up["bias"]) @ down["kernel"] + down["bias"]
+  return h @ p["out"]["kernel"]
+
+
+def _unroll(p):
+  out = {k: p[k] for k in ("embed", "out")}
+  out.update({f"{k}{i}": jax.tree.map(lambda a, i=i: a[i], p[k]) for k in ("up", "down") for i in range(L)})
+  return out
+
+
+def _stack_params(seed):
+  rng = np.random.default_rng(seed)
+  shapes = {"embed": {"kernel": (3, D), "bias": (D,)}, "up": {"kernel": (L, D, F), "bias": (L, F)},
+            "down": {"kernel": (L, F, D), "bias": (L, D)}, "out": {"kernel": (D, 2)}}
+  return jax.tree.map(lambda s: (0.7 * rng.standard_normal(s)).astype(np.float32), shapes,
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def test_repair_of_a_scanned_stack_is_repair_of_the_unrolled_stack_stacked():
+  va, vb = _stack_params(0), _stack_params(1)
+  x = np.random.default_rng(2).standard_normal((64, 3)).astype(np.float32)
+  spec = trace.permutation_spec(_scanned, va, x)
+  assert spec.batch_sizes  # the hidden units: one group per block
+  merged = tree.lerp(va, vb, 0.3)
+  fixed = repair.repair(spec, _scanned, va, vb, merged, [x], t=0.3)
+  ua, ub = _unroll(va), _unroll(vb)
+  ufixed = repair.repair(trace.permutation_spec(_unrolled, ua, x), _unrolled, ua, ub, _unroll(merged), [x], t=0.3)
+  for path, leaf in tree.leaves_by_path(_unroll(fixed)).items():
+    np.testing.assert_allclose(leaf, tree.leaves_by_path(ufixed)[path], rtol=1e-5, atol=1e-5, err_msg=str(path))
+  # NumPy: block 1's hidden units (copy 1 of the stacked up kernel) have the interpolated mean and std.
+  def hidden(p):
+    h = np.tanh(x @ p["embed"]["kernel"] + p["embed"]["bias"])
+    h = h + np.maximum(h @ p["up"]["kernel"][0] + p["up"]["bias"][0], 0) @ p["down"]["kernel"][0] + p["down"]["bias"][0]
+    y = h @ p["up"]["kernel"][1] + p["up"]["bias"][1]
+    return y.mean(0), y.std(0)
+
+  (ma, sa), (mb, sb), (m, s) = hidden(va), hidden(vb), hidden(jax.tree.map(np.asarray, fixed))
+  np.testing.assert_allclose(m, 0.7 * ma + 0.3 * mb, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(s, 0.7 * sa + 0.3 * sb, rtol=1e-3, atol=1e-3)
+  assert not np.allclose(hidden(merged)[1], s, rtol=1e-2)  # there was something to repair

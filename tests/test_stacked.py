@@ -547,24 +547,19 @@ def test_the_scanned_stack_traces_and_matches_as_its_unrolled_twin():
       np.testing.assert_array_equal(res.perm[g], perm[g])
 
 
-def test_merges_that_do_not_take_batched_groups_say_so_before_any_work():
-  cfg, apply, va = _lm("gpt2", True)
+def test_ste_matching_does_not_take_batched_groups_and_says_so_before_any_work():
+  cfg, _, va = _lm("gpt2", True)
   spec = models.permutation_spec("lm", va, **cfg)
-  batches = [IDS]
   with pytest.raises(NotImplementedError, match=r"ste_matching does not take batched groups .*"
                                                 r"\['blocks.heads', 'blocks.mlp'"):
-    mj.ste_matching(spec, lambda v: 0.0, va, va, batches, num_steps=1)
-  with pytest.raises(NotImplementedError, match="zipit does not take batched groups"):
-    mj.merge.zipit(apply, va, va, batches, spec=spec)
-  with pytest.raises(NotImplementedError, match="repair does not take batched groups"):
-    mj.repair.repair(spec, apply, va, va, va, batches)
+    mj.ste_matching(spec, lambda v: 0.0, va, va, [IDS], num_steps=1)
 
 
 # Merges to a new width: combine and PLeaS, scanned vs unrolled.
 
 
 def _unrolled_layout(layout, depth):
-  """A scanned LM's layout (`blocks.X`: one GroupLayout for every layer) as the zoo's `block{l}.X`."""
+  """A scanned LM's layout (`blocks.X`: one GroupLayout for every layer) as the unrolled LM's `block{l}.X`."""
   out = {}
   for g, v in layout.items():
     out.update({f"block{i}.{g[len('blocks.'):]}": v for i in range(depth)} if g.startswith("blocks.") else {g: v})
@@ -613,9 +608,8 @@ def test_combine_of_the_scanned_lm_is_the_unrolled_combine_stacked(style):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   layout = mj.merge.combine.layout_of(maps)
   assert _unrolled_layout(layout, cfg["depth"]) == mj.merge.combine.layout_of(umaps)
-  # The merged variables are the scanned model built from the layout's.
-  shapes = jax.eval_shape(models.build("lm", _unrolled_layout(layout, cfg["depth"]), **cfg).init,
-                          jax.random.key(0), IDS)
+  # The merged variables are the scanned model built from the layout's (its names, as they are).
+  shapes = jax.eval_shape(models.build("lm", layout, **cfg).init, jax.random.key(0), IDS)
   assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, merged)
 
 
@@ -669,8 +663,14 @@ def _pleas(style, scan, budget, fit, allocation, vb=None):
                         least_squares_fit=fit, mesh=MESH, progress=False, report=True)
 
 
+@functools.cache
+def _lm_apply(cfg_items, layout):
+  """The LM built from `layout`, jitted once per config and layout (eager Flax runs op by op: slower)."""
+  return jax.jit(models.build("lm", layout, **dict(cfg_items)).apply)
+
+
 def _lm_out(cfg, layout, variables):
-  return models.build("lm", layout, **cfg).apply(variables, PLEAS_IDS)
+  return _lm_apply(tuple(sorted(cfg.items())), layout)(variables, PLEAS_IDS)
 
 
 # Budgets 1.0 and 2.0 leave the allocation no choice; at 1.5 "uniform" gives every group one ratio, so the
@@ -689,7 +689,7 @@ def test_pleas_on_the_scanned_lm_is_pleas_on_the_unrolled_lm(style, budget, fit)
   assert set(layout) == set(models.permutation_spec("lm", _pleas_lm(style, True, 1)[2], **cfg).names)
   np.testing.assert_allclose(report.allocation.cost, ureport.allocation.cost, rtol=1e-9)
   assert len(report.layers) == len(ureport.layers) and (len(report.layers) > 0) == fit  # one solve per copy
-  out = _lm_out(cfg, _unrolled_layout(layout, cfg["depth"]), merged)
+  out = _lm_out(cfg, layout, merged)  # the scanned LM built from PLeaS's layout as it is
   _close(out, _lm_out(ucfg, ulayout, umerged), 1e-4)
   got, want = tree.leaves_by_path(merged), tree.leaves_by_path(lm.stack_layers(umerged))
   assert set(got) == set(want)
@@ -719,7 +719,7 @@ def test_pleas_ties_the_exact_allocation_across_the_scanned_layers():
   for g, (n_merged, _, _) in layout.items():  # one ratio, so one width, for every layer
     assert n_merged == mj.spec.round_half_up(report.allocation.ratios.get(g, 1.0) * spec.sizes[g])
   assert layout["embed"].n_a > 0 or layout["blocks.mlp"].n_a > 0  # something is kept at 1.5
-  assert np.all(np.isfinite(_lm_out(cfg, _unrolled_layout(layout, cfg["depth"]), merged)))
+  assert np.all(np.isfinite(_lm_out(cfg, layout, merged)))
 
 
 def test_pleas_of_the_scanned_lm_with_a_permuted_copy_of_itself_at_budget_one_is_the_model():

@@ -5,8 +5,16 @@ soundness (a random permutation from the traced spec leaves the outputs
 unchanged) and completeness (the exact groups expected: the residual stream
 through the embedding table, q/k/v heads across a fused projection split in
 three, head_dim groups per dot product, GQA's (kv_heads, n_rep) heads, RoPE's
-fixed q/k head_dim). The one warning names exactly the constructs that fixed
+fixed q/k head_dim). A fused projection reshaped to (3, heads, head_dim) and
+indexed, unstacked or moved and unpacked gives the spec of the same projection
+cut by `jnp.split`. The one warning names exactly the constructs that fixed
 variable axes.
+
+Speed: variables are NumPy arrays filled from `jax.eval_shape` (no init is
+compiled), permutations are NumPy's, forward passes run eagerly (each
+operation compiles once for the whole file, no model is compiled whole), and
+the split forms' specs are module-scoped fixtures that the other forms are
+compared with.
 """
 
 import math
@@ -43,9 +51,13 @@ def _traced(fn, variables, *args):
 
 
 def _assert_invariant(fn, variables, spec, *args, seed=0):
-  perm = permute.random_permutation(spec, jax.random.key(seed))
+  """A random permutation from `spec` changes the variables, not the outputs."""
+  assert not spec.batch_sizes
+  rng = np.random.default_rng(seed)
+  perm = {g: rng.permutation(n) for g, n in spec.sizes.items()}
+  variables = jax.tree.map(np.asarray, variables)
   permuted = permute.apply_permutation(spec, perm, variables)
-  out, out_p = jax.jit(fn)(variables, *args), jax.jit(fn)(permuted, *args)
+  out, out_p = fn(variables, *args), fn(permuted, *args)  # eager: ops compiled once for the whole file
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_p)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(permuted))]
@@ -56,6 +68,12 @@ def _weights(shapes, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (rng.standard_normal(s) / math.sqrt(s[0])).astype(np.float32), shapes,
                       is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _random_like(shapes, seed=0):
+  """NumPy arrays of the shapes of a `jax.eval_shape` tree, scaled by their first axis."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) / math.sqrt(s.shape[0])).astype(np.float32), shapes)
 
 
 def _ids(seed=1):
@@ -90,14 +108,33 @@ def _gpt2_params(num_blocks=2, seed=0):
                    "ln_f_b": (D,)}, seed)
 
 
-def _gpt2(params, ids, take="take"):
+def _as_qkv(qkv, form="split"):
+  """A fused projection's output [b, t, 3 * H * HD] as q, k, v: [b, t, H, HD], in one of the forms people write."""
+  b, t = qkv.shape[:2]
+  if form == "split":
+    return [z.reshape(b, t, H, HD) for z in jnp.split(qkv, 3, axis=-1)]
+  qkv = qkv.reshape(b, t, 3, H, HD)
+  if form == "index":
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[..., 2, :, :]
+  if form == "moveaxis":  # unpacked: a slice and squeeze per part
+    return list(jnp.moveaxis(qkv, 2, 0))
+  if form == "unstack":
+    return jnp.unstack(qkv, axis=2)
+  assert form == "transpose"  # [3, b, heads, t, hd], as timm and big_vision lay it out
+  qkv = qkv.transpose(2, 0, 3, 1, 4)
+  return [z.transpose(0, 2, 1, 3) for z in (qkv[0], qkv[1], qkv[2])]
+
+
+FUSED_FORMS = ["index", "moveaxis", "unstack", "transpose"]
+
+
+def _gpt2(params, ids, take="take", qkv="split"):
   t = ids.shape[1]
   wte = params["wte"]
   h = (jnp.take(wte, ids, axis=0) if take == "take" else wte[ids]) + params["wpe"][:t]
   for blk in params["blocks"]:
     y = _layer_norm(h, blk["ln1_g"], blk["ln1_b"])
-    q, k, v = jnp.split(y @ blk["c_attn_w"] + blk["c_attn_b"], 3, axis=-1)
-    q, k, v = (z.reshape(*z.shape[:2], H, HD) for z in (q, k, v))
+    q, k, v = _as_qkv(y @ blk["c_attn_w"] + blk["c_attn_b"], qkv)
     h = h + _causal_attention(q, k, v) @ blk["c_proj_w"] + blk["c_proj_b"]
     y = _layer_norm(h, blk["ln2_g"], blk["ln2_b"])
     h = h + jax.nn.gelu(y @ blk["fc_w"] + blk["fc_b"]) @ blk["proj_w"] + blk["proj_b"]
@@ -124,10 +161,11 @@ def _gpt2_expected(num_blocks=2):
   return {(D, frozenset(stream)), *out}
 
 
-@pytest.mark.parametrize("take", ["take", "index"])
-def test_gpt2_block_plain_jnp(take):
+@pytest.mark.parametrize("take,qkv", [("take", "split"), ("index", "split"), ("take", "index")])
+def test_gpt2_block_plain_jnp(take, qkv):
+  """Complete: the exact groups; a c_attn reshaped to (3, heads, hd) and indexed gives those of its split."""
   params, ids = _gpt2_params(), _ids()
-  fn = lambda p, x: _gpt2(p, x, take)
+  fn = lambda p, x: _gpt2(p, x, take, qkv)
   spec = _traced(fn, params, ids)
   assert _as_sets(spec) == _gpt2_expected()
   _assert_invariant(fn, params, spec, ids)
@@ -205,27 +243,80 @@ def test_llama_block_plain_jnp(rope):
   _assert_invariant(fn, params, spec, ids)
 
 
-def test_fused_qkv_reshaped_to_three_heads_head_dim_and_swiglu_halves():
-  """[embed, 3 * heads * hd] viewed as (3, heads, hd) and indexed; gate/up as (2, hidden)."""
+def _fused_block(p, x, form):
+  """Attention from a fused q/k/v kernel and SwiGLU from a fused gate/up kernel, both in `form`."""
+  q, k, v = _as_qkv(x @ p["qkv"], form)
+  h = x + _causal_attention(q, k, v) @ p["o"]
+  gate_up = h @ p["gate_up"]
+  if form == "split":
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+  elif form in ("index", "transpose"):
+    gate_up = gate_up.reshape(B, T, 2, F)
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+  elif form == "moveaxis":
+    gate, up = jnp.moveaxis(gate_up.reshape(B, T, 2, F), 2, 0)
+  else:
+    gate, up = jnp.unstack(gate_up.reshape(B, T, 2, F), axis=2)
+  return h + (jax.nn.silu(gate) * up) @ p["down"]
+
+
+@pytest.fixture(scope="module")
+def fused_block():
+  """(variables, x, the spec of the split form)."""
   params = _weights({"qkv": (D, 3 * H * HD), "o": (H * HD, D), "gate_up": (D, 2 * F), "down": (F, D)})
   x = np.random.default_rng(0).standard_normal((B, T, D)).astype(np.float32)
+  return params, x, _traced(lambda p, x: _fused_block(p, x, "split"), params, x)
+
+
+def test_fused_qkv_and_gate_up_split_groups(fused_block):
+  """The split form's groups, exactly: heads across q, k, v; q/k head_dim; v/o head_dim; gate/up units."""
+  params, x, spec = fused_block
+  heads, within = ((H, HD), 0), ((H, HD), 1)
+  q, k, v = (0, H * HD), (H * HD, 2 * H * HD), (2 * H * HD, 3 * H * HD)
+  assert _as_sets(spec) == {
+      (H, frozenset([_ref("qkv", axis=1, factor=heads, part=p) for p in (q, k, v)]
+                    + [_ref("o", axis=0, factor=heads)])),
+      (HD, frozenset([_ref("qkv", axis=1, factor=within, part=p) for p in (q, k)])),
+      (HD, frozenset([_ref("qkv", axis=1, factor=within, part=v), _ref("o", axis=0, factor=within)])),
+      (F, frozenset([_ref("gate_up", axis=1, part=(0, F)), _ref("gate_up", axis=1, part=(F, 2 * F)),
+                     _ref("down", axis=0)])),
+  }
+  _assert_invariant(lambda p, x: _fused_block(p, x, "split"), params, spec, x)
+
+
+@pytest.mark.parametrize("form", FUSED_FORMS)
+def test_fused_qkv_reshaped_and_indexed_as_split(form, fused_block):
+  """[embed, 3 * heads * hd] viewed as (3, heads, hd) and indexed (gate/up as (2, hidden)): the split's spec."""
+  params, x, split_spec = fused_block
+  fn = lambda p, x: _fused_block(p, x, form)
+  spec = _traced(fn, params, x)
+  assert spec == split_spec
+  assert len(spec.groups) == 4
+  _assert_invariant(fn, params, spec, x, seed=1)
+
+
+def test_fused_qkv_reshaped_out_of_sight_is_coarser_and_named(fused_block):
+  """A reshape whose value leaves its jaxpr (a jitted helper) is indexed as a whole: sound, coarser, warned."""
+  params, x, _ = fused_block
+  to_heads = jax.jit(lambda y: y.reshape(B, T, 3, H, HD))
 
   def fn(p, x):
-    qkv = (x @ p["qkv"]).reshape(B, T, 3, H, HD)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = x + _causal_attention(q, k, v) @ p["o"]
-    gate, up = jnp.moveaxis((h @ p["gate_up"]).reshape(B, T, 2, F), 2, 0)
-    return h + (jax.nn.silu(gate) * up) @ p["down"]
+    qkv = to_heads(x @ p["qkv"])
+    return x + _causal_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]) @ p["o"]
 
-  spec = _traced(fn, params, x)
-  _assert_invariant(fn, params, spec, x)
-  heads = (H, frozenset([_ref("qkv", axis=1, factor=((3, H, HD), 1)), _ref("o", axis=0, factor=((H, HD), 0))]))
-  hidden = (F, frozenset([_ref("gate_up", axis=1, factor=((2, F), 1)), _ref("down", axis=0)]))
-  assert heads in _as_sets(spec) and hidden in _as_sets(spec)
-  # The view (3, heads, hd) shares one head_dim component among q, k and v: one
-  # group with the output projection (sound, coarser than q/k | v/o).
-  assert (HD, frozenset([_ref("qkv", axis=1, factor=((3 * H, HD), 1)),
-                         _ref("o", axis=0, factor=((H, HD), 1))])) in _as_sets(spec)
+  params = {k: params[k] for k in ("qkv", "o")}
+  report = trace.spec_report(fn, params, x)
+  assert report.fixed_by == {trace._INDEXED_WHOLE: (("qkv",),)}
+  with pytest.warns(UserWarning, match=r"an index of a reshaped axis not read as parts .* fixed axes of qkv\.") \
+      as record:
+    assert trace.permutation_spec(fn, params, x) == report.spec
+  assert len(record) == 1
+  # One head_dim group for q, k, v and o where the split gives two.
+  assert _as_sets(report.spec) == {
+      (H, frozenset([_ref("qkv", axis=1, factor=((3, H, HD), 1)), _ref("o", axis=0, factor=((H, HD), 0))])),
+      (HD, frozenset([_ref("qkv", axis=1, factor=((3 * H, HD), 1)), _ref("o", axis=0, factor=((H, HD), 1))])),
+  }
+  _assert_invariant(fn, params, report.spec, x)
 
 
 def test_unequal_split_of_a_fused_gqa_projection():
@@ -253,6 +344,7 @@ def test_unequal_split_of_a_fused_gqa_projection():
 # Flax linen: nn.Embed (lookup and tied attend), Dense c_attn split, learned positions.
 
 class _FlaxGPT2(nn.Module):
+  qkv: str = "split"  # the form of c_attn's q | k | v (`_as_qkv`)
 
   @nn.compact
   def __call__(self, ids):
@@ -260,18 +352,24 @@ class _FlaxGPT2(nn.Module):
     h = wte(ids) + nn.Embed(L, D, name="wpe")(jnp.arange(ids.shape[1]))
     for i in range(2):
       y = nn.LayerNorm(name=f"ln1_{i}")(h)
-      q, k, v = jnp.split(nn.Dense(3 * D, name=f"c_attn_{i}")(y), 3, axis=-1)
-      q, k, v = (z.reshape(*z.shape[:2], H, HD) for z in (q, k, v))
+      q, k, v = _as_qkv(nn.Dense(3 * D, name=f"c_attn_{i}")(y), self.qkv)
       h = h + nn.Dense(D, name=f"c_proj_{i}")(_causal_attention(q, k, v))
       y = nn.LayerNorm(name=f"ln2_{i}")(h)
       h = h + nn.Dense(D, name=f"proj_{i}")(nn.gelu(nn.Dense(F, name=f"fc_{i}")(y)))
     return wte.attend(nn.LayerNorm(name="ln_f")(h))
 
 
-def test_gpt2_block_flax_linen():
+@pytest.fixture(scope="module")
+def flax_gpt2():
+  """(variables, ids, the spec of the split form)."""
   model, ids = _FlaxGPT2(), _ids()
-  variables = model.init(jax.random.key(0), ids)
-  spec = _traced(model.apply, variables, ids)
+  variables = _random_like(jax.eval_shape(model.init, jax.random.key(0), ids))
+  return variables, ids, _traced(model.apply, variables, ids)
+
+
+def test_gpt2_block_flax_linen(flax_gpt2):
+  model = _FlaxGPT2()
+  variables, ids, spec = flax_gpt2
   _assert_invariant(model.apply, variables, spec, ids)
   sets = _as_sets(spec)
   p = lambda *path: ("params", *path)
@@ -294,6 +392,16 @@ def test_gpt2_block_flax_linen():
   assert len(spec.groups) == 1 + 2 * 4
 
 
+@pytest.mark.parametrize("form", ["index", "moveaxis"])
+def test_gpt2_fused_qkv_reshaped_flax_linen(form, flax_gpt2):
+  variables, ids, split_spec = flax_gpt2
+  model = _FlaxGPT2(qkv=form)
+  spec = _traced(model.apply, variables, ids)
+  assert spec == split_spec
+  assert len(spec.groups) == 1 + 2 * 4
+  _assert_invariant(model.apply, variables, spec, ids, seed=1)
+
+
 class _FlaxMHA(nn.Module):
   """nn.MultiHeadDotProductAttention, RMSNorm, a fused SwiGLU split in two, tied nn.Embed."""
 
@@ -311,7 +419,7 @@ class _FlaxMHA(nn.Module):
 
 def test_mha_swiglu_rmsnorm_flax_linen():
   model, ids = _FlaxMHA(), _ids()
-  variables = model.init(jax.random.key(0), ids)
+  variables = _random_like(jax.eval_shape(model.init, jax.random.key(0), ids))
   spec = _traced(model.apply, variables, ids)
   _assert_invariant(model.apply, variables, spec, ids)
   sets = _as_sets(spec)
@@ -331,29 +439,58 @@ def test_mha_swiglu_rmsnorm_flax_linen():
                         _ref(*p("down", "kernel"), axis=0)])) in sets
 
 
-def test_embedding_and_fused_split_flax_nnx():
-  class Net(nnx.Module):
+class _NnxNet(nnx.Module):
+  """nnx.Embed (lookup and tied attend), a fused nnx.Linear q | k | v in `form` (`_as_qkv`)."""
 
-    def __init__(self, rngs):
-      self.embed = nnx.Embed(V, D, rngs=rngs)
-      self.qkv = nnx.Linear(D, 3 * D, rngs=rngs)
-      self.out = nnx.Linear(D, D, rngs=rngs)
+  def __init__(self, rngs, form="split"):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.qkv = nnx.Linear(D, 3 * D, rngs=rngs)
+    self.out = nnx.Linear(D, D, rngs=rngs)
+    self.form = form
 
-    def __call__(self, ids):
-      h = self.embed(ids)
-      q, k, v = (z.reshape(*z.shape[:2], H, HD) for z in jnp.split(self.qkv(h), 3, axis=-1))
-      h = h + self.out(_causal_attention(q, k, v))
-      return self.embed.attend(h)
+  def __call__(self, ids):
+    h = self.embed(ids)
+    h = h + self.out(_causal_attention(*_as_qkv(self.qkv(h), self.form)))
+    return self.embed.attend(h)
 
-  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-  fn = lambda s, ids: nnx.merge(graphdef, s)(ids)
-  ids = _ids()
-  spec = _traced(fn, state, ids)
-  _assert_invariant(fn, state, spec, ids)
+
+def _nnx_apply(form):
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: _NnxNet(nnx.Rngs(0), form)))
+  return lambda s, ids: nnx.merge(graphdef, s)(ids)
+
+
+@pytest.fixture(scope="module")
+def nnx_net():
+  """(state, ids, the spec of the split form)."""
+  _, shapes = nnx.split(nnx.eval_shape(lambda: _NnxNet(nnx.Rngs(0))))
+  state, ids = _random_like(shapes), _ids()
+  return state, ids, _traced(_nnx_apply("split"), state, ids)
+
+
+def test_embedding_and_fused_split_flax_nnx(nnx_net):
+  state, ids, spec = nnx_net
+  _assert_invariant(_nnx_apply("split"), state, spec, ids)
   (stream,) = [refs for refs in spec.groups.values() if _ref("embed", "embedding", "value", axis=1) in refs]
   assert {_ref("qkv", "kernel", "value", axis=0), _ref("out", "kernel", "value", axis=1),
           _ref("out", "bias", "value", axis=0)} <= set(stream)
+  heads, within, v = ((H, HD), 0), ((H, HD), 1), (2 * D, 3 * D)
+  assert (H, frozenset([_ref("qkv", n, "value", axis=a, factor=heads, part=(s, s + D))
+                        for n, a in (("kernel", 1), ("bias", 0)) for s in (0, D, 2 * D)]
+                       + [_ref("out", "kernel", "value", axis=0, factor=heads)])) in _as_sets(spec)
+  assert (HD, frozenset([_ref("qkv", n, "value", axis=a, factor=within, part=v)
+                         for n, a in (("kernel", 1), ("bias", 0))]
+                        + [_ref("out", "kernel", "value", axis=0, factor=within)])) in _as_sets(spec)
   assert len(spec.groups) == 4  # stream, heads, q/k head_dim, v/o head_dim
+
+
+@pytest.mark.parametrize("form", ["index", "unstack"])
+def test_fused_qkv_reshaped_flax_nnx(form, nnx_net):
+  state, ids, split_spec = nnx_net
+  fn = _nnx_apply(form)
+  spec = _traced(fn, state, ids)
+  assert spec == split_spec
+  assert len(spec.groups) == 4
+  _assert_invariant(fn, state, spec, ids, seed=1)
 
 
 # Unread variables, control flow and the one warning.

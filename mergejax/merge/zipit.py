@@ -9,7 +9,9 @@ merges the most correlated features, from either model, into one unit
 forward order and keeps the rest of both models side by side: budgets are
 discrete, so the achieved budget (the least cost at or below the one asked,
 `budget.stage_cut`) is returned beside the merge. No least squares, and no
-permutation first: merge and unmerge do the aligning.
+permutation first: merge and unmerge do the aligning. A batched spec (layers
+under `scan`) is zipped copy by copy, its zip-or-keep choice tied across the
+copies (DESIGN.md, Stacked <-> unrolled).
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -35,28 +37,49 @@ PyTree = Any
 
 def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -> dict[str, np.ndarray]:
   """group -> f64[2n, 2n], the correlation of both models' features concatenated
-  (A's first), averaged over the group's features (as activation matching reads them)."""
+  (A's first), averaged over the group's features (as activation matching reads them).
+
+  A batched group's is f64[L, 2n, 2n], copy l's features (the scans unrolled, as
+  activation matching reads a batched spec): the unrolled model's groups, stacked.
+  """
   example, batches = kernels_lib.peek(batches)
-  plan = align._plan_for(spec, apply_fn, va, example)
+  unroll = bool(spec.batch_sizes)
+  uses = align._uses_for(apply_fn, va, example, unroll)
+  flat_spec = align._flat_spec(spec, va, uses) if unroll else spec
+  plan = align._feature_plan(flat_spec, uses)
 
   def features(variables, x):
-    _, found = trace.kernel_uses(apply_fn)(variables, x)
+    _, found = trace.kernel_uses(apply_fn, unroll_scans=unroll)(variables, x)
     return [align._feature_rows(found[f.path][f.use].output if f.is_output else found[f.path][f.use].input, f)
             for f in plan]
 
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
-  out = {g: 0.0 for g in spec.groups}
+  out = {g: 0.0 for g in flat_spec.groups}
   for f, m in zip(plan, moments):
     cov = np.block([[np.asarray(m.cov_aa), np.asarray(m.cov_ab)], [np.asarray(m.cov_ab).T, np.asarray(m.cov_bb)]])
     std = np.sqrt(np.diag(cov) + 1e-12)
     out[f.group] = out[f.group] + cov / np.outer(std, std) / sum(e.group == f.group for e in plan)
   # A group no feature reads (one unit no leaf names): its two units alike.
-  return {g: np.asarray(c, np.float64) if np.ndim(c) else np.ones((2 * spec.sizes[g],) * 2)
-          for g, c in out.items()}
+  out = {g: np.asarray(c, np.float64) if np.ndim(c) else np.ones((2 * flat_spec.sizes[g],) * 2)
+         for g, c in out.items()}
+  if not unroll:
+    return out
+  return {g: out[g] if g not in spec.batch_sizes else
+          np.stack([out[stacked.copy_name(g, i)] for i in range(spec.batch_sizes[g])]) for g in spec.groups}
 
 
 def _unit_map(m: zip_match.ZipMatch) -> combine.UnitMap:
   return combine.UnitMap(m.merge_index, m.merge_weight, m.unmerge)
+
+
+def _group_map(corr: np.ndarray, n: int, how: str, alpha: float, beta: float) -> combine.UnitMap:
+  """One group's (or copy's) UnitMap from its f64[2n, 2n] correlations: "zip" to n units, "fixed" to n
+  without merges within a model (never widened), or "keep" both models' units."""
+  if how == "keep":
+    return combine.partial_map(np.zeros(n, bool))
+  if how == "fixed":
+    alpha, beta = 0.0, 0.0
+  return _unit_map(zip_match.zip_match(corr, n, alpha=alpha, beta=beta))
 
 
 def zipit(
@@ -83,6 +106,14 @@ def zipit(
     budget: in [1, 2]; the zipped prefix is the shortest whose cost meets it.
     alpha, beta: ZipIt!'s (`zip_match`).
 
+  A batched group (stacked copies, e.g. layers under `scan`) is zipped in
+  every copy or kept in every copy: the stage cut runs over the spec's groups,
+  a batched group's cost the sum over its copies (as PLeaS ties its ratio).
+  Each copy zips its own features (`correlations`, the scans unrolled), so the
+  copies keep one width, n or 2n, and the result is ZipIt! on the unrolled
+  model stacked back, wherever the unrolled cut falls between layers alike
+  (budgets 1 and 2, or a cut before the first scanned group).
+
   Returns:
     `(merged variables, layout, allocation)`: the allocation's `cost` is the
     budget achieved, its ratios 1 (zipped) or 0 (kept) per group.
@@ -93,25 +124,30 @@ def zipit(
   batches = kernels_lib.replayable(batches)
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
-  stacked.check_unbatched(spec, "zipit")
-  heads_models = kernels_lib.head_models(heads, va)
-  kernels = kernels_lib.model_kernels(apply_fn, va, example)
+  unroll = bool(spec.batch_sizes)
+  kernels = kernels_lib.model_kernels(apply_fn, va, example, unroll_scans=unroll)
+  cut = stacked.scanned_copies(va, [k.path for k in kernels])
+  flat_spec, fa = stacked.unstack(spec, va, stacked=cut) if unroll else (spec, va)
+  fb = stacked.unstack(spec, vb, stacked=cut)[1] if unroll else vb
+  owner = stacked.copy_owners(spec)
+  heads_models = kernels_lib.head_models(heads, fa)
   inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
-  fixed = combine.fixed_groups(spec, inputs)
-  terms = kernels_lib.cost_terms(spec, kernels, va, heads_models, fixed, "flops")
+  fixed = frozenset(owner[g] for g in combine.fixed_groups(flat_spec, inputs))
+  flat_fixed = frozenset(g for g in flat_spec.groups if owner[g] in fixed)
+  terms = [t._replace(groups=tuple(owner[g] for g in t.groups))
+           for t in kernels_lib.cost_terms(flat_spec, kernels, fa, heads_models, flat_fixed, "flops")]
   order = [g for g in spec.groups if g not in fixed]
   alloc = budget_lib.stage_cut(terms, order, budget)
   corr = correlations(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
   maps = {}
   for g, n in spec.sizes.items():
-    if g in fixed:  # never widened, never merged within a model
-      maps[g] = _unit_map(zip_match.zip_match(corr[g], n, alpha=0.0, beta=0.0))
-    elif alloc.ratios[g] == 1.0:
-      maps[g] = _unit_map(zip_match.zip_match(corr[g], n, alpha=alpha, beta=beta))
-    else:
-      maps[g] = combine.partial_map(np.zeros(n, bool))
+    how = "fixed" if g in fixed else "zip" if alloc.ratios[g] == 1.0 else "keep"
+    args = (n, how, alpha, beta)
+    maps[g] = [_group_map(c, *args) for c in corr[g]] if g in spec.batch_sizes else _group_map(corr[g], *args)
   layout = combine.layout_of(maps)
-  merged = combine.combine(spec, maps, va, vb, inputs=inputs, models=heads_models)
+  merged = combine.combine(flat_spec, stacked.unstack_per_copy(spec, maps, "zipit"), fa, fb, inputs=inputs,
+                           models=heads_models)
+  merged = stacked.stack(spec, merged, stacked=cut) if unroll else merged
   if build_fn is not None:
     merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
   return merged, layout, alloc

@@ -102,17 +102,23 @@ Groups (`groups()`, in forward order; block i of `depth`):
     and pairing, so there is no `qk_dim` group;
   `block{i}.mlp`: the MLP hidden units (SwiGLU: gate and up together).
 
+With `scan=True` the block groups are `blocks.X`, one for all the layers
+(every layer has one set of widths): `groups()` is `embed` and `blocks.X`,
+the names of the scanned hand spec's batched groups and so of the layouts
+that PLeaS and ZipIt! return for it.
+
 `models.build("lm", layout)` widens `embed` (the stream), the head counts and
-the MLP hidden widths; head_dim stays. With `scan=True` every layer must have
-the same widths (a layout giving layers different widths is refused).
+the MLP hidden widths; head_dim stays. With `scan=True` a layout gives each
+`blocks.X` one GroupLayout, every layer's (the unrolled `block{i}.X` names
+are refused as unknown groups).
 
 Hand spec: `permutation_spec` lists every group above for the unrolled model.
 For `scan=True` it has `embed` (every stacked leaf's stream axis one axis
-later, one permutation shared by all layers: the scan's carry) and, for each
-of block 0's groups `block0.X`, a batched group `blocks.X` over the `depth`
-stacked copies (`AxisRef.batch = 0`, permutation int[depth, n]; copy l is
-block l's group, `mergejax.stacked.unstack` gives the unrolled spec's groups
-as `blocks.X[l]`). This is what `trace.permutation_spec` finds.
+later, one permutation shared by all layers: the scan's carry) and a batched
+group `blocks.X` over the `depth` stacked copies (`AxisRef.batch = 0`,
+permutation int[depth, n]; copy l is the unrolled model's `block{l}.X`,
+`mergejax.stacked.unstack` names it `blocks.X[l]`). This is what
+`trace.permutation_spec` finds.
 """
 
 from collections.abc import Mapping, Sequence
@@ -384,18 +390,22 @@ class LMConfig(config.ModelConfig):
     """Whether block i is grouped-query (fewer kv heads than query heads)."""
     return self.num_kv_heads[i] < self.num_heads[i]
 
+  def _block_names(self) -> list[str]:
+    """Each block's group prefix: `block{i}`, or `blocks` for every block under scan."""
+    return ["blocks"] * self.depth if self.scan else [f"block{i}" for i in range(self.depth)]
+
   def groups(self) -> dict[str, int]:
     out = {"embed": self.embed_dim}
-    for i in range(self.depth):
+    for i, blk in enumerate(self._block_names()):
       h, kv = self.num_heads[i], self.num_kv_heads[i]
       if self._grouped(i):
-        out.update({f"block{i}.kv_heads": kv, f"block{i}.q_per_kv": h // kv})
+        out.update({f"{blk}.kv_heads": kv, f"{blk}.q_per_kv": h // kv})
       else:
-        out[f"block{i}.heads"] = h
+        out[f"{blk}.heads"] = h
       if self.positions != "rope":
-        out[f"block{i}.qk_dim"] = self.head_dim
-      out[f"block{i}.vo_dim"] = self.head_dim
-      out[f"block{i}.mlp"] = self.mlp_dim[i]
+        out[f"{blk}.qk_dim"] = self.head_dim
+      out[f"{blk}.vo_dim"] = self.head_dim
+      out[f"{blk}.mlp"] = self.mlp_dim[i]
     return out
 
   def fixed_groups(self) -> frozenset[str]:
@@ -409,20 +419,16 @@ class LMConfig(config.ModelConfig):
 
   def module(self, widths: Mapping[str, int]) -> LM:
     heads, kv_heads = [], []
-    for i in range(self.depth):
+    names = self._block_names()
+    for i, blk in enumerate(names):
       if self._grouped(i):
-        kv = widths[f"block{i}.kv_heads"]
+        kv = widths[f"{blk}.kv_heads"]
         kv_heads.append(kv)
-        heads.append(kv * widths[f"block{i}.q_per_kv"])
+        heads.append(kv * widths[f"{blk}.q_per_kv"])
       else:
-        heads.append(widths[f"block{i}.heads"])
-        kv_heads.append(widths[f"block{i}.heads"])
-    mlp_dims = tuple(widths[f"block{i}.mlp"] for i in range(self.depth))
-    if self.scan and (len(set(heads)) > 1 or len(set(kv_heads)) > 1 or len(set(mlp_dims)) > 1):
-      raise ValueError(
-          f"lm: with scan=True every block needs the same widths; the layout gives heads {heads},"
-          f" kv heads {kv_heads}, MLP {list(mlp_dims)}"
-      )
+        heads.append(widths[f"{blk}.heads"])
+        kv_heads.append(widths[f"{blk}.heads"])
+    mlp_dims = tuple(widths[f"{blk}.mlp"] for blk in names)
     return LM(
         vocab_size=self.vocab_size, max_len=self.max_len, embed_dim=widths["embed"],
         num_heads=tuple(heads), num_kv_heads=tuple(kv_heads), head_dim=self.head_dim,
@@ -515,10 +521,9 @@ class LMConfig(config.ModelConfig):
       b.add("embed", ("params", *name, "bias"), offset)
 
   def _scanned_spec(self) -> spec_lib.PermutationSpec:
-    """`embed` over the stacked leaves' stream axes (one axis later), and each of
-    block 0's groups as a batched group `blocks.X` over `depth` copies (batch axis 0)."""
-    per_block = {g.removeprefix("block0."): n for g, n in self.groups().items() if g.startswith("block0.")}
-    sizes = {"embed": self.embed_dim, **{f"blocks.{g}": n for g, n in per_block.items()}}
+    """`embed` over the stacked leaves' stream axes (one axis later), and each
+    block group as a batched group `blocks.X` over `depth` copies (batch axis 0)."""
+    sizes = self.groups()
     b = config.SpecBuilder(sizes)
     self._outer_refs(b)
     self._block_refs(b, "blocks", 0, offset=1)
