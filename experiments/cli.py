@@ -6,7 +6,10 @@
 Flags are defined only when a script runs as `__main__`, so experiments can
 import one another. `--distributed` calls `jax.distributed.initialize()` (no
 arguments: TPU pods, SLURM and Open MPI are found by jax) unless jax already
-is (experiments/launch_local.py initialises its processes itself).
+is (experiments/launch_local.py initialises its processes itself). Every
+process then builds the same datasets and its statistic passes read
+`cli.process_shard(batches)` (`distributed.process_shard`: batch i on process
+i % N), so a pass is over all the batches once.
 """
 
 from collections.abc import Callable
@@ -18,6 +21,7 @@ import jax
 from ml_collections import config_flags
 
 from experiments import logs
+from mergejax.distributed import process_shard  # noqa: F401  the experiments' data, per process
 
 
 def main(
@@ -37,8 +41,8 @@ def main(
   flags.DEFINE_bool(
       "distributed", False,
       "Call jax.distributed.initialize() first (one process per host of a TPU pod slice or GPU cluster;"
-      " no-op if already initialised). The experiments do not shard their data or checkpoints per"
-      " process yet (README, Many devices and hosts).")
+      " no-op if already initialised). Each process reads its share of the statistic passes' batches"
+      " (README, Many devices and hosts).")
   flags.mark_flags_as_required([n for n, d in (("config", config), ("workdir", workdir)) if d is None])
 
   def absl_main(argv):

@@ -29,8 +29,8 @@ import mergejax as mj
 
 
 def _match_batches(task, config):
-  return lambda: mj.data.batches(
-      task.x_train, batch_size=config.rebasin.batch_size, seed=config.seed, epochs=1)
+  return cli.process_shard(lambda: mj.data.batches(
+      task.x_train, batch_size=config.rebasin.batch_size, seed=config.seed, epochs=1))
 
 
 def align(config, model, task, va, vb) -> dict[str, mj.MatchResult | None]:
@@ -44,8 +44,8 @@ def align(config, model, task, va, vb) -> dict[str, mj.MatchResult | None]:
     x, y = batch
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(variables, x), y).mean()
 
-  labelled = mj.data.batches(task.x_train, task.y_train, batch_size=config.rebasin.batch_size,
-                             seed=config.seed, epochs=None)
+  labelled = cli.process_shard(mj.data.batches(task.x_train, task.y_train, batch_size=config.rebasin.batch_size,
+                                               seed=config.seed, epochs=None))
   methods = {"naive": None}
   for name in config.rebasin.methods:
     start = time.perf_counter()

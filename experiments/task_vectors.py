@@ -297,8 +297,8 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
   """
   base, tuned = trained.base, trained.tuned
   key = jax.random.key(seed)
-  inputs = [functools.partial(mj.data.batches, t.x_train, batch_size=config.task_vectors.batch_size,
-                              shuffle=False) for t in fit]
+  inputs = [cli.process_shard(functools.partial(mj.data.batches, t.x_train, batch_size=config.task_vectors.batch_size,
+                                                shuffle=False)) for t in fit]
 
   def timed(name, fn):
     start = time.perf_counter()

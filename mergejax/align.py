@@ -19,9 +19,13 @@ import itertools
 from typing import Any, NamedTuple
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import optax
+import scipy.optimize
 
+from mergejax import distributed
 from mergejax import permute
 from mergejax import spec as spec_lib
 from mergejax import stacked
@@ -377,7 +381,8 @@ def activation_matching(
     averaged over the group's features (so in [-1, 1]).
   """
   _check_models(spec, va, vb)
-  example, batches = peek(batches)
+  mesh = distributed.default_mesh() if mesh is None else mesh
+  example, batches = distributed.peek_any_process(mesh, peek, batches, "activation_matching")
   unroll = bool(spec.batch_sizes)
   uses = _uses_for(apply_fn, va, example, unroll)
   batched, spec = spec, _flat_spec(spec, va, uses) if unroll else spec
@@ -402,7 +407,7 @@ def activation_matching(
   total = sum(s.sum() for s in scores.values())
   if unroll:
     perm, scores = stacked.stack_permutation(batched, perm), stacked.stack_permutation(batched, scores)
-  return MatchResult(perm, jnp.reshape(total, (1,)), scores)
+  return _replicated_like(MatchResult(perm, jnp.reshape(total, (1,)), scores), va)
 
 
 def _flat_spec(spec: spec_lib.PermutationSpec, variables: PyTree, uses: Mapping) -> spec_lib.PermutationSpec:
@@ -475,8 +480,17 @@ def ste_matching(
     key: the group order of the inner weight matching.
     lap_method: `mergejax.lap`'s method.
 
+  Several processes (`jax.distributed`): each passes its own batches and
+  every step's gradient is the mean of the processes' gradients weighted by
+  their batches' rows (a host all-gather of the gradients), so for a
+  `loss_fn` that is a mean over the batch's rows (leading axis of its first
+  leaf) the result is one process's on each step's batches concatenated, the
+  same on every process. Every process needs batches (checked on every
+  process before the first step).
+
   Returns:
-    MatchResult; `objective_trace` is the loss at each step.
+    MatchResult; `objective_trace` is the loss at each step; replicated over
+    the mesh of `va`'s first sharded leaf, if any.
   """
   _check_models(spec, va, vb)
   stacked.check_unbatched(spec, "ste_matching")
@@ -487,7 +501,7 @@ def ste_matching(
   match = _weight_matching_loop(_spec_key(spec), 20, lap_method, 1e-7)
 
   @jax.jit
-  def step(w, opt_state, perm, key, batch):
+  def gradient(w, perm, key, batch):
     perm, _, _ = match(key, perm, w, vb)
     projected = permute.apply_permutation(spec, perm, vb)
 
@@ -496,20 +510,45 @@ def ste_matching(
       return loss_fn(tree.lerp(va, straight, 0.5), batch)
 
     value, grads = jax.value_and_grad(loss)(w)
+    return perm, value, grads
+
+  @jax.jit
+  def descend(w, opt_state, grads):
     updates, opt_state = optimizer.update(grads, opt_state, w)
-    return optax.apply_updates(w, updates), opt_state, perm, value
+    return optax.apply_updates(w, updates), opt_state
 
   w = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), va)
   opt_state = optimizer.init(w)
   perm = permute.identity_permutation(spec)
   losses = []
   stream = _cycle(batches)
+  several = jax.process_count() > 1
+  if several:  # an empty shard raises on every process, before any step's all-gather
+    batch, error = None, None
+    try:
+      batch = next(stream)
+    except ValueError as e:
+      error = e
+    distributed.raise_together(distributed.default_mesh(), error, "ste_matching")
+    stream = itertools.chain([batch], stream)
   for _ in range(num_steps):
     key, sub = jax.random.split(key)
-    w, opt_state, perm, value = step(w, opt_state, perm, sub, next(stream))
+    batch = next(stream)
+    perm, value, grads = gradient(w, perm, sub, batch)
+    if several:
+      value, grads = _mean_over_processes((value, grads), jax.tree.leaves(batch)[0].shape[0])
+    w, opt_state = descend(w, opt_state, grads)
     losses.append(value)
   scores = _pair_scores(_spec_key(spec))(perm, va, vb)
-  return MatchResult(perm, jnp.stack(losses), scores)
+  return _replicated_like(MatchResult(perm, jnp.stack(losses), scores), va)
+
+
+def _mean_over_processes(values: PyTree, rows: int) -> PyTree:
+  """The mean of every process's `values` (means over its `rows` rows), weighted by rows:
+  the mean over all the processes' rows, the same on every process."""
+  every_rows, every_values = multihost_utils.process_allgather((np.float32(rows), values))
+  weights = every_rows / every_rows.sum()
+  return jax.tree.map(lambda v: jnp.asarray(np.tensordot(weights, v, axes=1), v.dtype), every_values)
 
 
 def _cycle(batches):

@@ -12,9 +12,13 @@ process.
     mesh = distributed.default_mesh()               # every device of every process
     table = distributed.gather_ints(mesh, [rows])    # int64[processes, 1], the same everywhere
     distributed.raise_together(mesh, error, "fisher")
+    batches = distributed.process_shard(dataset_batches)  # each process's share of the same batches
+    example, batches = distributed.peek_any_process(mesh, peek, batches, "regmean_grams")  # zeros if no batch here
 """
 
-from collections.abc import Sequence
+import ast
+from collections.abc import Callable, Iterable, Sequence
+import itertools
 from typing import Any
 import zlib
 
@@ -65,6 +69,80 @@ def gather_ints(mesh: jax.sharding.Mesh, values: Sequence[int]) -> np.ndarray:
   if not is_global(mesh):
     return local
   return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
+
+
+def shared_example(mesh: jax.sharding.Mesh, arrays: Sequence[np.ndarray] | None,
+                   rows: int = 1) -> tuple[np.ndarray, ...] | None:
+  """`arrays` as a tuple where this process has them, else zeros shaped like another's.
+
+  For a process with no data (no batch at all) that must still take part in
+  a pass: it gets zero arrays of `rows` rows, with the shapes past the first
+  axis and the dtypes of the first process that has arrays. None when no
+  process has any. On a global mesh every process must call it (two
+  exchanges of host ints; one when every process or none has arrays).
+  """
+  mine = None if arrays is None else tuple(np.asarray(a) for a in arrays)
+  if not is_global(mesh):
+    return mine
+  code = b"" if mine is None else repr([(a.shape[1:], a.dtype.name) for a in mine]).encode()
+  lengths = gather_ints(mesh, [len(code)])[:, 0]
+  if lengths.all() or not lengths.any():
+    return mine
+  source = int(np.flatnonzero(lengths)[0])
+  padded = np.zeros(lengths.max(), np.int64)
+  padded[:len(code)] = np.frombuffer(code, np.uint8)
+  described = gather_ints(mesh, padded)[source, :lengths[source]].astype(np.uint8).tobytes()
+  if mine is not None:
+    return mine
+  return tuple(np.zeros((rows, *shape), jax.numpy.dtype(dtype))
+               for shape, dtype in ast.literal_eval(described.decode()))
+
+
+def peek_any_process(mesh: jax.sharding.Mesh, peek: Callable[[Any], tuple[Any, Any]], batches: Any,
+                     what: str) -> tuple[Any, Any]:
+  """`peek(batches)` (the first input, and batches to read from the start),
+  where on a global mesh a process with no batches (`peek` raised ValueError)
+  gets a zero example of one row shaped like another process's first input
+  (an array; `shared_example`) and no batches, so it can trace the model and
+  take part in the pass with masked batches. Every process of a global mesh
+  must call it.
+
+  Raises:
+    ValueError: `peek`'s on a local mesh; on every process when no process
+      has a batch (naming `what`).
+  """
+  if not is_global(mesh):
+    return peek(batches)
+  try:
+    example, batches = peek(batches)
+  except ValueError:
+    example, batches = None, ()
+  shared = shared_example(mesh, None if example is None else (np.asarray(example),))
+  if shared is None:
+    raise ValueError(f"{what}: batches is empty on every process")
+  return (shared[0] if example is None else example), batches
+
+
+def process_shard(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Any:
+  """This process's share of `batches`: batch i goes to process `i % jax.process_count()`.
+
+  For data every process can enumerate in the same order (a dataset's
+  batches, read or generated deterministically): each process keeps its own
+  batches, so a pass over them (`stats.accumulate`, a global mesh) is one
+  pass over all the batches. A callable (a fresh iterable per call, as PLeaS
+  and RegMean++ take) gives a callable, a sequence a slice of it, another
+  iterable an iterator; with one process `batches` comes back as it is.
+  A process may get none (fewer batches than processes): it passes masked
+  batches (`stats.accumulate`).
+  """
+  count, me = jax.process_count(), jax.process_index()
+  if count == 1:
+    return batches
+  if callable(batches):
+    return lambda: itertools.islice(batches(), me, None, count)
+  if isinstance(batches, Sequence):
+    return batches[me::count]
+  return itertools.islice(batches, me, None, count)
 
 
 def raise_together(mesh: jax.sharding.Mesh, error: Exception | None, what: str) -> None:

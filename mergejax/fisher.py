@@ -655,7 +655,8 @@ def fisher(
       "empirical", logits that are not f32[batch, classes] or not finite on
       the first batch, or labels of the first batch out of range; during it,
       for a batch of another shape (`stats.accumulate`). Over several
-      processes a check that fails on one raises on every one.
+      processes a check that fails on one raises on every one; a process
+      with no batches contributes none (an error only when none has any).
   """
   stat = fisher_accumulator(logits_fn, kind=kind, key=key, class_chunk=class_chunk,
                             example_chunk=example_chunk)
@@ -664,10 +665,12 @@ def fisher(
   it = iter(batches() if callable(batches) else batches)
   first, error = next(it, None), None
   try:
-    if first is None:
+    if first is None and not distributed.is_global(mesh):  # on a global mesh: `accumulate` checks
       raise ValueError("fisher: batches is empty")
-    _check_first_batch(logits_fn, variables, first, kind)
+    if first is not None:
+      _check_first_batch(logits_fn, variables, first, kind)
   except ValueError as e:  # each process checks its own first batch: all raise together
     error = e
   distributed.raise_together(mesh, error, "fisher")
-  return stats.accumulate(stat, variables, itertools.chain([first], it), mesh=mesh, progress=progress)
+  return stats.accumulate(stat, variables, itertools.chain([] if first is None else [first], it), mesh=mesh,
+                          progress=progress)

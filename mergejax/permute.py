@@ -11,7 +11,9 @@ view), so B's unit `perm[g][i]` lands on A's unit i. A permutation is a dict
 copies, `spec.batch_sizes[g] = L`) is int[L, n], row l permuting copy l.
 """
 
+from collections.abc import Callable
 from collections.abc import Mapping
+import functools
 from typing import Any
 
 import jax
@@ -132,12 +134,121 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
 
 
 def _take_keeping_sharding(x: Any, perm: Any, ref: spec_lib.AxisRef) -> Any:
-  """`take_units`, compiled to keep x's `NamedSharding` (a sharded leaf is
-  permuted shard by shard, never gathered whole); as is for other leaves."""
+  """`take_units`, compiled to keep x's `NamedSharding`; as is for other leaves.
+
+  A leaf whose permuted axis is not sharded is gathered shard by shard. One
+  whose (plain) permuted axis is sharded, with a concrete permutation, is
+  permuted by `_take_sharded_axis` (only the rows that change devices move);
+  a factored, part or batched ref on a sharded axis, or a traced permutation,
+  falls back to XLA's gather, which all-gathers the leaf (DESIGN.md).
+  """
   sharding = getattr(x, "sharding", None)
   if _is_traced(x) or not isinstance(sharding, jax.sharding.NamedSharding):
     return take_units(x, perm, ref)
+  mesh_axes = _sharded_over(sharding, ref.axis)
+  if (mesh_axes and not _is_traced(perm) and ref.factor is None and ref.part is None and ref.batch is None
+      and x.shape[ref.axis] % _mesh_size(sharding.mesh, mesh_axes) == 0):
+    return _take_sharded_axis(x, _host_copy(perm), ref.axis, mesh_axes)
   return jax.jit(take_units, static_argnums=2, out_shardings=sharding)(x, perm, ref)
+
+
+def _sharded_over(sharding: jax.sharding.NamedSharding, axis: int) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that `axis` of a leaf laid out by `sharding` is split over."""
+  spec = tuple(sharding.spec) + (None,) * (axis + 1 - len(sharding.spec))
+  names = spec[axis] if isinstance(spec[axis], tuple) else () if spec[axis] is None else (spec[axis],)
+  return tuple(n for n in names if sharding.mesh.shape[n] > 1)
+
+
+def _mesh_size(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _host_copy(perm: Any) -> np.ndarray:
+  """A concrete permutation on the host (a global replicated array: this process's copy)."""
+  if isinstance(perm, jax.Array) and not perm.is_fully_addressable:
+    perm = perm.addressable_data(0)
+  return np.asarray(perm)
+
+
+def _sharded_plan(perm: np.ndarray, shards: int) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+  """Which rows each shard sends where, for `out[i] = x[perm[i]]` over `shards` equal blocks.
+
+  Round s moves rows from shard d to shard (d + s) % shards; `sizes[s]` is the
+  most rows any shard sends in it (rounds with none are skipped).
+
+  Returns:
+    (shifts, sends: int32[shards, total], places: int32[shards, total]):
+    `total = sum(sizes)` slots, round by round; shard d sends its local rows
+    `sends[d]` (padding: row 0) and the shard receiving round s's slots from
+    shard d - s writes them at its local rows `places[d]` (padding: `block`,
+    dropped). Static: the shifts and the rounds' sizes.
+  """
+  n = perm.shape[0]
+  block = n // shards
+  dest = np.arange(n)
+  source_shard, target_shard = perm // block, dest // block
+  shift = (target_shard - source_shard) % shards
+  shifts, sizes, sends, places = [], [], [], []
+  for s in range(shards):
+    chosen = shift == s
+    if not chosen.any():
+      continue
+    counts = np.bincount(source_shard[chosen], minlength=shards)
+    size = int(counts.max())
+    send = np.zeros((shards, size), np.int32)
+    place = np.full((shards, size), block, np.int32)
+    for d in range(shards):
+      rows = np.flatnonzero(chosen & (source_shard == d))  # output rows fed by shard d in round s
+      send[d, :rows.size] = perm[rows] % block
+      place[(d + s) % shards, :rows.size] = rows % block
+    shifts.append(s)
+    sizes.append(size)
+    sends.append(send)
+    places.append(place)
+  return tuple(zip(shifts, sizes)), np.concatenate(sends, axis=1), np.concatenate(places, axis=1)
+
+
+def _take_sharded_axis(x: jax.Array, perm: np.ndarray, axis: int, mesh_axes: tuple[str, ...]) -> jax.Array:
+  """`take(x, perm, axis)` where `axis` is split over `mesh_axes`, keeping x's sharding.
+
+  Under `shard_map`, each shard gathers the rows it keeps and, round by round
+  (`_sharded_plan`), `ppermute`s to another shard just the rows that shard
+  needs (padded to the round's largest count): no device holds more than its
+  shard plus one round's rows, and no all-gather is compiled.
+  """
+  sharding = x.sharding
+  shards = _mesh_size(sharding.mesh, mesh_axes)
+  rounds, sends, places = _sharded_plan(perm, shards)
+  index_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(mesh_axes))
+  as_global = lambda a: jax.make_array_from_callback(a.shape, index_sharding, lambda i: a[i])  # noqa: E731
+  run = _sharded_take(sharding, axis, mesh_axes, rounds)
+  return run(x, as_global(sends), as_global(places))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_take(sharding: jax.sharding.NamedSharding, axis: int, mesh_axes: tuple[str, ...],
+                  rounds: tuple[tuple[int, int], ...]) -> Callable[..., jax.Array]:
+  """The compiled permutation of `_take_sharded_axis`, one per layout and rounds."""
+  shards = _mesh_size(sharding.mesh, mesh_axes)
+  name = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+  spec = jax.sharding.PartitionSpec
+
+  def local(x, sends, places):  # x: this shard; sends, places: int32[1, total]
+    rows = jnp.moveaxis(x, axis, 0)
+    out = jnp.zeros_like(rows)
+    offset = 0
+    for shift, size in rounds:
+      send, place = sends[0, offset:offset + size], places[0, offset:offset + size]
+      moved = jnp.take(rows, send, axis=0)
+      if shift:
+        moved = jax.lax.ppermute(moved, name, [(d, (d + shift) % shards) for d in range(shards)])
+      out = out.at[place].set(moved, mode="drop")
+      offset += size
+    return jnp.moveaxis(out, 0, axis)
+
+  mapped = jax.shard_map(local, mesh=sharding.mesh, in_specs=(sharding.spec, spec(mesh_axes), spec(mesh_axes)),
+                         out_specs=sharding.spec)
+  return jax.jit(mapped, out_shardings=sharding)
 
 
 def identity_permutation(spec: spec_lib.PermutationSpec) -> Perm:

@@ -381,8 +381,9 @@ def accumulate(
   the processes' data, the same on every process. Step k updates with the k-th
   batch of every process, assembled into one global batch
   (`jax.make_array_from_process_local_data`, process by process in device
-  order); a process whose batches ran out passes a fully masked one until
-  every process's have (DESIGN.md, Statistics over several processes).
+  order); a process whose batches ran out (or that has none) passes a fully
+  masked one until every process's have (DESIGN.md, Statistics over several
+  processes).
 
   Args:
     stat: an Accumulator.
@@ -402,7 +403,8 @@ def accumulate(
     `stat.finalize` of the accumulated state, on the first local device.
 
   Raises:
-    ValueError: for no batches (on any process), a batch larger than its
+    ValueError: for no batches (on every process of a global mesh; a
+      process with none passes masked batches), a batch larger than its
       process's first or of another input shape, first batches of different
       input shapes or dtypes on different processes, variables that differ
       between processes, or (where `stat.labels`) a batch without labels or
@@ -431,6 +433,9 @@ def accumulate(
 
   per_device = max(-(-int(rows) // devices_of[p]) for p, rows in zip(processes, table[:, 1]))
   size, global_size = per_device * devices_of[me], per_device * mesh.devices.size
+  arrays = first
+  if global_pass and (table[:, 0] == _EXHAUSTED).any():  # a process with no batch: masked batches only
+    first = distributed.shared_example(mesh, first, rows=size)
   axes = tuple(mesh.axis_names)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes[0] if len(axes) == 1 else axes))
 
@@ -441,7 +446,7 @@ def accumulate(
   state = distributed.replicate(stat.init(variables, arg(first)), mesh)
   variables = distributed.replicate(variables, mesh)  # also when committed to one device
   blank = tuple(np.zeros((size, *a.shape[1:]), a.dtype) for a in first)
-  arrays, count = first, 0
+  count = 0
   start = last_log = time.perf_counter()
   while True:
     if arrays is None:
@@ -475,12 +480,10 @@ def _check_first_batches(table: np.ndarray, processes: list[int], first: tuple[n
     if first is None:
       raise ValueError("accumulate: batches is empty")
     return
-  empty = [p for p, s in zip(processes, table[:, 0]) if s == _EXHAUSTED]
-  if empty:
-    raise ValueError(
-        f"accumulate: batches is empty on process(es) {empty}; every process needs at least one batch")
+  if (table[:, 0] == _EXHAUSTED).all():
+    raise ValueError(f"accumulate: batches is empty on every process ({processes})")
   mine = "" if first is None else f" (process {jax.process_index()}'s: {[(a.shape, a.dtype.name) for a in first]})"
-  if len(set(table[:, 2])) > 1:
+  if len(set(table[table[:, 0] != _EXHAUSTED, 2])) > 1:  # a process with no batch has no shapes
     raise ValueError(
         "accumulate: the processes' first batches differ in shape past the batch axis or dtype"
         f"{mine}; every process's batches must have the same input (and label) shape and dtype")

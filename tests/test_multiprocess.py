@@ -24,10 +24,12 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 import pytest
 
 from experiments import launch_local
 import mergejax as mj
+from mergejax import distributed
 from mergejax import stats
 
 PROCESSES, DEVICES = 2, 4
@@ -124,6 +126,46 @@ def _matched(batches):
   return [*jax.tree.leaves(matched.perm), *jax.tree.leaves(matched.pair_scores)]
 
 
+def _ste(batches):
+  va, vb = _variables(1), _variables(2)
+  spec = mj.permutation_spec(_mlp, va, _x()[:1])
+
+  def loss_fn(v, batch):  # a mean over the batch's rows
+    x, y = batch
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(_mlp(v, x)), y[:, None], axis=1))
+
+  matched = mj.ste_matching(spec, loss_fn, va, vb, batches, num_steps=3, optimizer=optax.sgd(0.5))
+  return [*jax.tree.leaves(matched.perm), matched.objective_trace]
+
+
+def _labelled(rows):
+  """(x, y) batches of the given row ranges; y in [0, 3)."""
+  x, y = _x(), np.random.default_rng(1).integers(0, 3, 32).astype(np.int32)
+  return [(x[a:b], y[a:b]) for a, b in rows]
+
+
+STE_ROWS = ([(0, 8)], [(8, 12)])  # uneven: every step's gradient weighs process 0's 8 rows and process 1's 4
+
+
+def _concatenated(parts):
+  return tuple(np.concatenate(columns) for columns in zip(*parts))
+
+
+def _sharded_permutation():
+  """A leaf split by rows over all 8 devices of both processes, permuted along those rows."""
+  mesh = distributed.default_mesh()
+  x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+  sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  leaf = jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+  spec = mj.PermutationSpec({"h": [mj.AxisRef(("w",), 0)]}, {"h": 64})
+  got = mj.apply_permutation(spec, {"h": np.random.default_rng(9).permutation(64).astype(np.int32)}, {"w": leaf})["w"]
+  return [np.array(int(got.sharding == sharding)), multihost_utils.process_allgather(got, tiled=True)]
+
+
+def _grams(batches):
+  return jax.tree.leaves(mj.merge.regmean_grams(_mlp, _variables(1), batches))
+
+
 def _pleas(batches):
   va, vb = _variables(1), _variables(2)
   merged, _ = mj.merge.pleas(_mlp, va, vb, lambda: iter(batches), budget=1.5, matching="activation",
@@ -214,11 +256,26 @@ def run_cases(outdir):
   local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
   record("local_mesh/gram", lambda: _pass("gram", _shard("even", me), local))
   record("activation_matching", lambda: _matched(_shard("even", me)))
+  record("ste_matching", lambda: _ste(_labelled(STE_ROWS[me])))
+  # process 0 has no batch: it passes masked ones, every process gets process 1's statistic
+  record("no_batches/gram", lambda: _pass("gram", [] if me == 0 else _shard("even", me)))
+  record("no_batches/fisher", lambda: jax.tree.leaves(mj.fisher(
+      _mlp, _variables(1), [] if me == 0 else _shard("even", me), kind="sampled", key=jax.random.key(KEY),
+      progress=False)))
+  record("no_batches/activation_matching", lambda: _matched([] if me == 0 else _shard("even", me)))
+  record("no_batches/regmean_grams", lambda: _grams([] if me == 0 else _shard("even", me)))
+  # every process enumerates the same 4 batches and keeps its share: process p gets batches p and p + 2
+  every = [_x()[i:i + 8] for i in range(0, 32, 8)]
+  record("process_shard/list", lambda: _pass("gram", distributed.process_shard(every)))
+  record("process_shard/callable", lambda: _pass("gram", distributed.process_shard(lambda: iter(every))))
+  record("process_shard/iterator", lambda: _pass("gram", distributed.process_shard(iter(every))))
+  record("sharded_permutation", _sharded_permutation)
   record("pleas", lambda: _pleas(_shard("even", me)))
   errors = {
       # process 1's second batch is larger than its first
       "larger_batch": lambda: _pass("gram", _shard("even", me) if me == 0 else [_x()[:4], _x()[:8]]),
-      "empty": lambda: _pass("gram", [] if me == 0 else _shard("even", me)),
+      "empty_everywhere": lambda: _pass("gram", []),
+      "ste_empty": lambda: _ste([] if me == 0 else _labelled(STE_ROWS[me])),
       "other_variables": lambda: stats.accumulate(_stat("gram"), (_variables(1), _variables(me + 2)),
                                                   _shard("even", me), progress=False),
       "fisher_labels": lambda: mj.fisher(_mlp, _variables(1), [(_x()[:8], np.full(8, 5 * me, np.int32))],
@@ -289,13 +346,42 @@ def test_activation_matching_and_pleas_as_one_process(results):
   _check(results, "pleas", _pleas(_all_data("even")), rtol=1e-4, atol=1e-5)
 
 
+def test_straight_through_matching_as_one_process(results):
+  """Each step's gradient is the row-weighted mean of the processes': one
+  process's on each step's batches concatenated (8 + 4 rows)."""
+  both = [_concatenated(_labelled(rows)[0] for rows in STE_ROWS)]
+  _check(results, "ste_matching", _ste(both), rtol=1e-5, atol=1e-6)
+
+
+def test_a_process_with_no_batches_contributes_none(results):
+  own = _shard("even", 1)
+  _check(results, "no_batches/gram", _pass("gram", own))
+  want = jax.tree.leaves(mj.fisher(_mlp, _variables(1), own, kind="sampled", key=jax.random.key(KEY),
+                                   progress=False))
+  _check(results, "no_batches/fisher", want)
+  _check(results, "no_batches/activation_matching", _matched(own))
+  _check(results, "no_batches/regmean_grams", _grams(own))
+
+
+def test_process_shard_gives_each_process_its_share_of_the_batches(results):
+  for kind in ("list", "callable", "iterator"):  # step k: batches 2k (process 0) and 2k + 1 (process 1)
+    _check(results, f"process_shard/{kind}", _pass("gram", _all_data("even")))
+
+
+def test_permuting_an_axis_sharded_over_both_processes(results):
+  x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+  _check(results, "sharded_permutation", [np.array(1), x[np.random.default_rng(9).permutation(64)]], atol=0)
+
+
 def test_a_failure_on_one_process_raises_on_every_process(results):
   first, second = ({k[len("error/"):]: str(v) for k, v in r.items() if k.startswith("error/")} for r in results)
   assert "batches must be at most the first's" in second["larger_batch"]
   assert "process(es) [1] failed" in first["larger_batch"]
   for r in (first, second):
-    assert "batches is empty on process(es) [0]" in r["empty"]
+    assert "batches is empty on every process ([0, 1])" in r["empty_everywhere"]
     assert "variables differ between processes (process(es) [1]" in r["other_variables"]
+  assert "ste_matching: batches is empty" in first["ste_empty"]
+  assert "ste_matching: process(es) [0] failed" in second["ste_empty"]
   assert "labels must lie in [0, 3)" in second["fisher_labels"]
   assert "fisher: process(es) [1] failed" in first["fisher_labels"]
 

@@ -3,12 +3,15 @@ kernel's largest axis over a "model" axis): the results equal the unsharded
 ones, keep the inputs' shardings, and the compiled per-leaf programs gather
 no leaf whole (no all-gather in their HLO)."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mergejax as mj
+from mergejax import permute
 from mergejax.merge import task_vectors as tv
 from tests.test_average import assert_trees_close
 from tests.test_task_vectors import reference_k
@@ -159,8 +162,7 @@ def test_apply_permutation_keeps_shardings(mesh, host_models, sharded_models):
 
 def test_permuting_axes_that_are_not_sharded_gathers_nothing(mesh, host_models):
   """Sharded on the other axis (tensor-parallel-like), a permutation is a
-  local gather on every shard. (Along a sharded axis XLA all-gathers the
-  leaf: DESIGN.md's sharding contract.)"""
+  local gather on every shard, also traced under jit."""
   layout = {"in": P("model", None), "bias": P(), "out": P(None, "model")}
   variables = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, layout[k]))
                for k, v in host_models[0].items()}
@@ -172,13 +174,85 @@ def test_permuting_axes_that_are_not_sharded_gathers_nothing(mesh, host_models):
   assert_same_shardings(mj.apply_permutation(SPEC, perm, variables), variables)
 
 
-def test_sharded_fisher_and_regmean_merges_keep_shardings(mesh, host_models, sharded_models):
+def _sharded_permutation(x, perm, axis):
+  """The compiled program `apply_permutation` runs for `x` (its `axis` sharded) and a concrete perm."""
+  mesh_axes = permute._sharded_over(x.sharding, axis)
+  rounds, sends, _ = permute._sharded_plan(perm, permute._mesh_size(x.sharding.mesh, mesh_axes))
+  index_sharding = jax.sharding.NamedSharding(x.sharding.mesh, P(mesh_axes))
+  index = jax.ShapeDtypeStruct(sends.shape, jnp.int32, sharding=index_sharding)
+  return permute._sharded_take(x.sharding, axis, mesh_axes, rounds).lower(x, index, index).compile()
+
+
+PERMUTATIONS = {
+    "random": np.random.default_rng(6).permutation(64),
+    "reversed": np.arange(64)[::-1],
+    "blocks_rolled": np.roll(np.arange(64), 16),
+    "identity": np.arange(64),
+}
+
+
+@pytest.mark.parametrize("layout", [P("model", None), P(None, ("model", "other")), P("other", "model")])
+def test_permuting_a_sharded_axis_moves_rows_not_the_leaf(layout, monkeypatch):
+  """FSDP-like, the permuted axis is the sharded one (also over two mesh axes
+  at once, or beside another sharded axis): equal to NumPy's take, same
+  sharding, and the compiled program sends rows with collective-permutes,
+  never all-gathering the leaf (XLA's own gather does)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("model", "other"))
+  axis = 0 if layout[0] == "model" else 1
+  shape = {0: (64, 6), 1: (4, 64)}[axis]
+  x = np.random.default_rng(7).normal(size=shape).astype(np.float32)
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, layout))
+  ref = mj.AxisRef(("x",), axis)
+  calls = []
+  monkeypatch.setattr(permute, "_take_sharded_axis",
+                      lambda *args, run=permute._take_sharded_axis: calls.append(1) or run(*args))
+  for name, perm in PERMUTATIONS.items():
+    got = mj.apply_permutation(mj.PermutationSpec({"h": [ref]}, {"h": 64}), {"h": perm.astype(np.int32)},
+                               {"x": sharded})["x"]
+    assert got.sharding == sharded.sharding, name
+    np.testing.assert_array_equal(np.asarray(got), np.take(x, perm, axis), err_msg=name)
+  assert len(calls) == len(PERMUTATIONS)  # apply_permutation took the sharded path
+  hlo = _sharded_permutation(sharded, PERMUTATIONS["random"], axis).as_text()
+  assert "all-gather" not in hlo and "collective-permute" in hlo
+
+
+def test_a_sharded_permutation_sends_only_the_rows_that_change_shards():
+  for name, perm in PERMUTATIONS.items():
+    rounds, sends, places = permute._sharded_plan(perm, 8)
+    assert sends.shape == places.shape == (8, sum(size for _, size in rounds)), name
+    offsets = np.cumsum([0] + [size for _, size in rounds])
+    sent = sum(int((places[:, a:b] < 8).sum()) for (shift, _), a, b in zip(rounds, offsets, offsets[1:]) if shift)
+    assert sent == int((perm // 8 != np.arange(64) // 8).sum()), name  # the rows whose shard changes
+    # every output row is written exactly once: the places, less padding, are each shard's rows
+    for d in range(8):
+      assert sorted(places[d][places[d] < 8].tolist()) == list(range(8)), name
+  assert permute._sharded_plan(PERMUTATIONS["identity"], 8)[0] == ((0, 8),)  # nothing moves
+  assert permute._sharded_plan(PERMUTATIONS["blocks_rolled"], 8)[0] == ((2, 8),)  # one round, no padding
+
+
+def test_a_sharded_permutation_holds_a_few_shards_per_device_not_the_leaf(mesh):
+  x = jax.device_put(np.zeros((1024, 64), np.float32), jax.sharding.NamedSharding(mesh, P("model")))
+  perm = np.random.default_rng(8).permutation(1024)
+  shard_bytes = x.nbytes // 8
+  ours = _sharded_permutation(x, perm, 0).memory_analysis().temp_size_in_bytes
+  xla = jax.jit(lambda x, p: jnp.take(x, p, axis=0), out_shardings=x.sharding).lower(
+      x, jax.device_put(perm, jax.sharding.NamedSharding(mesh, P()))).compile()
+  assert ours < 3 * shard_bytes <= x.nbytes <= xla.memory_analysis().temp_size_in_bytes
+
+
+def test_sharded_fisher_and_regmean_merges_keep_shardings_and_gather_nothing(mesh, host_models, sharded_models):
+  """Fisher: one elementwise program. RegMean: "in" (16, 64) is split by
+  columns and each device solves its own; "out" (64, 8) is split by rows, the
+  rows the solve couples, so its kernels go to a column layout and back
+  (all-to-alls); XLA's own solve all-gathered both."""
   (_, models), (_, smodels) = host_models, sharded_models
   fishers = [{k: np.abs(v - m0[k]) + 0.1 for k, v in m.items()} for m, m0 in zip(models, models[1:] + models[:1])]
   sfishers = [{k: jax.device_put(v, fsdp(mesh, v.shape)) for k, v in f.items()} for f in fishers]
   got = mj.merge.fisher(smodels, sfishers)
   assert_same_shardings(got, smodels[0])
   assert_trees_close(got, mj.merge.fisher(models, fishers), atol=1e-6)
+  merge_fisher = sys.modules["mergejax.merge.fisher"]
+  assert_no_all_gather(merge_fisher._fisher_merge, smodels, sfishers, jnp.ones(NUM_MODELS) / NUM_MODELS, 1e-8)
   rng = np.random.default_rng(5)
   grams = []
   for _ in models:
@@ -187,3 +261,13 @@ def test_sharded_fisher_and_regmean_merges_keep_shardings(mesh, host_models, sha
   got = mj.merge.regmean(smodels, grams)
   assert_same_shardings(got, smodels[0])
   assert_trees_close(got, mj.merge.regmean(models, grams), atol=1e-5)
+  regmean = sys.modules["mergejax.merge.regmean"]
+  for path, layout in ((("in",), "columns"), (("out",), "rows")):
+    kernels = tuple(m[path[0]] for m in smodels)
+    axes = regmean._column_axes(kernels[0], grams[0][path].shape[0])
+    assert axes == ("model",), path
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    path_grams = tuple(jax.device_put(g[path], replicated) for g in grams)
+    hlo = assert_no_all_gather(regmean._sharded_solve(kernels[0].sharding, axes), path_grams, kernels,
+                               jnp.float32(0.9))
+    assert ("all-to-all" in hlo) == (layout == "rows"), path

@@ -29,6 +29,7 @@ the inputs the layer receives once the layers before it are merged; see
 """
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+import functools
 import numbers
 import time
 from typing import Any
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import distributed
 from mergejax import stats
 from mergejax import tree
 from mergejax.merge import kernels as kernels_lib
@@ -126,6 +128,21 @@ def _solve(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], alpha: jax.
   d = grams[0].shape[0]
   g = jnp.stack([jnp.asarray(x, jnp.float32) for x in grams])
   w = jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels])
+  solution, factored = _solve_columns(g, w, alpha)
+  return solution.reshape(kernels[0].shape).astype(kernels[0].dtype), factored
+
+
+def _solve_columns(g: jax.Array, w: jax.Array, alpha: jax.Array, axis_name: Any = None):
+  """`_solve` on stacked Grams g: f32[N, d, d] and kernels w: f32[N, d, m].
+
+  Every column of the solution depends on its column of w only, so under
+  `shard_map` w may be split by columns over `axis_name` (g replicated):
+  then only whether every shard factored is reduced.
+
+  Returns:
+    (f32[d, m], bool[]).
+  """
+  d = g.shape[1]
   shrunk = _shrink(g, alpha)
   lhs = jnp.sum(shrunk, 0)
   lhs = (lhs + lhs.T) / 2
@@ -137,6 +154,8 @@ def _solve(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], alpha: jax.
   with jax.default_matmul_precision("highest"):
     solution = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(lhs, lower=True), rhs)
   factored = jnp.all(jnp.isfinite(solution))
+  if axis_name is not None:
+    factored = jax.lax.pmin(factored.astype(jnp.int32), axis_name).astype(bool)
 
   def pseudo_inverse():
     values, vectors = jnp.linalg.eigh(lhs)
@@ -146,8 +165,43 @@ def _solve(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], alpha: jax.
     projected = jnp.matmul(vectors.T, residual, precision=HIGHEST)
     return mean + jnp.matmul(vectors, inverse[:, None] * projected, precision=HIGHEST)
 
-  solution = jax.lax.cond(factored, lambda: solution, pseudo_inverse)
-  return solution.reshape(kernels[0].shape).astype(kernels[0].dtype), factored
+  return jax.lax.cond(factored, lambda: solution, pseudo_inverse), factored
+
+
+def _column_axes(kernel: Any, d: int) -> tuple[str, ...] | None:
+  """The mesh axes a `NamedSharding` kernel is split over, when its `reshape(d, -1)`
+  columns divide evenly among them; None for a kernel that is not sharded or
+  whose columns do not divide (solved by `_solve`)."""
+  sharding = getattr(kernel, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  axes = tuple(a for entry in sharding.spec if entry is not None
+               for a in (entry if isinstance(entry, tuple) else (entry,)) if sharding.mesh.shape[a] > 1)
+  shards = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+  return axes if axes and (kernel.size // d) % shards == 0 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_solve(sharding: jax.sharding.NamedSharding, axes: tuple[str, ...]) -> Callable[..., Any]:
+  """`_solve` for kernels laid out by `sharding`: the kernels are moved to a
+  column layout over `axes` (an all-to-all where they are split by rows),
+  each device solves its columns with the replicated Grams, and the result
+  goes back to `sharding`; no kernel is gathered whole."""
+  spec = jax.sharding.PartitionSpec
+  columns = jax.sharding.NamedSharding(sharding.mesh, spec(None, None, axes))
+  local = jax.shard_map(lambda g, w, alpha: _solve_columns(g, w, alpha, axes), mesh=sharding.mesh,
+                        in_specs=(spec(), spec(None, None, axes), spec()), out_specs=(spec(None, axes), spec()))
+
+  @jax.jit
+  def solve(grams, kernels, alpha):
+    d = grams[0].shape[0]
+    g = jnp.stack([jnp.asarray(x, jnp.float32) for x in grams])
+    w = jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels])
+    solution, factored = local(g, jax.lax.with_sharding_constraint(w, columns), alpha)
+    solution = solution.reshape(kernels[0].shape).astype(kernels[0].dtype)
+    return jax.lax.with_sharding_constraint(solution, sharding), factored
+
+  return solve
 
 
 def _solve_kernels(leaves: Sequence[Mapping[Path, Any]], grams: Sequence[Mapping[Path, jax.Array]],
@@ -155,8 +209,15 @@ def _solve_kernels(leaves: Sequence[Mapping[Path, Any]], grams: Sequence[Mapping
   """The RegMean kernels at `paths`; warns naming any solved by the eigendecomposition."""
   solved, factored = {}, {}
   for path in paths:
-    solved[path], factored[path] = _solve(tuple(g[path] for g in grams), tuple(l[path] for l in leaves),
-                                          jnp.float32(alpha))
+    kernels = tuple(l[path] for l in leaves)
+    axes = _column_axes(kernels[0], grams[0][path].shape[0])
+    path_grams = tuple(g[path] for g in grams)
+    if axes is None:
+      solved[path], factored[path] = _solve(path_grams, kernels, jnp.float32(alpha))
+    else:  # the Grams replicated over the kernels' mesh (every process passes the same)
+      path_grams = distributed.replicate(path_grams, kernels[0].sharding.mesh)
+      solved[path], factored[path] = _sharded_solve(kernels[0].sharding, axes)(path_grams, kernels,
+                                                                               jnp.float32(alpha))
   failed = [tree.path_str(p) for p, ok in jax.device_get(factored).items() if not ok]
   if failed:
     warnings.warn(f"regmean: the Cholesky factorisation failed for {', '.join(failed)} (Grams not positive"
@@ -270,7 +331,8 @@ def regmean_grams(apply_fn: Callable[..., Any], variables: PyTree, batches: Batc
       no linear kernel.
   """
   tree.check_finite(variables, "regmean_grams: variables")
-  example, batches = kernels_lib.peek(batches)
+  mesh = distributed.default_mesh() if mesh is None else mesh
+  example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "regmean_grams")
   kernels = _regmean_kernels(apply_fn, variables, example, "regmean_grams")
   logging.info("regmean_grams: %d kernels, %.1f MiB of Grams", len(kernels),
                kernels_lib.gram_bytes(kernels, models=1) / 2**20)
