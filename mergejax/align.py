@@ -26,6 +26,7 @@ import optax
 import scipy.optimize
 
 from mergejax import distributed
+from mergejax import lap as lap_lib
 from mergejax import permute
 from mergejax import spec as spec_lib
 from mergejax import stacked
@@ -36,6 +37,13 @@ from mergejax.lap import lap
 
 PyTree = Any
 Perm = dict[str, jax.Array]
+# The most bytes of cost terms weight matching keeps between a group's solves (_HostSweeps).
+_TERM_CACHE_BYTES = 1 << 30
+# A cached term is updated in place (rather than recomputed) when at most 1/_UPDATE_FRACTION
+# of the units of the group it reads moved: a host einsum at a few GFLOP/s against a product at tens.
+_UPDATE_FRACTION = 10
+# Products of at most this many FLOPs run as a host einsum (milliseconds) rather than a compiled program.
+_HOST_PRODUCT_FLOPS = 1 << 24
 
 
 class MatchResult(NamedTuple):
@@ -70,15 +78,16 @@ def _permuted_leaves(spec: spec_lib.PermutationSpec, perm: Perm, leaves: dict) -
 
 
 def unit_rows(x: jax.Array, ref: spec_lib.AxisRef) -> jax.Array:
-  """The units of `ref`'s axis (its part, if it has one) as rows: f32[n, everything else]."""
+  """The units of `ref`'s axis (its part, if it has one) as rows: [n, everything else] (NumPy for NumPy)."""
+  xp = np if isinstance(x, np.ndarray) else jnp
   axis = ref.axis
   if ref.part is not None:
-    x = jax.lax.slice_in_dim(x, ref.part[0], ref.part[1], axis=axis)
+    x = x[(slice(None),) * axis + (slice(*ref.part),)]
   if ref.factor is not None:
     view, index = ref.factor
     x = x.reshape(x.shape[:axis] + tuple(view) + x.shape[axis + 1:])
     axis += index
-  return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+  return xp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
 def _many(fn: Callable[..., MatchResult]) -> Callable[..., Any]:
@@ -142,10 +151,20 @@ def weight_matching(
   Each sweep visits every group in a random order and solves a linear
   assignment for it, maximising `sum_leaves <va, permuted vb>` with the other
   groups' permutations held. Sweeps stop after one in which no group's own
-  objective rose by more than 1e-6 of it (Git Re-Basin's test, at float32
-  resolution), when the total objective no longer grows by more than `tol`
-  (relative), or after `max_sweeps`. The whole loop is one compiled program:
-  a sweep is a `fori_loop` over a `lax.switch` on groups.
+  objective rose by more than 1e-6 of it (Git Re-Basin's progress test, at
+  float32 resolution; so after one that changes no assignment), when the
+  total objective grows by no more than `tol` (relative) from one sweep to
+  the next (from the third sweep), or after `max_sweeps`.
+
+  Variables on the host (NumPy, or this process's CPU arrays) are matched by
+  host sweeps over cached cost terms (`_HostSweeps`): a term is recomputed
+  only when a group it reads changed (updated by the moved units alone when
+  few moved), a group is solved again only when one of its terms changed,
+  the large products are compiled once per shape (shared by groups and later
+  calls, so a new pair of the same architecture compiles nothing), and SciPy
+  assigns. Others (accelerators, several processes) run
+  the loop as one compiled program per spec, a `fori_loop` over a
+  `lax.switch` on groups; both give the same result.
 
   Args:
     spec: the permutation groups (e.g. `permutation_spec(...)`).
@@ -167,6 +186,8 @@ def weight_matching(
     MatchResult; `objective_trace[s]` is the objective after sweep s.
   """
   _check_models(spec, va, vb)
+  if lap_method not in lap_lib.METHODS:
+    raise ValueError(f"weight_matching: lap_method must be one of {lap_lib.METHODS}, got {lap_method!r}")
   key = jax.random.key(0) if key is None else key
   if spec.batch_sizes:
     flat_spec, fa = stacked.unstack(spec, va)
@@ -176,6 +197,11 @@ def weight_matching(
                                       lap_method=lap_method, tol=tol)
     return _replicated_like(MatchResult(stacked.stack_permutation(spec, res.perm), res.objective_trace,
                                         stacked.stack_permutation(spec, res.pair_scores)), va)
+  if _on_host((va, vb)):
+    perm0 = {g: np.array(init_perm[g] if init_perm is not None else np.arange(n), np.int32)
+             for g, n in spec.sizes.items()}
+    perm, history, scores = _HostSweeps(spec, va, vb, lap_method).run(key, perm0, max_sweeps, float(tol))
+    return _replicated_like(jax.device_put(MatchResult(perm, history, scores)), va)
   perm0 = permute.identity_permutation(spec) if init_perm is None else dict(init_perm)
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
   run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
@@ -193,6 +219,200 @@ def _replicated_like(result: PyTree, variables: PyTree) -> PyTree:
     if isinstance(sharding, jax.sharding.NamedSharding):
       return jax.device_put(result, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
   return result
+
+
+def _on_host(variables: PyTree) -> bool:
+  """Whether every leaf is a NumPy value or a CPU array this process holds whole."""
+  for leaf in jax.tree.leaves(variables):
+    if isinstance(leaf, jax.core.Tracer):
+      return False
+    if isinstance(leaf, jax.Array) and not (
+        leaf.is_fully_addressable and all(d.platform == "cpu" for d in leaf.devices())):
+      return False
+  return True
+
+
+@functools.lru_cache(maxsize=8)
+def _sweep_order(num_groups: int) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """Compiled once per group count: (key) -> (next key, int32[num_groups] the sweep's order)."""
+
+  @jax.jit
+  def order(key):
+    key, sub = jax.random.split(key)
+    return key, jax.random.permutation(sub, num_groups)
+
+  return order
+
+
+def _assign(cost: np.ndarray, method: str) -> np.ndarray:
+  """int32[n]: `lap`'s maximising assignment of a host cost, SciPy's without a device round trip."""
+  if method == "jax":
+    return np.asarray(lap(cost, maximize=True, method=method))
+  return scipy.optimize.linear_sum_assignment(cost, maximize=True)[1].astype(np.int32)
+
+
+def _unit_products(rows_a: jax.Array | np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+  """f32[n, n] = rows_a @ rows_b.T for f32[n, m] rows: a host einsum up to
+  `_HOST_PRODUCT_FLOPS` (cheaper than compiling), above it XLA's product,
+  compiled once per shape (it keeps its speed on a loaded CPU, where
+  OpenBLAS's threads do not)."""
+  if 2 * rows_a.shape[0] * rows_b.shape[0] * rows_a.shape[1] <= _HOST_PRODUCT_FLOPS:
+    return np.einsum("ik,jk->ij", np.asarray(rows_a), rows_b)
+  return np.asarray(_products(rows_a, rows_b))
+
+
+@jax.jit
+def _products(x, y):
+  return jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST)
+
+
+class _HostSweeps:
+  """Git Re-Basin's coordinate descent on the host: NumPy gathers, compiled products, SciPy assignments.
+
+  A group's cost is a sum of terms, one per AxisRef `r` of the group: A's
+  unit rows along r times B's, with B's leaf permuted along the leaf's other
+  refs (`others`, pairs (group, ref)). A term with no others (a bias, a
+  normalisation scale, a classifier's kernel) never changes and is summed
+  once into the group's `fixed` cost; the others are cached with the
+  versions of the groups they read (a version counts a group's changes) and
+  recomputed only when one of those changed (or updated by the units that
+  moved, `_updated`, when few did), up to `_TERM_CACHE_BYTES` of cached
+  terms. A group is solved again only when one of its terms changed
+  since its last solve (its assignment would be the same), and the objective
+  after a sweep is read off cached terms: `<A_L, P(B_L)>` is
+  `sum_i term[i, perm[g][i]]` for a ref of group g on leaf L whose term is
+  current (the last group of L visited in the sweep has one).
+  """
+
+  def __init__(self, spec: spec_lib.PermutationSpec, va: PyTree, vb: PyTree, lap_method: str):
+    self.spec, self.lap_method = spec, lap_method
+    self.names = list(spec.groups)
+    as_f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    self.b = {p: as_f32(x) for p, x in tree.leaves_by_path(vb).items()}
+    self.a = a = {p: as_f32(x) for p, x in tree.leaves_by_path(va).items()}
+    self.by_path: dict[tuple[str, ...], list[tuple[str, spec_lib.AxisRef]]] = {}
+    for g, refs in spec.groups.items():
+      for r in refs:
+        self.by_path.setdefault(r.path, []).append((g, r))
+    self.varying: dict[str, list[tuple[spec_lib.AxisRef, tuple]]] = {g: [] for g in self.names}
+    fixed_refs: dict[str, list[spec_lib.AxisRef]] = {g: [] for g in self.names}
+    for g, refs in spec.groups.items():
+      for r in refs:
+        others = tuple((h, o) for h, o in self.by_path[r.path] if o != r)
+        (self.varying[g].append((r, others)) if others else fixed_refs[g].append(r))
+    # A's unit rows, on the device, for every ref whose term is recomputed.
+    self.rows_a = {r: jax.device_put(unit_rows(a[r.path], r)) for g in self.names for r, _ in self.varying[g]}
+    self.a_varying = {p: a[p] for p, refs in self.by_path.items() if len(refs) > 1}
+    self.fixed = {}
+    for g in self.names:
+      n = spec.sizes[g]
+      total = np.zeros((n, n), np.float32)
+      for r in fixed_refs[g]:
+        total += _unit_products(unit_rows(a[r.path], r), unit_rows(self.b[r.path], r))
+      self.fixed[g] = total
+    self.constant = sum(float(np.vdot(x, self.b[p])) for p, x in a.items() if p not in self.by_path)
+    # Who must be solved again when group h changes: the groups with a term reading h.
+    self.readers = {h: {g for g in self.names for _, others in self.varying[g] for k, _ in others if k == h}
+                    for h in self.names}
+    self.cache: dict[spec_lib.AxisRef, tuple[tuple[int, ...], np.ndarray, tuple[np.ndarray, ...]]] = {}
+    self.cached_bytes = 0
+
+  def term(self, r: spec_lib.AxisRef, others: tuple, perm: dict, version: dict) -> np.ndarray:
+    """f32[n, n]: A's units along r against B's, B permuted along `others`."""
+    versions = tuple(version[h] for h, _ in others)
+    used = tuple(perm[h] for h, _ in others)
+    hit = self.cache.get(r)
+    if hit is not None and hit[0] == versions:
+      return hit[1]
+    value = None if hit is None or len(others) > 1 else self._updated(r, others[0][1], hit[1], hit[2][0], used[0])
+    if value is None:
+      b = self.b[r.path]
+      for (h, o), p in zip(others, used):
+        b = permute.take_units(b, p, o)
+      value = _unit_products(self.rows_a[r], unit_rows(b, r))
+    if hit is not None:
+      self.cached_bytes -= hit[1].nbytes
+      del self.cache[r]
+    if self.cached_bytes + value.nbytes <= _TERM_CACHE_BYTES:
+      self.cache[r] = (versions, value, used)
+      self.cached_bytes += value.nbytes
+    return value
+
+  def _updated(self, r: spec_lib.AxisRef, o: spec_lib.AxisRef, value: np.ndarray, was: np.ndarray,
+               now: np.ndarray) -> np.ndarray | None:
+    """r's term with B permuted along o by `now` instead of `was`, from its value
+    at `was`: a rank update over the few units that moved (None when many did).
+
+    The moved units' slices of A times the change of B's: n^2 * moved * m / n_o
+    multiply-adds on the host instead of a whole product.
+    """
+    if o.factor is not None or o.part is not None or o.axis == r.axis:
+      return None
+    moved = np.flatnonzero(was != now)
+    if len(moved) * _UPDATE_FRACTION > len(now):
+      return None
+    b = self.b[r.path]
+    rows_a = unit_rows(np.take(self.a[r.path], moved, axis=o.axis), r)
+    change = unit_rows(np.take(b, now[moved], axis=o.axis) - np.take(b, was[moved], axis=o.axis), r)
+    return value + np.einsum("ik,jk->ij", rows_a, change)
+
+  def cost(self, g: str, perm: dict, version: dict) -> np.ndarray:
+    """f32[n, n]: sum over g's refs of <A's unit i, B's unit j>, B's other axes permuted."""
+    total = self.fixed[g].copy()
+    for r, others in self.varying[g]:
+      total += self.term(r, others, perm, version)
+    return total
+
+  def objective(self, perm: dict, version: dict) -> float:
+    """`sum_leaves <A, P(B)>` at `perm`, from current cached terms where there are."""
+    total = self.constant + sum(float(self.fixed[g][np.arange(len(p)), p].sum(dtype=np.float64))
+                                for g, p in perm.items())
+    for path, a in self.a_varying.items():
+      refs = self.by_path[path]
+      for g, r in refs:
+        hit = self.cache.get(r)
+        current = hit is not None and hit[0] == tuple(version[h] for h, o in refs if o != r)
+        if current and sum(h == g for h, _ in refs) == 1:
+          total += float(hit[1][np.arange(len(perm[g])), perm[g]].sum(dtype=np.float64))
+          break
+      else:
+        b = self.b[path]
+        for h, o in refs:
+          b = permute.take_units(b, perm[h], o)
+        total += float(np.vdot(a, b))
+    return total
+
+  def run(self, key: jax.Array, perm: dict, max_sweeps: int, tol: float):
+    """Sweeps from `perm` (group -> int32[n]) until a stopping rule; (perm, objectives, pair scores)."""
+    version = {g: 0 for g in self.names}
+    stale = set(self.names)
+    order_of = _sweep_order(len(self.names))
+    history: list[float] = []
+    prev, obj, improved = -np.inf, -np.inf, True
+    while len(history) < max_sweeps and improved and (len(history) < 2 or obj - prev > tol * abs(prev)):
+      key, order = order_of(key)
+      improved = False
+      for k in np.asarray(order):
+        g = self.names[k]
+        if g not in stale:
+          continue  # no term of g changed since its last solve: the same assignment
+        stale.discard(g)
+        c = self.cost(g, perm, version)
+        new = _assign(c, self.lap_method)
+        rows = np.arange(c.shape[0])
+        old_score, new_score = c[rows, perm[g]].sum(), c[rows, new].sum()
+        # Git Re-Basin's progress test, at float32 resolution.
+        improved |= bool(new_score > old_score + 1e-6 * abs(old_score))
+        if not np.array_equal(new, perm[g]):
+          perm[g], version[g] = new, version[g] + 1
+          stale |= self.readers[g]
+      prev, obj = obj, self.objective(perm, version)
+      history.append(obj)
+    scores = {}
+    for g in self.names:
+      c = self.cost(g, perm, version)
+      scores[g] = c[np.arange(c.shape[0]), perm[g]]
+    return perm, np.asarray(history, np.float32), scores
 
 
 @functools.lru_cache(maxsize=32)
@@ -223,6 +443,8 @@ def _spec_from_key(key: tuple) -> spec_lib.PermutationSpec:
 
 @functools.lru_cache(maxsize=32)
 def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: float):
+  """`weight_matching`'s sweeps as one program (accelerators, `ste_matching`'s step):
+  (key, perm, va, vb) -> (perm, f32[max_sweeps] objectives, sweeps run)."""
   spec = _spec_from_key(key)
   costs = _WeightCosts(spec)
   names = costs.names

@@ -6,6 +6,7 @@ permutation, and averaging A with B aligned returns A.
 """
 
 import itertools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -80,24 +81,42 @@ def test_weight_matching_cost_and_scores_match_numpy():
   np.testing.assert_allclose(result.pair_scores[g], cost[np.arange(5), p], rtol=1e-5)
 
 
-def _host_weight_matching(spec, va, vb, key, max_sweeps=100, tol=1e-7):
-  """Git Re-Basin's loop on the host, every group solved in every sweep."""
-  costs = align._WeightCosts(spec)
+def _numpy_cost(spec, g, perm, a, b):
+  """f64[n, n]: group g's weight-matching cost in NumPy, every term from scratch."""
+  n = spec.sizes[g]
+  total = np.zeros((n, n))
+  for ref in spec.groups[g]:
+    leaf_b = np.asarray(b[ref.path], np.float64)
+    for h, refs in spec.groups.items():
+      for r in refs:
+        if r.path == ref.path and r != ref:
+          leaf_b = permute.take_units(leaf_b, perm[h], r)
+    leaf_a = np.asarray(a[ref.path], np.float64)
+    total += align.unit_rows(leaf_a, ref) @ align.unit_rows(leaf_b, ref).T
+  return total
+
+
+def _numpy_weight_matching(spec, va, vb, key, max_sweeps=100, tol=1e-7):
+  """Git Re-Basin's loop in NumPy: every group solved in every sweep, stopping
+  after one in which no group's objective rose by more than 1e-6 of it, or
+  whose total gain is under `tol`."""
+  names = list(spec.groups)
   a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
   perm = {g: np.arange(n) for g, n in spec.sizes.items()}
 
   def objective(perm):
-    return float(tree.vdot(va, permute.apply_permutation(spec, perm, vb)))
+    aligned = tree.leaves_by_path(permute.apply_permutation(spec, perm, vb))
+    return sum(float(np.vdot(np.asarray(x, np.float64), np.asarray(aligned[p], np.float64))) for p, x in a.items())
 
-  history, prev, obj = [], -np.inf, objective(perm)
+  history, prev, obj = [], -np.inf, -np.inf
   for s in range(max_sweeps):
     if s >= 2 and not obj - prev > tol * abs(prev):
       break
     key, sub = jax.random.split(key)
     improved = False
-    for k in np.asarray(jax.random.permutation(sub, len(costs.names))):
-      g = costs.names[k]
-      c = np.asarray(costs.cost(g, perm, a, b))
+    for k in np.asarray(jax.random.permutation(sub, len(names))):
+      g = names[k]
+      c = _numpy_cost(spec, g, perm, a, b)
       new = scipy.optimize.linear_sum_assignment(c, maximize=True)[1]
       rows = np.arange(len(new))
       old_score, new_score = c[rows, perm[g]].sum(), c[rows, new].sum()
@@ -110,27 +129,136 @@ def _host_weight_matching(spec, va, vb, key, max_sweeps=100, tol=1e-7):
   return perm, np.array(history)
 
 
-def test_weight_matching_equals_git_rebasins_loop_on_the_host():
-  """Same group orders, assignments, stopping rule and objectives, sweep by sweep."""
+@pytest.fixture(scope="module")
+def resnet_pair():
+  """A small ResNet-20 and an independent init: several sweeps to converge."""
   model, va, x, spec = _zoo("resnet20")
-  vb = model.init(jax.random.key(7), x)
+  return spec, va, _init(model, x.shape[1:], seed=8)[0]
+
+
+def test_weight_matching_equals_git_rebasins_loop_in_numpy(resnet_pair):
+  """Same group orders, assignments, stopping rule and objectives, sweep by sweep."""
+  spec, va, vb = resnet_pair
   key = jax.random.key(2)
   result = align.weight_matching(spec, va, vb, key=key)
-  perm, history = _host_weight_matching(spec, va, vb, key)
+  perm, history = _numpy_weight_matching(spec, va, vb, key)
   assert len(history) >= 3  # several sweeps
   for g in spec.groups:
     np.testing.assert_array_equal(np.asarray(result.perm[g]), perm[g], err_msg=g)
   np.testing.assert_allclose(result.objective_trace, history, rtol=1e-5)
+  a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
+  for g in spec.groups:  # each matched pair's score at the final permutations
+    want = _numpy_cost(spec, g, perm, a, b)[np.arange(spec.sizes[g]), perm[g]]
+    np.testing.assert_allclose(result.pair_scores[g], want, rtol=1e-4, atol=1e-5, err_msg=g)
 
 
-def test_weight_matching_compiles_once_per_spec():
-  _, va, _, spec = _zoo("mlp")
-  vb, _ = _permuted_copy(spec, va)
-  align._weight_matching_loop.cache_clear()
-  align.weight_matching(spec, va, vb)
-  align.weight_matching(spec, vb, va, key=jax.random.key(5))
-  info = align._weight_matching_loop.cache_info()
-  assert (info.misses, info.hits) == (1, 1)
+def test_the_compiled_loop_equals_the_host_sweeps():
+  """The one-program loop (accelerators, `ste_matching`) and the host sweeps agree."""
+  model, va, x, spec = _zoo("mlp")
+  vb = _init(model, x.shape[1:], seed=5)[0]
+  key = jax.random.key(3)
+  host = align.weight_matching(spec, va, vb, key=key)
+  ident = {g: jnp.arange(n, dtype=jnp.int32) for g, n in spec.sizes.items()}
+  perm, history, sweeps = align._weight_matching_loop(align._spec_key(spec), 100, "auto", 1e-7)(key, ident, va, vb)
+  assert int(sweeps) == len(host.objective_trace) >= 2
+  for g in spec.groups:
+    np.testing.assert_array_equal(np.asarray(perm[g]), np.asarray(host.perm[g]), err_msg=g)
+  np.testing.assert_allclose(history[: int(sweeps)], host.objective_trace, rtol=1e-5)
+
+
+def test_weight_matching_stops_when_no_assignment_changes(resnet_pair, monkeypatch):
+  spec, va, vb = resnet_pair
+  key = jax.random.key(2)
+  calls = []
+  products = align._unit_products
+  monkeypatch.setattr(align, "_unit_products", lambda x, y: calls.append(x.shape) or products(x, y))
+  full = align.weight_matching(spec, va, vb, key=key)
+  trace_ = np.asarray(full.objective_trace)
+  products_needed = sum(len(refs) for refs in spec.groups.values())  # one per term
+  # Terms no permutation changed are not recomputed: fewer products than a full recompute per sweep.
+  assert len(calls) < len(trace_) * products_needed
+  # The last sweep changed nothing: one sweep fewer ends at the same permutation.
+  shorter = align.weight_matching(spec, va, vb, key=key, max_sweeps=len(trace_) - 1)
+  for g in spec.groups:
+    np.testing.assert_array_equal(shorter.perm[g], full.perm[g], err_msg=g)
+  np.testing.assert_allclose(trace_[-1], trace_[-2], rtol=1e-6)
+  # From the converged permutation: one sweep, every product computed once (none
+  # again for the objective or the pair scores), the permutation kept.
+  calls.clear()
+  again = align.weight_matching(spec, va, vb, key=key, init_perm=full.perm)
+  assert len(again.objective_trace) == 1
+  np.testing.assert_allclose(again.objective_trace, trace_[-1:], rtol=1e-6)
+  for g in spec.groups:
+    np.testing.assert_array_equal(again.perm[g], full.perm[g], err_msg=g)
+    np.testing.assert_allclose(again.pair_scores[g], full.pair_scores[g], rtol=1e-5, err_msg=g)
+  assert len(calls) == products_needed
+
+
+def test_terms_updated_for_a_few_moved_units_equal_the_numpy_loop(monkeypatch):
+  """Wide groups whose late sweeps move few units: cached terms are updated by the
+  moved units alone (a rank update), and the sweeps stay those of the NumPy loop."""
+  model = models.build("mlp", features=(32, 32, 32))
+  va, x = _init(model, SMALL["mlp"][1], batch=2)
+  vb = _init(model, SMALL["mlp"][1], seed=2)[0]
+  spec = trace.permutation_spec(model.apply, va, x)
+  updates = []
+  updated = align._HostSweeps._updated
+  monkeypatch.setattr(align._HostSweeps, "_updated", lambda *a: updates.append(updated(*a)) or updates[-1])
+  key = jax.random.key(0)
+  result = align.weight_matching(spec, va, vb, key=key)
+  assert any(u is not None for u in updates)
+  perm, history = _numpy_weight_matching(spec, va, vb, key)
+  for g in spec.groups:
+    np.testing.assert_array_equal(result.perm[g], perm[g], err_msg=g)
+  np.testing.assert_allclose(result.objective_trace, history, rtol=1e-6)
+
+
+def _compiles(caplog, fn):
+  """The programs `fn()` compiles (jax's compile log)."""
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    fn()
+  return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+
+def test_weight_matching_compiles_once_per_product_shape(resnet_pair, caplog, monkeypatch):
+  spec, va, vb = resnet_pair
+  monkeypatch.setattr(align, "_HOST_PRODUCT_FLOPS", 0)  # every product compiled, however small
+  align._products.clear_cache()
+  align._sweep_order.cache_clear()
+  first = _compiles(caplog, lambda: align.weight_matching(spec, va, vb))
+  leaves = tree.leaves_by_path(va)
+  shapes = [(spec.sizes[g], leaves[r.path].size // spec.sizes[g]) for g, refs in spec.groups.items() for r in refs]
+  # Terms of the same shape (the blocks of a stage) share one compiled product.
+  assert len(set(shapes)) < len(shapes)
+  assert len([m for m in first if "_products" in m]) == len(set(shapes))
+  assert len(first) == len(set(shapes)) + 1  # and the sweeps' group orders
+  # Another pair of the same architecture compiles nothing.
+  model, _, x, _ = _zoo("resnet20")
+  vc, vd = (_init(model, x.shape[1:], seed=s)[0] for s in (11, 12))
+  assert _compiles(caplog, lambda: align.weight_matching(spec, vc, vd, key=jax.random.key(4))) == []
+
+
+def test_weight_matching_with_a_group_on_both_axes_of_a_kernel():
+  """A residual kernel maps the stream to itself: its terms read their own group."""
+  rng = np.random.default_rng(0)
+
+  def f(p, x):
+    h = x @ p["embed"]
+    h = h + jnp.tanh(h @ p["mix"])
+    return h @ p["head"]
+
+  va = {"embed": rng.standard_normal((3, 6)), "mix": rng.standard_normal((6, 6)), "head": rng.standard_normal((6, 2))}
+  va = jax.tree.map(lambda v: v.astype(np.float32), va)
+  spec = trace.permutation_spec(f, va, np.ones((1, 3), np.float32))
+  assert any(len({r.path for r in refs}) < len(refs) for refs in spec.groups.values())
+  vb = jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), va)
+  key = jax.random.key(1)
+  result = align.weight_matching(spec, va, vb, key=key)
+  perm, history = _numpy_weight_matching(spec, va, vb, key)
+  for g in spec.groups:
+    np.testing.assert_array_equal(result.perm[g], perm[g], err_msg=g)
+  np.testing.assert_allclose(result.objective_trace, history, rtol=1e-5)
 
 
 def test_several_models_align_to_one_reference():
