@@ -260,22 +260,24 @@ def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int
   Returns (from `finalize`): a list of Gram, one per feature.
   """
 
-  def concatenated(variables, x):
-    per_model = [feature_fn(v, x) for v in variables]
-    return [jnp.concatenate([jnp.asarray(f, jnp.float32) for f in fs], axis=-1) for fs in zip(*per_model)]
-
   sizes = []  # each feature's per-model widths, known once `init` has seen the shapes
 
   def init(variables, x):
     per_model = [jax.eval_shape(feature_fn, v, x) for v in variables]
     sizes[:] = [tuple(f.shape[-1] for f in fs) for fs in zip(*per_model)]
-    return [(jnp.float32(0), jnp.zeros((sum(d),) * 2, jnp.float32)) for d in sizes]
+    return [(jnp.float32(0), {(i, j): jnp.zeros((d[i], d[j]), jnp.float32) for i, j in _upper(len(d))})
+            for d in sizes]
 
   def chunk_sums(variables, x, mask):
+    # The Gram is symmetric: only the blocks X_i^T X_j, i <= j, are accumulated (3/4 of the products
+    # for two models); `finalize` assembles the whole matrix once.
     sums = []
-    for z in concatenated(variables, x):
-      z, w = _rows(z, mask)
-      sums.append((w.sum(), jnp.einsum("r,rd,re->de", w, z, z, precision=HIGHEST)))
+    for fs in zip(*[feature_fn(v, x) for v in variables]):
+      rows = [_rows(f, mask) for f in fs]
+      w = rows[0][1]
+      weighted = [z * w[:, None] for z, _ in rows]
+      sums.append((w.sum(), {(i, j): jnp.dot(weighted[i].T, rows[j][0], precision=HIGHEST)
+                             for i, j in _upper(len(fs))}))
     return sums
 
   def update(state, variables, x, mask, axis_name=None):
@@ -293,12 +295,18 @@ def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int
           lambda acc, c: (jax.tree.map(jnp.add, acc, chunk_sums(variables, *c)), None), zero, xs)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
-    return [(n + dn, g + dg) for (n, g), (dn, dg) in zip(state, sums)]
+    return [(n + dn, jax.tree.map(jnp.add, g, dg)) for (n, g), (dn, dg) in zip(state, sums)]
 
   def finalize(state):
-    return [Gram(n, g, d) for (n, g), d in zip(state, sizes)]
+    whole = lambda g, k: jnp.block([[g[(i, j)] if i <= j else g[(j, i)].T for j in range(k)] for i in range(k)])
+    return [Gram(n, whole(g, len(d)), d) for (n, g), d in zip(state, sizes)]
 
   return Accumulator(init, update, finalize)
+
+
+def _upper(k: int) -> list[tuple[int, int]]:
+  """The blocks (i, j), i <= j, of a k x k block matrix."""
+  return [(i, j) for i in range(k) for j in range(i, k)]
 
 
 def _examples(batches, labels: bool) -> Iterable[tuple[np.ndarray, ...]]:

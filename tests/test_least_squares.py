@@ -150,3 +150,23 @@ def test_each_block_is_lstsq_of_the_explicit_merged_problem(d_in, d_out, r_in, r
   np.testing.assert_allclose(report.residual_before, fitted(w0), rtol=1e-3, atol=1e-4)
   assert report.blocks == tuple(int(np.sum((out_a == a) & (out_b == b))) for a, b in
                                 ((True, True), (True, False), (False, True)))
+
+
+def test_the_condition_estimate_is_the_gram_blocks_condition_number():
+  """The report's condition (power iterations, not an eigendecomposition) against NumPy's, on a layer
+  with all three blocks: the merged block reads every input, so its condition is the largest."""
+  rng = np.random.default_rng(3)
+  d_in, d_out, rows = 6, 5, 60
+  x_a = rng.standard_normal((rows, d_in)) * np.linspace(0.2, 3.0, d_in) + 0.5
+  x_b = rng.standard_normal((rows, d_in)) + x_a
+  m_in, m_out = combine.partial_map(np.arange(d_in) < 3), combine.partial_map(np.arange(d_out) < 2)
+  refs = [("in", combine.spec_lib.AxisRef(("k",), 0)), ("out", combine.spec_lib.AxisRef(("k",), 1))]
+  z = np.concatenate([x_a, x_b], axis=1)
+  gram = stats.Gram(jnp.float32(rows), jnp.asarray(z.T @ z, jnp.float32), (d_in, d_in))
+  w = rng.standard_normal((d_in, d_out))
+  _, report = least_squares.solve_layer(("k",), gram, (w, w), jnp.zeros((9, 8)), combine.leaf_view(w.shape, refs),
+                                        least_squares.KernelPlan((0,), (1,)), {"in": m_in, "out": m_out},
+                                        ridge=1e-3)
+  assert report.blocks == (2, 3, 3)
+  x = _merged_features(x_a, x_b, m_in)
+  np.testing.assert_allclose(report.condition, np.linalg.cond(x.T @ x), rtol=1e-2)

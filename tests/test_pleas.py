@@ -146,6 +146,54 @@ def test_zoo_batch_norm_models_are_reset_through_build_fn():
   assert np.all(np.isfinite(merged_model.apply(merged, x, train=False)))
 
 
+def _deep_mlp(v, x):
+  """Four hidden layers, three of one shape (13 -> 13)."""
+  for name in ("l1", "l2", "l3", "l4"):
+    x = jax.nn.relu(x @ v[name]["kernel"] + v[name]["bias"])
+  return x @ v["head"]["kernel"]
+
+
+def _deep_init(key):
+  keys = iter(jax.random.split(key, 10))
+  dense = lambda i, o: {"kernel": jax.random.normal(next(keys), (i, o)) / np.sqrt(i), "bias": jnp.zeros(o)}
+  v = {name: dense(7 if name == "l1" else 13, 13) for name in ("l1", "l2", "l3", "l4")}
+  v["head"] = {"kernel": jax.random.normal(next(keys), (13, 5)) / np.sqrt(13)}
+  return v
+
+
+def test_the_solves_compile_nothing(monkeypatch):
+  """The solves run on the host (BLAS, LAPACK, sparse merge matrices): no XLA compilation per layer or per
+  shape, so layers of repeated shapes and a second merge cost no compile time either."""
+  from mergejax.merge import least_squares
+  compiles, inside = [], [False]
+
+  def listener(event, duration_secs, **kwargs):
+    if inside[0] and event == "/jax/core/compile/backend_compile_duration":  # jax's own event name
+      compiles.append(duration_secs)
+
+  solve_layer = least_squares.solve_layer
+
+  def watched(*args, **kwargs):
+    inside[0] = True
+    try:
+      return solve_layer(*args, **kwargs)
+    finally:
+      inside[0] = False
+
+  monkeypatch.setattr(least_squares, "solve_layer", watched)
+  x = jax.random.normal(jax.random.key(0), (64, 7))
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    merged, _, report = mj.merge.pleas(_deep_mlp, _deep_init(jax.random.key(1)), _deep_init(jax.random.key(2)),
+                                       [x[:32], x[32:]], budget=1.5, allocation="uniform", progress=False,
+                                       report=True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(report.layers) == 5 and all(r.blocks[1] > 0 for r in report.layers[1:4])
+  assert len({tuple(np.shape(merged[n]["kernel"])) for n in ("l2", "l3", "l4")}) == 1
+  assert compiles == []
+
+
 def test_bad_input_is_refused_before_any_work():
   apply_fn, va, vb, batches = _models()
   for b in (0.9, 2.1, float("nan")):

@@ -11,9 +11,22 @@ and the batch-norm reset through `build_fn`. Prints the stage times of its
 memory, and the per-layer residuals' summary. A profile, not a race: there is
 no baseline that merges two ResNet-50s under a budget (the reference code
 needs Gurobi and an Adam fit per layer; `least_squares.py` times the fits).
+
+Beside the stage times, each stage's floor: its FLOPs over the matrix-product
+peak measured in the same process (a float32 `jnp.dot` at HIGHEST precision,
+best of three). Counted FLOPs: statistics, both models' forward passes (XLA's
+cost analysis) plus every Gram's three blocks `2 rows 3 d^2` (d the kernel's
+input features in one model); solves, per kernel the system's products (`4 (2 d^2
+k + 2 d k^2)`, k its output features in one model) and per block a Cholesky
+factorisation (`p^3 / 3`) and two triangular solves (`2 p^2 q`), p its input
+rows and q its output columns; repair, the merged model's forward passes
+(cost analysis). Match and allocation have no floor here (weight matching's
+is in the weight matching section of RESULTS.md; the allocation is a MILP and
+gathers).
 """
 
 import functools
+import os
 import time
 
 from absl import app
@@ -60,8 +73,60 @@ def main(argv):
   after = np.array([r.residual_after for r in report.layers])
   print(f"  residual (relative, median over {len(after)} kernels): combined {np.median(before):.4f}"
         f" -> solved {np.median(after):.4f}; worst condition {max(r.condition for r in report.layers):.3g}")
+  peak = matmul_peak()
+  floors = stage_flops(apply_fn, va, merged, mj.models.build(_MODEL.value, layout).apply, kernels, report, x)
+  print(f"  matrix-product peak {peak / 1e9:.1f} GFLOP/s (float32, HIGHEST);"
+        " floor = counted FLOPs / peak, load " + " ".join(f"{v:.1f}" for v in os.getloadavg()))
+  print(f"  {'stage':12s} {'seconds':>8s} {'GFLOP':>9s} {'floor s':>8s} {'of peak':>8s}")
+  for stage, flops in floors.items():
+    seconds = report.seconds[stage]
+    print(f"  {stage:12s} {seconds:8.1f} {flops / 1e9:9.1f} {flops / peak:8.2f} {flops / peak / seconds:8.1%}")
   out = mj.models.build(_MODEL.value, layout).apply(merged, jnp.asarray(x[:8]), train=False)
   print(f"  merged model runs: output {out.shape}, finite {bool(jnp.all(jnp.isfinite(out)))}")
+
+
+def matmul_peak(n: int = 3072) -> float:
+  """FLOP/s of a float32 n x n matrix product at HIGHEST precision, best of three."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  dot = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
+  jax.block_until_ready(dot(a))
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(dot(a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def forward_flops(apply_fn, variables, x) -> float:
+  """FLOPs of `apply_fn(variables, x)` by XLA's cost analysis of the compiled program."""
+  cost = jax.jit(apply_fn).lower(variables, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"])
+
+
+def stage_flops(apply_fn, va, merged, merged_apply, kernels, report, x) -> dict[str, float]:
+  """The FLOPs counted for the statistics, solves and repair stages (see the module docstring)."""
+  n = len(x)
+  forward = forward_flops(apply_fn, va, x[:1]) * n
+  by_path = {k.path: k for k in kernels}
+  leaves = mj.tree.leaves_by_path(merged)
+  gram, solves = 0.0, 0.0
+  for layer in report.layers:
+    k = by_path[layer.path]
+    d = int(np.prod([k.shape[a] for a in k.plan.in_axes]))
+    outputs = int(np.prod([k.shape[a] for a in k.plan.out_axes]))
+    positions = k.macs / (d * outputs)
+    gram += 2 * n * positions * 3 * d**2  # the symmetric Gram's blocks X_a^T X_a, X_a^T X_b, X_b^T X_b
+    shape = np.shape(leaves[layer.path])
+    d_merged = int(np.prod([shape[a] for a in k.plan.in_axes]))
+    solves += 4 * (2 * d**2 * outputs + 2 * d * outputs**2)
+    for rows, columns in zip((d_merged, d, d), layer.blocks):
+      if columns:
+        solves += rows**3 / 3 + 2 * rows**2 * columns
+  train = lambda v, x: merged_apply(v, x, train=True, mutable=["batch_stats"])
+  repair = forward_flops(train, merged, x[:1]) * n
+  return {"statistics": 2 * forward + gram, "solves": solves, "repair": repair}
 
 
 if __name__ == "__main__":

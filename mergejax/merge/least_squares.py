@@ -13,7 +13,8 @@ sparse map T (`combine.merge_side`), and the targets are linear in Z too
 (`Y_s = X_s W_s` for the layer's own kernel, before its bias). Each of the
 three output blocks (merged, A only, B only) reads its own input columns (an
 output kept from A reads no input kept only from B), so a layer is three
-Cholesky solves on Gram sub-matrices.
+Cholesky solves on Gram sub-matrices, run on the host (BLAS, LAPACK and
+sparse merge matrices: nothing is compiled per layer).
 
     plan = kernel_plan(use, kernel.shape)
     rows = design_rows(use, kernel.shape)     # f32[batch, positions, d]
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.sparse
+import threadpoolctl
 
 from mergejax import stats
 from mergejax.merge import combine
@@ -99,38 +102,51 @@ def design_rows(use: Any, kernel_shape: Sequence[int]) -> jax.Array:
 def ridge_solve(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float, where: str = "") -> jax.Array:
   """argmin_W ||X W - Y||^2 + lam ||W - W0||^2 from `gram = X^T X`, `cross = X^T Y`.
 
+  Solved on the host by LAPACK (SciPy's Cholesky, float32): nothing to compile.
+
   Args:
     gram: f32[d, d].
     cross: f32[d, k].
     w0: f32[d, k], the weights the ridge pulls towards.
     ridge: relative: `lam = ridge * tr(gram) / d`.
     where: the layer, for the warning when the Cholesky factorisation fails
-      (then the system is solved in float64 on the host).
+      (then the system is solved in float64 by least squares).
 
   Returns:
     f32[d, k].
   """
-  a, b = _ridge_system(gram, cross, w0, ridge)
-  w = _cholesky_solve(a, b)
-  if bool(jnp.all(jnp.isfinite(w))):
-    return w
-  warnings.warn(f"{where}: the Cholesky factorisation of the Gram matrix failed (d={gram.shape[0]},"
-                f" ridge={ridge}); solving in float64 on the host", RuntimeWarning, stacklevel=2)
-  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return jnp.asarray(scipy.linalg.lstsq(a64, b64)[0], jnp.float32)
+  g, c, w = (np.asarray(x, np.float32) for x in (gram, cross, w0))
+  return jax.device_put(_host_solve(*_ridge_system(g, c, w, ridge), ridge, where)[0])
 
 
-def _ridge_system(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float) -> tuple[jax.Array, jax.Array]:
-  """(G + lam I, C + lam W0): the normal equations of `ridge_solve`."""
+def _one_thread() -> threadpoolctl.threadpool_limits:
+  """BLAS on one thread: OpenBLAS's threaded Cholesky and QR ran 4-18x slower than one thread on a busy
+  2-core CPU (a 2304 x 2304 factorisation took 2.2-9.5 s against 0.55 s)."""
+  return threadpoolctl.threadpool_limits(1, "blas")
+
+
+def _ridge_system(gram: np.ndarray, cross: np.ndarray, w0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+  """(G + lam I, C + lam W0): the normal equations of `ridge_solve`, float32."""
   d = gram.shape[0]
-  lam = ridge * jnp.trace(gram) / d
-  return gram + lam * jnp.eye(d, dtype=gram.dtype), cross + lam * w0
+  lam = np.float32(ridge * np.trace(gram, dtype=np.float64) / max(d, 1))
+  return gram + lam * np.eye(d, dtype=np.float32), cross + lam * w0
 
 
-def _cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a^-1 b for a symmetric positive definite `a` (NaN where it is not)."""
-  with jax.default_matmul_precision("highest"):
-    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
+def _host_solve(a: np.ndarray, b: np.ndarray, ridge: float, where: str) -> tuple[np.ndarray, Any]:
+  """(a^-1 b in float32, the Cholesky factor or None): float32 LAPACK, or float64 least squares (with a
+  warning) where the factorisation fails."""
+  try:
+    with _one_thread():
+      factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
+      w = scipy.linalg.cho_solve(factor, b, check_finite=False)
+    if np.all(np.isfinite(w)):
+      return w.astype(np.float32), factor
+  except np.linalg.LinAlgError:
+    pass
+  warnings.warn(f"{where}: the Cholesky factorisation of the Gram matrix failed (d={a.shape[0]},"
+                f" ridge={ridge}); solving in float64 by least squares", RuntimeWarning, stacklevel=3)
+  w = scipy.linalg.lstsq(np.asarray(a, np.float64), np.asarray(b, np.float64), check_finite=False)[0]
+  return w.astype(np.float32), None
 
 
 class LayerReport(NamedTuple):
@@ -140,7 +156,8 @@ class LayerReport(NamedTuple):
     path: the kernel.
     residual_before: ||X W0 - Y||^2 / ||Y||^2, at the combined weights.
     residual_after: the same at the solution.
-    condition: the largest condition number of the blocks' Gram matrices.
+    condition: the largest condition number of the blocks' Gram matrices
+      (estimated from below by power iterations; 1e30 for a singular one).
     blocks: how many output units each block (merged, A only, B only) has.
   """
 
@@ -160,17 +177,19 @@ def split_positions(view: combine.LeafView, axes: Sequence[int]) -> list[int]:
   return out
 
 
-def _as_matrix(x: jax.Array, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int]) -> jax.Array:
-  x = jnp.transpose(jnp.reshape(x, split_shape), list(rows) + list(cols))
+def _as_matrix(x: Any, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+  """An array's split axes `rows` times `cols` as a matrix, on the host."""
+  x = np.transpose(np.reshape(np.asarray(x), split_shape), list(rows) + list(cols))
   d = int(np.prod([split_shape[p] for p in rows], dtype=np.int64))
   return x.reshape(d, -1)
 
 
-def _from_matrix(w: jax.Array, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int],
-                 shape: Sequence[int]) -> jax.Array:
+def _from_matrix(w: np.ndarray, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int],
+                 shape: Sequence[int]) -> np.ndarray:
+  """`_as_matrix`'s inverse: the matrix back in an array of `shape`."""
   order = list(rows) + list(cols)
   w = w.reshape([split_shape[p] for p in order])
-  return jnp.reshape(jnp.transpose(w, np.argsort(order)), shape)
+  return np.reshape(np.transpose(w, np.argsort(order)), shape)
 
 
 class _Side(NamedTuple):
@@ -195,16 +214,6 @@ def _side(view: combine.LeafView, positions: Sequence[int], maps: Mapping[str, c
   groups = dict(view.groups)
   axes = tuple(combine.Axis(i, maps[groups[p]], False) for i, p in enumerate(positions) if p in groups)
   return _Side(tuple(view.shape[p] for p in positions), axes)
-
-
-def _merge_two_sided(m: jax.Array, rows: _Side, r_model: int, cols: _Side, c_model: int) -> jax.Array:
-  """T_rows^T M T_cols (unnormalised): a matrix's rows and columns merged."""
-  x = m.reshape(rows.shape + cols.shape)
-  x, _ = combine.merge_side(x, rows.axes, r_model)
-  shifted = tuple(ax._replace(axis=ax.axis + len(rows.shape)) for ax in cols.axes)
-  x, _ = combine.merge_side(x, shifted, c_model)
-  d = int(np.prod(x.shape[:len(rows.shape)], dtype=np.int64))
-  return x.reshape(d, -1)
 
 
 def solve_layer(
@@ -238,7 +247,8 @@ def solve_layer(
     maps: group -> UnitMap.
     models: the models whose outputs are the targets ((0,) for A's own head).
     ridge: relative ridge (see `ridge_solve`).
-    condition: compute the blocks' condition numbers (an eigendecomposition each).
+    condition: estimate the blocks' condition numbers (`_condition`: power
+      iterations, O(d^2) each).
     merged_inputs: fit on the merged model's inputs (`X_m`) instead of the
       originals' inputs merged like the units.
 
@@ -257,7 +267,7 @@ def solve_layer(
   widths = {g: m.width for g, m in maps.items()}
 
   def cut(x, start, stop):
-    return x if axis is None else jax.lax.slice_in_dim(jnp.asarray(x), start, stop, axis=axis)
+    return x if axis is None else np.asarray(x).take(np.arange(start, stop), axis=axis)
 
   solved, before, after, total, cond, sizes, at = [], 0.0, 0.0, 0.0, 0.0, np.zeros(3, int), 0
   for piece in pieces:
@@ -268,7 +278,7 @@ def solve_layer(
     solved.append(out[0])
     before, after, total = before + out[1], after + out[2], total + out[3]
     cond, sizes = max(cond, out[4]), sizes + np.asarray(out[5])
-  kernel = solved[0] if axis is None else jnp.concatenate(solved, axis=axis)
+  kernel = jax.device_put(solved[0] if axis is None else np.concatenate(solved, axis=axis))
   norm = max(total, 1e-30)
   return kernel, LayerReport(path, (before + total) / norm, (after + total) / norm, cond,
                              tuple(int(s) for s in sizes))
@@ -287,9 +297,9 @@ def _solve_view(
     ridge: float,
     condition: bool = True,
     merged_inputs: bool = False,
-) -> tuple[jax.Array, float, float, float, float, tuple[int, int, int]]:
+) -> tuple[np.ndarray, float, float, float, float, tuple[int, int, int]]:
   """`solve_layer` for one piece, with `solve_layer`'s arguments (`view` one
-  `combine.leaf_view`): (kernel, summed residual terms before and after,
+  `combine.leaf_view`), on the host: (kernel, summed residual terms before and after,
   ||Y||^2, the worst condition number, the blocks' sizes)."""
   where = "/".join(path)
   rows_pos, cols_pos = split_positions(view, plan.in_axes), split_positions(view, plan.out_axes)
@@ -312,79 +322,109 @@ def _solve_view(
     sizes.append(int(q.size))
     if q.size:
       blocks.append((np.flatnonzero(((in_mass[0] > 0) & a) | ((in_mass[1] > 0) & b)), q))
+  # Every product runs on the host (BLAS, LAPACK and sparse merge matrices): nothing is compiled, so no layer
+  # pays a compilation (on a CPU a factorisation compiled by XLA costs more than it computes).
+  count = max(float(gram.count), 1.0)
+  g = np.asarray(gram.gram, np.float32)
+  starts = {"m": 0, 0: d_m, 1: d_m + d}
+  size = {"m": d_m, 0: d, 1: d}
+  slices = {}
 
-  def fit(gram_matrix, count, w_a, w_b, w0):
-    """The blocks' solutions, all in one compiled program."""
-    count = jnp.maximum(count, 1.0)
-    starts = {"m": 0, 0: d_m, 1: d_m + d}
-    size = {"m": d_m, 0: d, 1: d}
-    block = lambda s, t: gram_matrix[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / count
-    w = [_as_matrix(k, view.shape, rows_pos, cols_pos) for k in (w_a, w_b)]
-    w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos)
-    n_in = np.where(sum(in_mass) > 0, sum(in_mass), 1.0)
-    n_out = np.where(sum(out_mass) > 0, sum(out_mass), 1.0)
-    with jax.default_matmul_precision("highest"):
-      if merged_inputs:
-        x_m = _Side((d_m,), ())
-        g_m = block("m", "m")
-        cross = sum(_merge_two_sided(block("m", t) @ w[t], x_m, t, y_side, t) for t in models) / n_out
-      else:
-        g_m = sum(_merge_two_sided(block(s, t), x_side, s, x_side, t) for s in (0, 1) for t in (0, 1))
-        g_m = g_m / np.outer(n_in, n_in)
-        cross = sum(_merge_two_sided(block(s, t) @ w[t], x_side, s, y_side, t) for s in (0, 1) for t in models)
-        cross = cross / np.outer(n_in, n_out)
-      yty = sum(_merge_two_sided(w[s].T @ block(s, t) @ w[t], y_side, s, y_side, t)
-                for s in models for t in models)
-      total = jnp.sum(jnp.diag(yty) / n_out**2)
-      solution = jnp.zeros_like(w0_mat)
-      out = {"finite": [], "before": [], "after": [], "condition": []}
-      for p, q in blocks:
-        g_c, c_c, w0_c = g_m[np.ix_(p, p)], cross[np.ix_(p, q)], w0_mat[np.ix_(p, q)]
-        w_c = _cholesky_solve(*_ridge_system(g_c, c_c, w0_c, ridge))
-        solution = solution.at[np.ix_(p, q)].set(w_c)
-        out["finite"].append(jnp.all(jnp.isfinite(w_c)))
-        out["before"].append(_residual(g_c, c_c, w0_c))
-        out["after"].append(_residual(g_c, c_c, w_c))
-        if condition:
-          e = jnp.linalg.eigvalsh(g_c)
-          out["condition"].append(e[-1] / jnp.maximum(e[0], 1e-30 * e[-1]))
-    return solution, total, out, (g_m, cross, w0_mat)
+  def block(s, t):  # G_st / count, each block sliced once
+    if (s, t) not in slices:
+      slices[s, t] = g[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / np.float32(count)
+    return slices[s, t]
 
-  key = _static_key((d_m, d, view.shape, rows_pos, cols_pos, merged_split, x_side, y_side, blocks, tuple(models),
-                      float(ridge), condition, merged_inputs))
-  compiled = _FITS.pop(key, None) or jax.jit(fit)
-  _FITS[key] = compiled  # most recent last
-  while len(_FITS) > _MAX_FITS:
-    _FITS.pop(next(iter(_FITS)))
-  solution, total, out, system = compiled(gram.gram, gram.count, *kernels, w0)
-  out = jax.device_get(out)
-  after = out["after"]
+  w = [_as_matrix(k, view.shape, rows_pos, cols_pos).astype(np.float32) for k in kernels]
+  w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos).astype(np.float32)
+  t_in, t_out = ([_merge_matrix(side, s) for s in (0, 1)] for side in (x_side, y_side))
+  n_in, n_out = (np.where(sum(m) > 0, sum(m), 1.0).astype(np.float32) for m in (in_mass, out_mass))
+  gw = {(s, t): block("m" if merged_inputs else s, t) @ w[t] for s in ((0,) if merged_inputs else (0, 1))
+        for t in models}
+  yty = sum(_two_sided(w[s].T @ (gw[s, t] if not merged_inputs else block(s, t) @ w[t]), t_out[s], t_out[t])
+            for s in models for t in models)
+  total = float(np.sum(np.diag(yty) / n_out.astype(np.float64)**2))
+  solution = np.zeros(w0_mat.shape, np.float32)
+  before, after, worst = 0.0, 0.0, 0.0
   for i, (p, q) in enumerate(blocks):
-    if not out["finite"][i]:  # the float64 fallback, with its warning
-      g_c, c_c, w0_c = (m[np.ix_(p, r)] for m, r in zip(system, (p, q, q)))
-      w_c = ridge_solve(g_c, c_c, w0_c, ridge, where)
-      solution = solution.at[np.ix_(p, q)].set(w_c)
-      after[i] = float(_residual(g_c, c_c, w_c))
+    if merged_inputs:
+      g_c = block("m", "m")[np.ix_(p, p)]
+      c_c = sum(gw[0, t] @ t_out[t][:, q] for t in models)[p] / n_out[q]
+    else:
+      rows = [t_in[s][:, p] for s in (0, 1)]
+      g_c = sum(_two_sided(block(s, t), rows[s], rows[t]) for s in (0, 1) for t in (0, 1))
+      g_c = g_c / np.outer(n_in[p], n_in[p])
+      c_c = sum(_two_sided(gw[s, t], rows[s], t_out[t][:, q]) for s in (0, 1) for t in models)
+      c_c = c_c / np.outer(n_in[p], n_out[q])
+    g_c, c_c, w0_c = g_c.astype(np.float32), c_c.astype(np.float32), w0_mat[np.ix_(p, q)]
+    w_c, factor = _host_solve(*_ridge_system(g_c, c_c, w0_c, ridge), ridge, where)
+    solution[np.ix_(p, q)] = w_c
+    before, after = before + _residual(g_c, c_c, w0_c), after + _residual(g_c, c_c, w_c)
+    # The merged block (first, when it has outputs) reads every input row any other block reads, so by
+    # Cauchy interlacing its condition number is the largest.
+    if condition and (i == 0 or not sizes[0]):
+      worst = max(worst, _condition(g_c, factor, ridge))
   kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
-  return (kernel, float(sum(out["before"])), float(sum(after)), float(total),
-          float(max(out["condition"], default=0.0)), tuple(sizes))
+  return kernel, before, after, total, worst, tuple(sizes)
 
 
-# `_solve_view`'s compiled programs by everything their closure reads: a layer of the same structure (the
-# same kernel, views and UnitMaps, e.g. a scanned model's copy and its unrolled twin) compiles once.
-_FITS: dict[Any, Any] = {}
-_MAX_FITS = 64
+def _merge_matrix(side: _Side, model: int) -> scipy.sparse.csc_array:
+  """T: f32[features, merged features], sparse: model `model`'s features merged like the units (unnormalised).
+
+  The Kronecker product, over the side's split axes in order, of the identity
+  (an axis no group permutes) or the axis's map (`M[index[p, j], p] +=
+  weight[p, j]` over the model's own units).
+  """
+  grouped = {ax.axis: combine.model_part(ax.map, model) for ax in side.axes}
+  t = scipy.sparse.identity(1, np.float32, format="csc")
+  for i, n in enumerate(side.shape):
+    if i in grouped:
+      part = grouped[i]
+      width, k = part.index.shape
+      m = scipy.sparse.csc_array((part.weight.reshape(-1), (part.index.reshape(-1), np.repeat(np.arange(width), k))),
+                                 shape=(n, width), dtype=np.float32)
+    else:
+      m = scipy.sparse.identity(n, np.float32, format="csc")
+    t = scipy.sparse.kron(t, m, format="csc")
+  t.eliminate_zeros()
+  return t
 
 
-def _static_key(x: Any) -> Any:
-  """A hashable key of nested tuples, lists, NamedTuples and arrays (their shape, dtype and bytes)."""
-  if isinstance(x, np.ndarray):
-    return ("array", x.shape, x.dtype.str, x.tobytes())
-  if isinstance(x, (list, tuple)):
-    return (type(x).__name__,) + tuple(_static_key(v) for v in x)
-  return x
+def _two_sided(m: np.ndarray, rows: scipy.sparse.csc_array, cols: scipy.sparse.csc_array) -> np.ndarray:
+  """rows^T m cols: a matrix's rows and columns merged (`_merge_matrix`), f32[rows merged, cols merged]."""
+  return np.asarray((cols.T @ (rows.T @ m).T).T, np.float32)
 
 
-def _residual(gram: jax.Array, cross: jax.Array, w: jax.Array) -> jax.Array:
+def _condition(gram: np.ndarray, factor: Any, ridge: float, steps: int = 8, width: int = 8) -> float:
+  """An estimate of `gram`'s condition number lambda_max / lambda_min, in O(steps d^2).
+
+  lambda_max by subspace iteration (`width` vectors, `steps` steps) on gram:
+  f32[d, d]; lambda_min as 1 / mu - lam, mu the same on (gram + lam I)^-1
+  through its Cholesky `factor` (`scipy.linalg.cho_factor`'s pair). Each is a
+  Rayleigh-Ritz value, so the estimate is a lower bound, exact once the
+  iterations converge (an eigendecomposition costs about 20 times a Cholesky
+  factorisation on a CPU). A Gram singular to float32 rounding reads about
+  1e7 or more, and 1e30 where lambda_min comes out below 1e-30 lambda_max or
+  not positive, or the factorisation failed.
+  """
+  d = gram.shape[0]
+  if factor is None:
+    return 1e30
+  lam = ridge * np.trace(gram, dtype=np.float64) / d
+  start = np.random.default_rng(0).standard_normal((d, min(width, d))).astype(np.float32)
+
+  def largest(apply):
+    v = np.linalg.qr(start)[0]
+    for _ in range(steps):
+      v = np.linalg.qr(apply(v))[0]
+    return float(np.linalg.eigvalsh((v.T @ apply(v)).astype(np.float64))[-1])
+
+  with _one_thread():
+    big = largest(lambda v: gram @ v)
+    small = 1.0 / largest(lambda v: scipy.linalg.cho_solve(factor, v, check_finite=False)) - lam
+  return big / small if np.isfinite(big) and np.isfinite(small) and small > 1e-30 * big else 1e30
+
+
+def _residual(gram: np.ndarray, cross: np.ndarray, w: np.ndarray) -> float:
   """||X W - Y||^2 - ||Y||^2 = tr(W^T G W) - 2 tr(W^T C)."""
-  return jnp.sum(w * (gram @ w)) - 2 * jnp.sum(w * cross)
+  return float(np.sum(w * (gram @ w), dtype=np.float64) - 2 * np.sum(w * cross, dtype=np.float64))

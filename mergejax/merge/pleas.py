@@ -402,7 +402,7 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec,
                    ({"merged": view.stack(merged)}, {"original": va}, {"original": vb}), batches, mesh=mesh,
                    progress=progress)
     where = "/".join(k.path)
-    if not bool(jnp.all(jnp.isfinite(g.gram))):
+    if not np.isfinite(np.asarray(g.gram)).all():  # on the host: no program per Gram shape
       raise ValueError(f"pleas: the features read by {where} have NaN or Inf values")
     pieces = combine.leaf_pieces(k.shape, by_leaf.get(k.path, []), where)
     kernel, rep = timed("solves", least_squares.solve_layer, k.path, g, (la[k.path], lb[k.path]), lm[k.path],
