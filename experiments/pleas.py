@@ -7,10 +7,20 @@ For every seed pair (model A and B trained on disjoint label halves from
 different initialisations) and every budget, merges the pair by each method
 and scores per-task accuracy:
 
+- average: no matching (B's units where they are), merged units averaged,
+  the rest kept, no least squares: at budget 1.0 the plain average of the
+  weights;
 - permute and average: partial weight matching, merged units averaged, the
   rest kept (the PLeaS paper's baseline), no least squares;
 - PLeaS (weight) / PLeaS (activation): the same layout, every layer solved by
   least squares on the training inputs;
+- PLeaS (select): the matching PLeaS builds on (`config.pleas.candidates`:
+  weight, activation, identity) chosen by `mj.merge.select_matching`: each
+  candidate merged on the training inputs less a held-out split
+  (`config.pleas.heldout` of each model's training data, never test data),
+  the one whose merged model has the least cross-entropy on that split
+  (language models: per-byte, the domains' mean) kept and merged again on
+  all the training inputs (the chosen matching is in the row's `matching`);
 - ZipIt!: features zipped within and across models, the first groups
   zipped and the rest kept; its budgets are discrete, so the achieved budget
   (`flops` in the JSON) is at or below the one asked;
@@ -46,11 +56,13 @@ parameter budgets are both reported in the JSON, parameters as the non-zero
 ones).
 """
 
+from collections.abc import Callable
 import functools
+import importlib
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -65,7 +77,7 @@ import mergejax as mj
 
 
 def _batches(x: np.ndarray, size: int):
-  return lambda: [x[i:i + size] for i in range(0, len(x), size)]
+  return cli.process_shard(lambda: [x[i:i + size] for i in range(0, len(x), size)])
 
 
 def _free_inputs(config, x: np.ndarray) -> np.ndarray:
@@ -106,8 +118,31 @@ def _global_logits(apply_fn, tasks, num_classes: int):
   return logits
 
 
-def merge_pair(config, model, kwargs, x: np.ndarray, free_x: np.ndarray, va, vb, budget: float, method: str):
-  """(merged variables, layout, Report) of one method at one budget.
+class Heldout(NamedTuple):
+  """What PLeaS (select) reads: its candidates merge on `fit_x`, and
+  `loss(merged_model, merged_variables) -> float` scores each on the
+  held-out rest of the training data (lower is better)."""
+
+  fit_x: np.ndarray
+  loss: Callable[[Any, Any], float]
+
+
+def _heldout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(fit, held-out) indices of range(n): a seeded `fraction` (at least one, at most n - 1) held out."""
+  order = np.random.default_rng(seed).permutation(n)
+  k = min(max(1, round(fraction * n)), n - 1)
+  return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Mean cross-entropy of f32[n, classes] logits against i32[n] labels."""
+  return float(-np.mean(np.take_along_axis(jax.nn.log_softmax(jnp.asarray(logits), -1),
+                                           jnp.asarray(labels)[:, None], -1)))
+
+
+def merge_pair(config, model, kwargs, x: np.ndarray, free_x: np.ndarray, va, vb, budget: float, method: str,
+               heldout: Heldout | None = None):
+  """(merged variables, layout, Report, notes) of one method at one budget.
 
   Args:
     config: the experiment's config.
@@ -117,6 +152,11 @@ def merge_pair(config, model, kwargs, x: np.ndarray, free_x: np.ndarray, va, vb,
     va, vb: the two models' variables.
     budget: in [1, 2].
     method: one of `config.pleas.methods`.
+    heldout: the split PLeaS (select) chooses its matching on.
+
+  Returns:
+    notes: for PLeaS (select), `{"matching": the chosen, "heldout loss":
+    {candidate: its held-out loss}}`; otherwise empty.
   """
   name = config.model.name
   spec = mj.models.permutation_spec(name, va, **kwargs)
@@ -127,22 +167,60 @@ def merge_pair(config, model, kwargs, x: np.ndarray, free_x: np.ndarray, va, vb,
       budget=budget, spec=spec, heads=heads, ridge=config.pleas.ridge, report=True, progress=False,
       build_fn=build_fn if "batch_stats" in va else None)
   apply_fn = functools.partial(model.apply, train=False)
-  if method == "permute and average":
-    return mj.merge.pleas(apply_fn, va, vb, _batches(x, config.pleas.batch_size), least_squares_fit=False,
-                          **options)
+  batches = _batches(x, config.pleas.batch_size)
+  if method == "PLeaS (select)":
+    if heldout is None:
+      raise ValueError("merge_pair: PLeaS (select) needs the held-out split (heldout=)")
+    score = lambda merged, layout: heldout.loss(mj.models.build(name, layout, **kwargs), merged)
+    options.pop("report")
+    choice = mj.merge.select_matching(apply_fn, va, vb, _batches(heldout.fit_x, config.pleas.batch_size), score,
+                                      candidates=config.pleas.candidates, refit_batches=batches, **options)
+    return choice.merged, choice.layout, choice.report, {"matching": choice.matching, "heldout loss": choice.scores}
+  if method in ("average", "permute and average"):
+    matching = "identity" if method == "average" else "weight"
+    return *mj.merge.pleas(apply_fn, va, vb, batches, matching=matching, least_squares_fit=False, **options), {}
   if method == "ZipIt!":
-    merged, layout, alloc = mj.merge.zipit(apply_fn, va, vb, _batches(x, config.pleas.batch_size),
-                                           budget=budget, spec=spec, heads=heads,
+    merged, layout, alloc = mj.merge.zipit(apply_fn, va, vb, batches, budget=budget, spec=spec, heads=heads,
                                            build_fn=options["build_fn"], progress=False)
-    return merged, layout, mj.merge.Report(alloc, [], {})
+    return merged, layout, mj.merge.Report(alloc, [], {}), {}
   if method == "PLeaS-free":
-    return mj.merge.pleas(apply_fn, va, vb, _batches(free_x, config.pleas.batch_size), matching="activation",
-                          **options)
+    return *mj.merge.pleas(apply_fn, va, vb, _batches(free_x, config.pleas.batch_size), matching="activation",
+                           **options), {}
   matching = {"PLeaS (weight)": "weight", "PLeaS (activation)": "activation"}[method]
-  return mj.merge.pleas(apply_fn, va, vb, _batches(x, config.pleas.batch_size), matching=matching, **options)
+  return *mj.merge.pleas(apply_fn, va, vb, batches, matching=matching, **options), {}
+
+
+def _merge_rows(config, model, kwargs, x, free_x, va, vb, seed: int, score, heldout: Heldout) -> list[dict]:
+  """One row per budget and method of `config.pleas`: its costs, time and `score(merged_model, merged)`."""
+  rows = []
+  for budget in config.pleas.budgets:
+    for method in config.pleas.methods:
+      t0 = time.perf_counter()
+      merged, layout, report, notes = merge_pair(config, model, kwargs, x, free_x, va, vb, budget, method, heldout)
+      merged_model = mj.models.build(config.model.name, layout, **kwargs)
+      row = {"seed": seed, "budget": budget, "method": method, "flops": report.allocation.cost,
+             "params": _nonzero(merged) / mj.tree.num_params(va), "seconds": time.perf_counter() - t0,
+             **notes, **score(merged_model, merged)}
+      rows.append(row)
+      logging.info("seed %d budget %.1f %s: %s", seed, budget, method, row)
+  return rows
+
+
+MATCHINGS = importlib.import_module("mergejax.merge.pleas").MATCHINGS  # config.pleas.candidates
+
+
+def _check_selection(config) -> None:
+  """Raises ValueError for PLeaS (select)'s fields, before any training."""
+  if not (isinstance(config.pleas.heldout, float) and 0.0 < config.pleas.heldout < 1.0):
+    raise ValueError(f"pleas.heldout must be a fraction in (0, 1), got {config.pleas.heldout!r}")
+  unknown = [c for c in config.pleas.candidates if c not in MATCHINGS]
+  if not config.pleas.candidates or unknown:
+    raise ValueError(f"pleas.candidates must be some of {MATCHINGS},"
+                     f" got {config.pleas.candidates!r}")
 
 
 def run(config, workdir):
+  _check_selection(config)
   if config.split.kind == "text_domains":
     return run_text(config, workdir)
   workdir = pathlib.Path(workdir)
@@ -174,23 +252,25 @@ def run(config, workdir):
     ha, hb = _head_features(apply_eval, va), _head_features(apply_eval, vb)
     x = np.concatenate([m.task.x_train for m in members])
     free_x = _free_inputs(config, x)
+    splits = [_heldout_indices(len(m.task.x_train), config.pleas.heldout, config.data_seed + i)
+              for i, m in enumerate(members)]
+    x_held = np.concatenate([m.task.x_train[h] for m, (_, h) in zip(members, splits)])
+    y_held = np.concatenate([m.task.y_train[h] for m, (_, h) in zip(members, splits)])
+    heldout = Heldout(
+        np.concatenate([m.task.x_train[f] for m, (f, _) in zip(members, splits)]),
+        lambda merged_model, merged: _cross_entropy(
+            evaluate.logits_in_chunks(evaluate.jit_logits(logits_fn(merged_model), merged), x_held), y_held))
     for method, fn, features in (
         ("model A", fa, ha), ("model B", fb, hb),
         ("ensemble", lambda x: evaluate.ensemble_logits([fa(x), fb(x)]),
          lambda x: np.concatenate([np.asarray(ha(x)), np.asarray(hb(x))], -1))):
       results.append({"seed": seed, "budget": None, "method": method, **score(fn, features)})
-    for budget in config.pleas.budgets:
-      for method in config.pleas.methods:
-        t0 = time.perf_counter()
-        merged, layout, report = merge_pair(config, model, kwargs, x, free_x, va, vb, budget, method)
-        merged_model = mj.models.build(config.model.name, layout, **kwargs)
-        row = {"seed": seed, "budget": budget, "method": method, "flops": report.allocation.cost,
-               "params": _nonzero(merged) / mj.tree.num_params(va),
-               "seconds": time.perf_counter() - t0,
-               **score(evaluate.jit_logits(logits_fn(merged_model), merged),
-                       _head_features(functools.partial(merged_model.apply, train=False), merged))}
-        results.append(row)
-        logging.info("seed %d budget %.1f %s: %s", seed, budget, method, row)
+    results += _merge_rows(
+        config, model, kwargs, x, free_x, va, vb, seed,
+        lambda merged_model, merged: score(
+            evaluate.jit_logits(logits_fn(merged_model), merged),
+            _head_features(functools.partial(merged_model.apply, train=False), merged)),
+        heldout)
   return _write_results(config, workdir, results, "joint", "joint accuracy", start)
 
 
@@ -294,6 +374,13 @@ def run_text(config, workdir):
   domains = mj.data.split(dataset, config.split.kind, seed=config.data_seed)
   picks = [_subset(len(d.x_train), config.pleas.merge_windows, config.data_seed) for d in domains]
   x = np.concatenate([d.x_train[k] for d, k in zip(domains, picks)])
+  splits = [_heldout_indices(len(k), config.pleas.heldout, config.data_seed + i) for i, k in enumerate(picks)]
+  held = {d.domains[0]: (d.x_train[k[h]], d.y_train[k[h]]) for d, k, (_, h) in zip(domains, picks, splits)}
+  heldout = Heldout(
+      np.concatenate([d.x_train[k[f]] for d, k, (f, _) in zip(domains, picks, splits)]),
+      lambda merged_model, merged: float(np.mean([
+          evaluate.perplexity(evaluate.jit_logits(merged_model.apply, merged), hx, hy)["nll"]
+          for hx, hy in held.values()])))
   tests = {}
   for d in domains:
     k = _subset(len(d.x_test), config.pleas.eval_windows, config.data_seed)
@@ -310,16 +397,9 @@ def run_text(config, workdir):
     for method, fn in (("model A", fa), ("model B", fb),
                        ("ensemble", lambda ids: evaluate.ensemble_logits([fa(ids), fb(ids)]))):
       results.append({"seed": seed, "budget": None, "method": method, **text_scores(fn, tests)})
-    for budget in config.pleas.budgets:
-      for method in config.pleas.methods:
-        t0 = time.perf_counter()
-        merged, layout, report = merge_pair(config, model, kwargs, x, free_x, va, vb, budget, method)
-        merged_model = mj.models.build(config.model.name, layout, **kwargs)
-        row = {"seed": seed, "budget": budget, "method": method, "flops": report.allocation.cost,
-               "params": _nonzero(merged) / mj.tree.num_params(va), "seconds": time.perf_counter() - t0,
-               **text_scores(evaluate.jit_logits(merged_model.apply, merged), tests)}
-        results.append(row)
-        logging.info("seed %d budget %.1f %s: %s", seed, budget, method, row)
+    results += _merge_rows(
+        config, model, kwargs, x, free_x, va, vb, seed,
+        lambda merged_model, merged: text_scores(evaluate.jit_logits(merged_model.apply, merged), tests), heldout)
   return _write_results(config, workdir, results, "ppl mean", "mean perplexity (lower is better)", start)
 
 

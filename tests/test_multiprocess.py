@@ -173,6 +173,16 @@ def _pleas(batches):
   return jax.tree.leaves(merged)
 
 
+def _zipit(batches):
+  merged, _, _ = mj.merge.zipit(_mlp, _variables(1), _variables(2), lambda: iter(batches), budget=1.5,
+                                progress=False)
+  return jax.tree.leaves(merged)
+
+
+def _regmean_plus_plus(batches):
+  return jax.tree.leaves(mj.merge.regmean_plus_plus(_mlp, [_variables(1), _variables(2)], [batches, batches]))
+
+
 def _error(fn):
   return _error_of(ValueError, fn)
 
@@ -264,6 +274,8 @@ def run_cases(outdir):
       progress=False)))
   record("no_batches/activation_matching", lambda: _matched([] if me == 0 else _shard("even", me)))
   record("no_batches/regmean_grams", lambda: _grams([] if me == 0 else _shard("even", me)))
+  for name, merge in (("pleas", _pleas), ("zipit", _zipit), ("regmean_plus_plus", _regmean_plus_plus)):
+    record(f"no_batches/{name}", lambda: merge([] if me == 0 else _shard("even", me)))
   # every process enumerates the same 4 batches and keeps its share: process p gets batches p and p + 2
   every = [_x()[i:i + 8] for i in range(0, 32, 8)]
   record("process_shard/list", lambda: _pass("gram", distributed.process_shard(every)))
@@ -361,6 +373,9 @@ def test_a_process_with_no_batches_contributes_none(results):
   _check(results, "no_batches/fisher", want)
   _check(results, "no_batches/activation_matching", _matched(own))
   _check(results, "no_batches/regmean_grams", _grams(own))
+  _check(results, "no_batches/pleas", _pleas(own), rtol=1e-4, atol=1e-5)
+  _check(results, "no_batches/zipit", _zipit(own), rtol=1e-4, atol=1e-5)
+  _check(results, "no_batches/regmean_plus_plus", _regmean_plus_plus(own), rtol=1e-4, atol=1e-5)
 
 
 def test_process_shard_gives_each_process_its_share_of_the_batches(results):

@@ -30,6 +30,7 @@ def _small_config():
 
 def test_pleas_table_json_and_plot(tmp_path, capsys):
   config = _small_config()
+  config.pleas.methods = tuple(m for m in config.pleas.methods if m != "PLeaS (select)")  # its own test, below
   summary = pleas.run(config, tmp_path)
   assert set(summary) == {"model A", "model B", "ensemble", *config.pleas.methods}
   for method in config.pleas.methods:
@@ -45,6 +46,44 @@ def test_pleas_table_json_and_plot(tmp_path, capsys):
   assert len(saved["runs"]) == 3 + 2 * len(config.pleas.methods)
   assert (tmp_path / "pleas.png").stat().st_size > 0
   assert "PLeaS (weight)" in capsys.readouterr().out
+
+
+def test_select_keeps_the_matching_of_least_heldout_loss(tmp_path):
+  config = _small_config()
+  config.pleas.methods = ("PLeaS (weight)", "PLeaS (select)")
+  config.pleas.candidates = ("weight", "identity")
+  config.pleas.budgets = (1.0,)
+  pleas.run(config, tmp_path)
+  _check_selected(config, json.loads((tmp_path / "pleas.json").read_text())["runs"])
+
+
+def _check_selected(config, runs):
+  """PLeaS (select) keeps its least held-out loss; refitted on all inputs, it is that matching's own row."""
+  rows = {(r["seed"], r["budget"], r["method"]): r for r in runs}
+  same = {"weight": "PLeaS (weight)", "activation": "PLeaS (activation)"}
+  selected = [r for r in runs if r["method"] == "PLeaS (select)"]
+  assert selected
+  for row in selected:
+    losses = row["heldout loss"]
+    assert set(losses) == set(config.pleas.candidates)
+    assert row["matching"] == min(losses, key=losses.get)
+    twin = rows.get((row["seed"], row["budget"], same.get(row["matching"])))
+    if twin is not None:
+      assert {k: row[k] for k in ("task a", "task b", "joint")} == {k: twin[k] for k in ("task a", "task b", "joint")}
+
+
+def test_heldout_split_is_disjoint_and_checked_before_training(tmp_path):
+  fit, held = pleas._heldout_indices(50, 0.2, seed=3)
+  assert len(held) == 10 and len(fit) == 40
+  np.testing.assert_array_equal(np.sort(np.concatenate([fit, held])), np.arange(50))
+  np.testing.assert_array_equal(held, pleas._heldout_indices(50, 0.2, seed=3)[1])  # seeded
+  assert len(pleas._heldout_indices(3, 0.01, seed=0)[1]) == 1 and len(pleas._heldout_indices(3, 0.99, seed=0)[0]) == 1
+  for field, value, match in (("heldout", 1.0, "fraction in"), ("candidates", ("weight", "zip"), "candidates must be")):
+    config = _small_config()
+    config.pleas[field] = value
+    with pytest.raises(ValueError, match=match):
+      pleas.run(config, tmp_path)
+  assert not list(tmp_path.iterdir())
 
 
 def test_separate_heads_keep_each_models_task_head(tmp_path):
@@ -171,7 +210,7 @@ def _merged_with_itself(lm_run, method):
   model = mj.models.build("lm", **kwargs)
   va = mj.io.restore(workdir / "seed0" / "code" / "model")
   x = mj.data.load("stdlib_text", **config.data_options.to_dict()).x_test[:32]
-  merged, layout, _ = pleas.merge_pair(config, model, kwargs, x, x[:, ::-1], va, va, 1.0, method)
+  merged, layout, *_ = pleas.merge_pair(config, model, kwargs, x, x[:, ::-1], va, va, 1.0, method)
   got = jax.jit(mj.models.build("lm", layout, **kwargs).apply)(merged, x)
   np.testing.assert_allclose(got, model.apply(va, x), rtol=2e-3, atol=2e-3)
 

@@ -37,12 +37,17 @@ def pleas_config(**overrides) -> ml_collections.ConfigDict:
   linear probe per task, the paper's fine-grained protocol), heads ("shared":
   the global heads are merged, task-aware accuracy; "separate": each model
   keeps its own task's head), batch_size, free_transforms (the inputs
-  PLeaS-free reads instead of the tasks': a domain the models never saw).
+  PLeaS-free reads instead of the tasks': a domain the models never saw),
+  heldout (the fraction of each model's training data PLeaS (select) holds
+  out to choose its matching on) and candidates (the matchings it tries).
   """
   return ml_collections.ConfigDict({
       "budgets": (1.0, 1.2, 1.5, 1.8, 2.0),
       "seeds": (0, 1, 2),
-      "methods": ("permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)", "PLeaS-free"),
+      "methods": ("average", "permute and average", "ZipIt!", "PLeaS (weight)", "PLeaS (activation)",
+                  "PLeaS (select)", "PLeaS-free"),
+      "heldout": 0.2,
+      "candidates": ("weight", "activation", "identity"),
       "ridge": 1e-3,
       "probe": True,
       "heads": "shared",

@@ -8,12 +8,18 @@
 
 from mergejax.merge import budget
 from mergejax.merge import combine
+from mergejax.merge import compact
 from mergejax.merge import least_squares
 from mergejax.merge import task_vectors
 from mergejax.merge import zip_match
 from mergejax.merge.average import average
 from mergejax.merge.average import greedy_soup
 from mergejax.merge.average import uniform_soup
+from mergejax.merge.compact import compact_apply
+from mergejax.merge.compact import compact_variables
+from mergejax.merge.compact import CompactKernel
+from mergejax.merge.compact import dense_variables
+from mergejax.merge.compact import kernel_inputs
 from mergejax.merge.consensus import consensus_mask
 from mergejax.merge.consensus import consensus_task_arithmetic
 from mergejax.merge.consensus import consensus_ties
@@ -53,6 +59,8 @@ from mergejax.merge.metric_weighted import metric_weights
 from mergejax.merge.pcb import pcb
 from mergejax.merge.pleas import pleas
 from mergejax.merge.pleas import Report
+from mergejax.merge.pleas_select import select_matching
+from mergejax.merge.pleas_select import Selection
 from mergejax.merge.regmean import regmean
 from mergejax.merge.regmean import regmean_grams
 from mergejax.merge.regmean import regmean_plus_plus

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import align
+from mergejax import distributed
 from mergejax import permute
 from mergejax import repair
 from mergejax import spec as spec_lib
@@ -39,12 +40,14 @@ from mergejax import trace
 from mergejax import tree
 from mergejax.merge import budget as budget_lib
 from mergejax.merge import combine
+from mergejax.merge import compact as compact_lib
 from mergejax.merge import kernels as kernels_lib
 from mergejax.merge import least_squares
 
 PyTree = Any
 Path = tuple[str, ...]
 DEFAULT_GRID = tuple(np.linspace(0.0, 1.0, 11))
+MATCHINGS = ("weight", "activation", "identity")  # pleas(matching=...)
 
 
 class Report(NamedTuple):
@@ -174,6 +177,7 @@ def pleas(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     report: bool = False,
+    compact: bool = False,
 ) -> tuple[PyTree, spec_lib.MergeLayout] | tuple[PyTree, spec_lib.MergeLayout, Report]:
   """Merges two models of one architecture into one of `budget` times the cost.
 
@@ -185,7 +189,10 @@ def pleas(
       least-squares statistics and the batch-norm reset; data of another
       domain makes this PLeaS-free.
     budget: the merged model's cost relative to one original, in [1, 2].
-    matching: "weight" or "activation" (Git Re-Basin).
+    matching: "weight" or "activation" (Git Re-Basin), or "identity" (no
+      permutation: B's units stay where they are; with
+      `least_squares_fit=False` at budget 1.0, the plain average of the
+      weights). `mj.merge.select_matching` chooses among them on held-out data.
     spec: the permutation groups (default: traced from `apply_fn`); a zoo
       model's hand spec (`mj.models.permutation_spec`) names the groups as
       `mj.models.build` expects them. A batched group (stacked copies, e.g.
@@ -218,6 +225,9 @@ def pleas(
     mesh: devices to shard the passes over.
     progress: log progress.
     report: also return a `Report`.
+    compact: return the compact form (`mergejax.merge.compact`): each kernel
+      as the blocks it reads, which `compact_apply(apply_fn)` runs at the
+      budget's cost; unbatched specs only.
 
   Returns:
     `(merged variables, layout)`, and the Report when `report`.
@@ -231,8 +241,8 @@ def pleas(
   """
   if not (isinstance(budget, (int, float)) and np.isfinite(budget) and 1.0 <= budget <= 2.0):
     raise ValueError(f"pleas: budget must be in [1, 2] (1: one model's cost, 2: both), got {budget!r}")
-  if matching not in ("weight", "activation"):
-    raise ValueError(f"pleas: matching must be 'weight' or 'activation', got {matching!r}")
+  if matching not in MATCHINGS:
+    raise ValueError(f"pleas: matching must be one of {MATCHINGS}, got {matching!r}")
   if inputs not in ("original", "merged"):
     raise ValueError(f"pleas: inputs must be 'original' or 'merged', got {inputs!r}")
   if cost not in ("flops", "params"):
@@ -241,13 +251,16 @@ def pleas(
   tree.check_same_shapes(va, vb)
   tree.check_finite(va, "va")
   tree.check_finite(vb, "vb")
-  example, batches = kernels_lib.peek(batches)
+  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
+                                                  kernels_lib.peek, batches, "pleas")
   batches = kernels_lib.replayable(batches)
   seconds = {}
 
   start = time.perf_counter()
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
+  if compact:
+    stacked.check_unbatched(spec, "pleas(compact=True)")
   view = _Unrolled.of(spec, apply_fn, va, example)
   flat_spec, fa = view.spec, view.unstack(va)
   heads_models = kernels_lib.head_models(heads, fa)
@@ -262,7 +275,9 @@ def pleas(
   seconds["trace"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  if matching == "weight":
+  if matching == "identity":
+    result = align.MatchResult(permute.identity_permutation(spec), jnp.zeros(0), {})
+  elif matching == "weight":
     result = align.weight_matching(spec, va, vb, key=key if key is not None else jax.random.key(0))
   else:
     result = align.activation_matching(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
@@ -308,6 +323,8 @@ def pleas(
   elif isinstance(va, Mapping) and "batch_stats" in va:
     logging.warning("pleas: no build_fn, so the merged BatchNorm statistics are the combined ones, not reset")
   seconds["repair"] = time.perf_counter() - start
+  if compact:
+    merged = compact_lib.compact_variables(spec, layout, merged, inputs=in_axes, models=heads_models)
   if report:
     return merged, layout, Report(alloc, layers, seconds)
   return merged, layout

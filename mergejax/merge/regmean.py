@@ -348,8 +348,10 @@ def _steps(kernels: Sequence[kernels_lib.Kernel], blocks: Callable[[Path], Hasha
   return list(steps.values())
 
 
-def _per_model_batches(batches: Sequence[Batches], n: int) -> tuple[Any, list[Callable[[], Iterable[Any]]]]:
-  """The first input, and a replayable batches per model."""
+def _per_model_batches(batches: Sequence[Batches], n: int,
+                       mesh: jax.sharding.Mesh) -> tuple[Any, list[Callable[[], Iterable[Any]]]]:
+  """The first input, and a replayable batches per model (on a global mesh a
+  process may have none: `distributed.peek_any_process`)."""
   if isinstance(batches, (np.ndarray, jax.Array)) or not isinstance(batches, Sequence) or len(batches) != n:
     raise ValueError(f"regmean_plus_plus: batches must hold one batches per model ({n}), e.g. [data_a, data_b]")
   examples, replayable = [], []
@@ -357,7 +359,7 @@ def _per_model_batches(batches: Sequence[Batches], n: int) -> tuple[Any, list[Ca
     if isinstance(b, (np.ndarray, jax.Array)):
       raise ValueError(f"regmean_plus_plus: batches[{i}] is an array; give each model an iterable of"
                        " batches (a single batch in a list)")
-    example, b = kernels_lib.peek(b)
+    example, b = distributed.peek_any_process(mesh, kernels_lib.peek, b, f"regmean_plus_plus: batches[{i}]")
     examples.append(example)
     replayable.append(kernels_lib.replayable(b))
   return examples[0], replayable
@@ -421,7 +423,8 @@ def regmean_plus_plus(
   models = list(models)
   _check_models(models, "regmean_plus_plus")
   _check_alpha(alpha, "regmean_plus_plus")
-  example, batches = _per_model_batches(batches, len(models))
+  mesh = distributed.default_mesh() if mesh is None else mesh
+  example, batches = _per_model_batches(batches, len(models), mesh)
   kernels = _regmean_kernels(apply_fn, models[0], example, "regmean_plus_plus")
   steps = _steps(kernels, blocks)
   leaves = [tree.leaves_by_path(m) for m in models]

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from mergejax import align
+from mergejax import distributed
 from mergejax import repair
 from mergejax import spec as spec_lib
 from mergejax import stacked
@@ -29,6 +30,7 @@ from mergejax import trace
 from mergejax import tree
 from mergejax.merge import budget as budget_lib
 from mergejax.merge import combine
+from mergejax.merge import compact as compact_lib
 from mergejax.merge import kernels as kernels_lib
 from mergejax.merge import zip_match
 
@@ -42,7 +44,8 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
   A batched group's is f64[L, 2n, 2n], copy l's features (the scans unrolled, as
   activation matching reads a batched spec): the unrolled model's groups, stacked.
   """
-  example, batches = kernels_lib.peek(batches)
+  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
+                                                  kernels_lib.peek, batches, "zipit")
   unroll = bool(spec.batch_sizes)
   uses = align._uses_for(apply_fn, va, example, unroll)
   flat_spec = align._flat_spec(spec, va, uses) if unroll else spec
@@ -96,11 +99,12 @@ def zipit(
     build_fn: Callable[[spec_lib.MergeLayout], Callable[..., Any]] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
+    compact: bool = False,
 ) -> tuple[PyTree, spec_lib.MergeLayout, budget_lib.Allocation]:
   """Zips two models; the first groups fully, the rest kept, within `budget`.
 
   Args:
-    apply_fn, va, vb, batches, spec, heads, build_fn, mesh, progress: as for
+    apply_fn, va, vb, batches, spec, heads, build_fn, mesh, progress, compact: as for
       `mergejax.merge.pleas` (with `heads`, each model keeps its own head,
       which reads the zipped and its own kept features).
     budget: in [1, 2]; the zipped prefix is the shortest whose cost meets it.
@@ -120,10 +124,13 @@ def zipit(
   """
   tree.check_same_structure(va, vb)
   tree.check_same_shapes(va, vb)
-  example, batches = kernels_lib.peek(batches)
+  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
+                                                  kernels_lib.peek, batches, "zipit")
   batches = kernels_lib.replayable(batches)
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
+  if compact:
+    stacked.check_unbatched(spec, "zipit(compact=True)")
   unroll = bool(spec.batch_sizes)
   kernels = kernels_lib.model_kernels(apply_fn, va, example, unroll_scans=unroll)
   cut = stacked.scanned_copies(va, [k.path for k in kernels])
@@ -150,4 +157,6 @@ def zipit(
   merged = stacked.stack(spec, merged, stacked=cut) if unroll else merged
   if build_fn is not None:
     merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
+  if compact:
+    merged = compact_lib.compact_variables(spec, layout, merged, inputs=inputs, models=heads_models)
   return merged, layout, alloc
