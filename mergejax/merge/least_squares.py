@@ -133,12 +133,15 @@ def _ridge_system(gram: np.ndarray, cross: np.ndarray, w0: np.ndarray, ridge: fl
 
 
 def _host_solve(a: np.ndarray, b: np.ndarray, ridge: float, where: str) -> tuple[np.ndarray, Any]:
-  """(a^-1 b in float32, the Cholesky factor or None): float32 LAPACK, or float64 least squares (with a
-  warning) where the factorisation fails."""
+  """(a^-1 b in float32, the Cholesky factor or None): float32 LAPACK with one step of iterative
+  refinement (the residual in float64), or float64 least squares (with a warning) where the
+  factorisation fails."""
   try:
     with _one_thread():
       factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
       w = scipy.linalg.cho_solve(factor, b, check_finite=False)
+      residual = np.asarray(b, np.float64) - np.asarray(a, np.float64) @ np.asarray(w, np.float64)
+      w = w + scipy.linalg.cho_solve(factor, residual.astype(np.float32), check_finite=False)
     if np.all(np.isfinite(w)):
       return w.astype(np.float32), factor
   except np.linalg.LinAlgError:
