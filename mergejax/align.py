@@ -23,7 +23,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.optimize
 
 from mergejax import distributed
 from mergejax import lap as lap_lib
@@ -244,13 +243,6 @@ def _sweep_order(num_groups: int) -> Callable[[jax.Array], tuple[jax.Array, jax.
   return order
 
 
-def _assign(cost: np.ndarray, method: str) -> np.ndarray:
-  """int32[n]: `lap`'s maximising assignment of a host cost, SciPy's without a device round trip."""
-  if method == "jax":
-    return np.asarray(lap(cost, maximize=True, method=method))
-  return scipy.optimize.linear_sum_assignment(cost, maximize=True)[1].astype(np.int32)
-
-
 def _unit_products(rows_a: jax.Array | np.ndarray, rows_b: np.ndarray) -> np.ndarray:
   """f32[n, n] = rows_a @ rows_b.T for f32[n, m] rows: a host einsum up to
   `_HOST_PRODUCT_FLOPS` (cheaper than compiling), above it XLA's product,
@@ -398,7 +390,7 @@ class _HostSweeps:
           continue  # no term of g changed since its last solve: the same assignment
         stale.discard(g)
         c = self.cost(g, perm, version)
-        new = _assign(c, self.lap_method)
+        new = np.asarray(lap(c, maximize=True, method=self.lap_method))
         rows = np.arange(c.shape[0])
         old_score, new_score = c[rows, perm[g]].sum(), c[rows, new].sum()
         # Git Re-Basin's progress test, at float32 resolution.
@@ -603,7 +595,6 @@ def activation_matching(
     averaged over the group's features (so in [-1, 1]).
   """
   _check_models(spec, va, vb)
-  mesh = distributed.default_mesh() if mesh is None else mesh
   example, batches = distributed.peek_any_process(mesh, peek, batches, "activation_matching")
   unroll = bool(spec.batch_sizes)
   uses = _uses_for(apply_fn, va, example, unroll)
@@ -634,9 +625,7 @@ def activation_matching(
 
 def _flat_spec(spec: spec_lib.PermutationSpec, variables: PyTree, uses: Mapping) -> spec_lib.PermutationSpec:
   """`stacked.unstack`'s flat spec, cutting every kernel the unrolled scans read by copy (`path + (l,)`)."""
-  leaves = tree.leaves_by_path(variables)
-  copies = {p[:-1]: 0 for p in uses if p not in leaves and p[:-1] in leaves}
-  return stacked.unstack(spec, variables, stacked=copies)[0]
+  return stacked.unstack(spec, variables, stacked=stacked.scanned_copies(variables, uses))[0]
 
 
 def peek(batches) -> tuple[Any, Any]:

@@ -98,19 +98,20 @@ def shared_example(mesh: jax.sharding.Mesh, arrays: Sequence[np.ndarray] | None,
                for shape, dtype in ast.literal_eval(described.decode()))
 
 
-def peek_any_process(mesh: jax.sharding.Mesh, peek: Callable[[Any], tuple[Any, Any]], batches: Any,
+def peek_any_process(mesh: jax.sharding.Mesh | None, peek: Callable[[Any], tuple[Any, Any]], batches: Any,
                      what: str) -> tuple[Any, Any]:
   """`peek(batches)` (the first input, and batches to read from the start),
-  where on a global mesh a process with no batches (`peek` raised ValueError)
-  gets a zero example of one row shaped like another process's first input
-  (an array; `shared_example`) and no batches, so it can trace the model and
-  take part in the pass with masked batches. Every process of a global mesh
-  must call it.
+  where on a global mesh (None: `default_mesh()`) a process with no batches
+  (`peek` raised ValueError) gets a zero example of one row shaped like
+  another process's first input (an array; `shared_example`) and no batches,
+  so it can trace the model and take part in the pass with masked batches.
+  Every process of a global mesh must call it.
 
   Raises:
     ValueError: `peek`'s on a local mesh; on every process when no process
       has a batch (naming `what`).
   """
+  mesh = default_mesh() if mesh is None else mesh
   if not is_global(mesh):
     return peek(batches)
   try:

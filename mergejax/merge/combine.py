@@ -174,24 +174,18 @@ def _along(v: np.ndarray, axis: int, ndim: int) -> jax.Array:
   return jnp.reshape(jnp.asarray(v), [-1 if d == axis else 1 for d in range(ndim)])
 
 
-def merge_side(x: jax.Array, axes: Sequence[Axis], model: int) -> tuple[jax.Array, jax.Array]:
-  """Model `model`'s contribution to the merged array, and its weight mass.
+def merge_parts(x: jax.Array, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[jax.Array, jax.Array]:
+  """One model's contribution to the merged array, and its weight mass.
 
   Args:
     x: the model's array.
-    axes: its grouped axes.
-    model: 0 (A) or 1 (B).
+    axes: each grouped axis as `(axis, the model's part, is_input)`.
 
   Returns:
     `(contribution, mass)`: the model's units merged along output axes and
     summed along input axes, and f32 broadcastable to it: the total weight
     the model has at each merged output position (the normaliser's share).
   """
-  return merge_parts(x, [(ax.axis, model_part(ax.map, model), ax.is_input) for ax in axes])
-
-
-def merge_parts(x: jax.Array, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[jax.Array, jax.Array]:
-  """`merge_side` given each grouped axis as `(axis, the model's part, is_input)`."""
   mass = jnp.float32(1.0)
   for axis, part, is_input in axes:
     width, k = part.index.shape

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import align
+from mergejax import spec as spec_lib
+from mergejax import stacked
 from mergejax import trace
 from mergejax import tree
 from mergejax.merge import budget as budget_lib
@@ -121,3 +123,63 @@ def head_models(heads: Mapping[str, Any] | None, variables) -> dict[Path, tuple[
       raise ValueError(f"heads[{name!r}] = {'/'.join(prefix)} names no variables")
     out.update({p: (model,) for p in matched})
   return out
+
+
+class Unrolled(NamedTuple):
+  """A model as PLeaS and ZipIt! read it: its spec with batched groups unrolled (`mergejax.stacked`).
+
+  For a spec without batched groups every field is the identity. With them,
+  the flat spec has a group per copy, every stacked leaf a `scan` reads as
+  a kernel is cut into its copies (their paths `trace.capture(...,
+  unroll_scans=True)`'s), and each copy is a kernel of its own.
+
+  Attributes:
+    spec: the flat spec.
+    owner: flat group -> the given spec's group (`"g[l]"` -> g).
+    kernels: every kernel (copies apart), `model_kernels`.
+    cut: `{stacked leaf: batch axis}` given to `unstack` (None: nothing cut).
+    batched: the given spec.
+  """
+
+  spec: spec_lib.PermutationSpec
+  owner: dict[str, str]
+  kernels: list[Kernel]
+  cut: dict[Path, int] | None
+  batched: spec_lib.PermutationSpec
+
+  @classmethod
+  def of(cls, spec, apply_fn, variables, example) -> "Unrolled":
+    unroll = bool(spec.batch_sizes)
+    kernels = model_kernels(apply_fn, variables, example, unroll_scans=unroll)
+    if not unroll:
+      return cls(spec, {g: g for g in spec.groups}, kernels, None, spec)
+    cut = stacked.scanned_copies(variables, [k.path for k in kernels])
+    flat_spec, _ = stacked.unstack(spec, variables, stacked=cut)
+    return cls(flat_spec, stacked.copy_owners(spec), kernels, cut, spec)
+
+  @property
+  def unroll(self) -> bool:
+    return self.cut is not None
+
+  def unstack(self, variables):
+    """The model's variables -> the flat spec's."""
+    return variables if not self.unroll else stacked.unstack(self.batched, variables, stacked=self.cut)[1]
+
+  def stack(self, flat_variables):
+    """The flat spec's variables -> the model's."""
+    return flat_variables if not self.unroll else stacked.stack(self.batched, flat_variables, stacked=self.cut)
+
+  @property
+  def in_axes(self) -> dict[Path, frozenset[int]]:
+    """kernel path -> its input axes (`combine.combine`'s `inputs`)."""
+    return {k.path: frozenset(k.plan.in_axes) for k in self.kernels}
+
+  def cost_terms(self, flat_variables, heads_models, cost) -> tuple[frozenset[str], list[budget_lib.CostTerm]]:
+    """(the given spec's groups never widened, the budget's cost terms over the given spec's groups):
+    `cost_terms` of the flat spec, a copy's groups named by their owner, so a batched group's ratio is
+    tied across its copies."""
+    fixed = frozenset(self.owner[g] for g in combine.fixed_groups(self.spec, self.in_axes))
+    flat_fixed = frozenset(g for g in self.spec.groups if self.owner[g] in fixed)
+    terms = [t._replace(groups=tuple(self.owner[g] for g in t.groups))
+             for t in cost_terms(self.spec, self.kernels, flat_variables, heads_models, flat_fixed, cost)]
+    return fixed, terms

@@ -9,7 +9,7 @@ where X holds the merged model's inputs of the layer and Y the targets, both
 laid out `[(a + b) / 2 | a only | b only]` from the original models' features.
 All of it comes from one Gram matrix of the concatenated original inputs,
 `Z = [X_a | X_b]` (`mergejax.stats.gram`): the merged inputs are `Z T` for a
-sparse map T (`combine.merge_side`), and the targets are linear in Z too
+sparse map T (`_merge_matrix`), and the targets are linear in Z too
 (`Y_s = X_s W_s` for the layer's own kernel, before its bias). Each of the
 three output blocks (merged, A only, B only) reads its own input columns (an
 output kept from A reads no input kept only from B), so a layer is three

@@ -251,8 +251,7 @@ def pleas(
   tree.check_same_shapes(va, vb)
   tree.check_finite(va, "va")
   tree.check_finite(vb, "vb")
-  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
-                                                  kernels_lib.peek, batches, "pleas")
+  example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "pleas")
   batches = kernels_lib.replayable(batches)
   seconds = {}
 
@@ -261,15 +260,11 @@ def pleas(
   spec_lib.check_spec(spec, va)
   if compact:
     stacked.check_unbatched(spec, "pleas(compact=True)")
-  view = _Unrolled.of(spec, apply_fn, va, example)
+  view = kernels_lib.Unrolled.of(spec, apply_fn, va, example)
   flat_spec, fa = view.spec, view.unstack(va)
   heads_models = kernels_lib.head_models(heads, fa)
-  kernels = view.kernels
-  in_axes = {k.path: frozenset(k.plan.in_axes) for k in kernels}
-  fixed = frozenset(view.owner[g] for g in combine.fixed_groups(flat_spec, in_axes))
-  flat_fixed = frozenset(g for g in flat_spec.groups if view.owner[g] in fixed)
-  terms = [t._replace(groups=tuple(view.owner[g] for g in t.groups))
-           for t in kernels_lib.cost_terms(flat_spec, kernels, fa, heads_models, flat_fixed, cost)]
+  kernels, in_axes = view.kernels, view.in_axes
+  fixed, terms = view.cost_terms(fa, heads_models, cost)
   options, _ = _options(spec, fixed, grid)
   budget_lib.check_reachable(terms, options, budget)
   seconds["trace"] = time.perf_counter() - start
@@ -330,52 +325,6 @@ def pleas(
   return merged, layout
 
 
-class _Unrolled(NamedTuple):
-  """A model as PLeaS reads it: its spec with batched groups unrolled (`mergejax.stacked`).
-
-  For a spec without batched groups every field is the identity. With them,
-  the flat spec has a group per copy, every stacked leaf a `scan` reads as
-  a kernel is cut into its copies (their paths `trace.capture(...,
-  unroll_scans=True)`'s), and each copy is a kernel of its own.
-
-  Attributes:
-    spec: the flat spec.
-    owner: flat group -> the given spec's group (`"g[l]"` -> g).
-    kernels: every kernel (copies apart), `kernels.model_kernels`.
-    cut: `{stacked leaf: batch axis}` given to `unstack` (None: nothing cut).
-    batched: the given spec.
-  """
-
-  spec: spec_lib.PermutationSpec
-  owner: dict[str, str]
-  kernels: list[kernels_lib.Kernel]
-  cut: dict[Path, int] | None
-  batched: spec_lib.PermutationSpec
-
-  @classmethod
-  def of(cls, spec, apply_fn, variables, example) -> "_Unrolled":
-    unroll = bool(spec.batch_sizes)
-    kernels = kernels_lib.model_kernels(apply_fn, variables, example, unroll_scans=unroll)
-    if not unroll:
-      return cls(spec, {g: g for g in spec.groups}, kernels, None, spec)
-    leaves = tree.leaves_by_path(variables)
-    cut = {k.path[:-1]: 0 for k in kernels if k.path not in leaves and k.path[:-1] in leaves}
-    flat_spec, _ = stacked.unstack(spec, variables, stacked=cut)
-    return cls(flat_spec, stacked.copy_owners(spec), kernels, cut, spec)
-
-  @property
-  def unroll(self) -> bool:
-    return self.cut is not None
-
-  def unstack(self, variables):
-    """The model's variables -> the flat spec's."""
-    return variables if not self.unroll else stacked.unstack(self.batched, variables, stacked=self.cut)[1]
-
-  def stack(self, flat_variables):
-    """The flat spec's variables -> the model's."""
-    return flat_variables if not self.unroll else stacked.stack(self.batched, flat_variables, stacked=self.cut)
-
-
 def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec, maps, heads_models, ridge, chunk,
                 mesh, progress, merged_fn=None):
   """Every kernel of `merged` by least squares: `(merged, reports, statistics s, solves s)`.
@@ -385,7 +334,7 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec,
   order, each from a pass over `[X_m | X_a | X_b]` with `X_m` the inputs
   `merged_fn` gives the layer once the layers before it are fitted.
   `va`, `vb` are the models' variables (the passes run `apply_fn` on them),
-  `flat` and `merged` the flat spec's (`view`, `_Unrolled`): a stacked
+  `flat` and `merged` the flat spec's (`view`, `kernels.Unrolled`): a stacked
   kernel's copies are fitted one by one.
   """
   la, lb = (tree.leaves_by_path(v) for v in flat)

@@ -125,11 +125,15 @@ def _solve(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], alpha: jax.
     eigendecomposition of S = sum_i G~_i (B = sum_i G~_i W_i): exact on S's
     range, the average on its null space.
   """
-  d = grams[0].shape[0]
-  g = jnp.stack([jnp.asarray(x, jnp.float32) for x in grams])
-  w = jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels])
-  solution, factored = _solve_columns(g, w, alpha)
+  solution, factored = _solve_columns(*_stacked(grams, kernels), alpha)
   return solution.reshape(kernels[0].shape).astype(kernels[0].dtype), factored
+
+
+def _stacked(grams: Sequence[jax.Array], kernels: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(f32[N, d, d], f32[N, d, m]): the Grams and the kernels as matrices, stacked."""
+  d = grams[0].shape[0]
+  return (jnp.stack([jnp.asarray(x, jnp.float32) for x in grams]),
+          jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels]))
 
 
 def _solve_columns(g: jax.Array, w: jax.Array, alpha: jax.Array, axis_name: Any = None):
@@ -194,9 +198,7 @@ def _sharded_solve(sharding: jax.sharding.NamedSharding, axes: tuple[str, ...]) 
 
   @jax.jit
   def solve(grams, kernels, alpha):
-    d = grams[0].shape[0]
-    g = jnp.stack([jnp.asarray(x, jnp.float32) for x in grams])
-    w = jnp.stack([jnp.asarray(k, jnp.float32).reshape(d, -1) for k in kernels])
+    g, w = _stacked(grams, kernels)
     solution, factored = local(g, jax.lax.with_sharding_constraint(w, columns), alpha)
     solution = solution.reshape(kernels[0].shape).astype(kernels[0].dtype)
     return jax.lax.with_sharding_constraint(solution, sharding), factored
@@ -331,7 +333,6 @@ def regmean_grams(apply_fn: Callable[..., Any], variables: PyTree, batches: Batc
       no linear kernel.
   """
   tree.check_finite(variables, "regmean_grams: variables")
-  mesh = distributed.default_mesh() if mesh is None else mesh
   example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "regmean_grams")
   kernels = _regmean_kernels(apply_fn, variables, example, "regmean_grams")
   logging.info("regmean_grams: %d kernels, %.1f MiB of Grams", len(kernels),
@@ -349,7 +350,7 @@ def _steps(kernels: Sequence[kernels_lib.Kernel], blocks: Callable[[Path], Hasha
 
 
 def _per_model_batches(batches: Sequence[Batches], n: int,
-                       mesh: jax.sharding.Mesh) -> tuple[Any, list[Callable[[], Iterable[Any]]]]:
+                       mesh: jax.sharding.Mesh | None) -> tuple[Any, list[Callable[[], Iterable[Any]]]]:
   """The first input, and a replayable batches per model (on a global mesh a
   process may have none: `distributed.peek_any_process`)."""
   if isinstance(batches, (np.ndarray, jax.Array)) or not isinstance(batches, Sequence) or len(batches) != n:
@@ -423,7 +424,6 @@ def regmean_plus_plus(
   models = list(models)
   _check_models(models, "regmean_plus_plus")
   _check_alpha(alpha, "regmean_plus_plus")
-  mesh = distributed.default_mesh() if mesh is None else mesh
   example, batches = _per_model_batches(batches, len(models), mesh)
   kernels = _regmean_kernels(apply_fn, models[0], example, "regmean_plus_plus")
   steps = _steps(kernels, blocks)

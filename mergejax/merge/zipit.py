@@ -44,8 +44,7 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
   A batched group's is f64[L, 2n, 2n], copy l's features (the scans unrolled, as
   activation matching reads a batched spec): the unrolled model's groups, stacked.
   """
-  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
-                                                  kernels_lib.peek, batches, "zipit")
+  example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "zipit")
   unroll = bool(spec.batch_sizes)
   uses = align._uses_for(apply_fn, va, example, unroll)
   flat_spec = align._flat_spec(spec, va, uses) if unroll else spec
@@ -124,25 +123,17 @@ def zipit(
   """
   tree.check_same_structure(va, vb)
   tree.check_same_shapes(va, vb)
-  example, batches = distributed.peek_any_process(distributed.default_mesh() if mesh is None else mesh,
-                                                  kernels_lib.peek, batches, "zipit")
+  example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "zipit")
   batches = kernels_lib.replayable(batches)
   spec = spec if spec is not None else trace.permutation_spec(apply_fn, va, example)
   spec_lib.check_spec(spec, va)
   if compact:
     stacked.check_unbatched(spec, "zipit(compact=True)")
-  unroll = bool(spec.batch_sizes)
-  kernels = kernels_lib.model_kernels(apply_fn, va, example, unroll_scans=unroll)
-  cut = stacked.scanned_copies(va, [k.path for k in kernels])
-  flat_spec, fa = stacked.unstack(spec, va, stacked=cut) if unroll else (spec, va)
-  fb = stacked.unstack(spec, vb, stacked=cut)[1] if unroll else vb
-  owner = stacked.copy_owners(spec)
+  view = kernels_lib.Unrolled.of(spec, apply_fn, va, example)
+  fa, fb = view.unstack(va), view.unstack(vb)
   heads_models = kernels_lib.head_models(heads, fa)
-  inputs = {k.path: frozenset(k.plan.in_axes) for k in kernels}
-  fixed = frozenset(owner[g] for g in combine.fixed_groups(flat_spec, inputs))
-  flat_fixed = frozenset(g for g in flat_spec.groups if owner[g] in fixed)
-  terms = [t._replace(groups=tuple(owner[g] for g in t.groups))
-           for t in kernels_lib.cost_terms(flat_spec, kernels, fa, heads_models, flat_fixed, "flops")]
+  inputs = view.in_axes
+  fixed, terms = view.cost_terms(fa, heads_models, "flops")
   order = [g for g in spec.groups if g not in fixed]
   alloc = budget_lib.stage_cut(terms, order, budget)
   corr = correlations(spec, apply_fn, va, vb, batches, mesh=mesh, progress=progress)
@@ -152,9 +143,8 @@ def zipit(
     args = (n, how, alpha, beta)
     maps[g] = [_group_map(c, *args) for c in corr[g]] if g in spec.batch_sizes else _group_map(corr[g], *args)
   layout = combine.layout_of(maps)
-  merged = combine.combine(flat_spec, stacked.unstack_per_copy(spec, maps, "zipit"), fa, fb, inputs=inputs,
-                           models=heads_models)
-  merged = stacked.stack(spec, merged, stacked=cut) if unroll else merged
+  merged = view.stack(combine.combine(view.spec, stacked.unstack_per_copy(spec, maps, "zipit"), fa, fb,
+                                     inputs=inputs, models=heads_models))
   if build_fn is not None:
     merged = repair.reset_batch_norm(build_fn(layout), merged, batches())
   if compact:
