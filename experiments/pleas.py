@@ -58,7 +58,6 @@ ones).
 
 from collections.abc import Callable
 import functools
-import importlib
 import json
 import pathlib
 import time
@@ -74,6 +73,7 @@ from experiments import cli
 from experiments import plots
 from experiments import train
 import mergejax as mj
+from mergejax.merge import pleas_select
 
 
 def _batches(x: np.ndarray, size: int):
@@ -206,17 +206,14 @@ def _merge_rows(config, model, kwargs, x, free_x, va, vb, seed: int, score, held
   return rows
 
 
-MATCHINGS = importlib.import_module("mergejax.merge.pleas").MATCHINGS  # config.pleas.candidates
-
-
 def _check_selection(config) -> None:
   """Raises ValueError for PLeaS (select)'s fields, before any training."""
   if not (isinstance(config.pleas.heldout, float) and 0.0 < config.pleas.heldout < 1.0):
     raise ValueError(f"pleas.heldout must be a fraction in (0, 1), got {config.pleas.heldout!r}")
-  unknown = [c for c in config.pleas.candidates if c not in MATCHINGS]
-  if not config.pleas.candidates or unknown:
-    raise ValueError(f"pleas.candidates must be some of {MATCHINGS},"
-                     f" got {config.pleas.candidates!r}")
+  try:
+    pleas_select.check_candidates(config.pleas.candidates)
+  except ValueError as e:
+    raise ValueError(f"pleas.candidates: {e}") from None
 
 
 def run(config, workdir):

@@ -78,7 +78,7 @@ def test_heldout_split_is_disjoint_and_checked_before_training(tmp_path):
   np.testing.assert_array_equal(np.sort(np.concatenate([fit, held])), np.arange(50))
   np.testing.assert_array_equal(held, pleas._heldout_indices(50, 0.2, seed=3)[1])  # seeded
   assert len(pleas._heldout_indices(3, 0.01, seed=0)[1]) == 1 and len(pleas._heldout_indices(3, 0.99, seed=0)[0]) == 1
-  for field, value, match in (("heldout", 1.0, "fraction in"), ("candidates", ("weight", "zip"), "candidates must be")):
+  for field, value, match in (("heldout", 1.0, "fraction in"), ("candidates", ("weight", "zip"), "pleas.candidates: .*unknown")):
     config = _small_config()
     config.pleas[field] = value
     with pytest.raises(ValueError, match=match):

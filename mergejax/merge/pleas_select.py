@@ -49,7 +49,8 @@ class Selection(NamedTuple):
   report: pleas_lib.Report
 
 
-def _check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
+def check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
+  """The candidates as a tuple; ValueError for none, unknown or repeated ones."""
   candidates = tuple(candidates)
   if not candidates:
     raise ValueError(f"select_matching: no candidates; give some of {pleas_lib.MATCHINGS}")
@@ -99,21 +100,22 @@ def select_matching(
       `matching` among `pleas_options`; after them, when no candidate
       scored a finite number.
   """
-  candidates = _check_candidates(candidates)
+  candidates = check_candidates(candidates)
   if not callable(heldout_score):
     raise TypeError(f"select_matching: heldout_score must be callable, got {type(heldout_score).__name__}")
   if "matching" in pleas_options:
     raise ValueError("select_matching: give the matchings as `candidates`, not `matching`")
   pleas_options = {**pleas_options, "report": True}
-  merges, scores = {}, {}
-  for matching in candidates:
-    merges[matching] = pleas_lib.pleas(apply_fn, va, vb, batches, budget=budget, matching=matching, **pleas_options)
-    merged, layout, _ = merges[matching]
-    scores[matching] = float(heldout_score(merged, layout))
-  finite = [c for c in candidates if math.isfinite(scores[c])]
-  if not finite:
+  best, best_merge, scores = None, None, {}
+  for matching in candidates:  # Holds at most two merges: the best so far and the current one.
+    merge = pleas_lib.pleas(apply_fn, va, vb, batches, budget=budget, matching=matching, **pleas_options)
+    scores[matching] = float(heldout_score(merge[0], merge[1]))
+    if math.isfinite(scores[matching]) and (best is None or scores[matching] < scores[best]):
+      best, best_merge = matching, merge
+    del merge
+  if best is None:
     raise ValueError(f"select_matching: no candidate scored a finite held-out score: {scores}")
-  best = min(finite, key=lambda c: scores[c])
   if refit_batches is not None:
-    merges[best] = pleas_lib.pleas(apply_fn, va, vb, refit_batches, budget=budget, matching=best, **pleas_options)
-  return Selection(best, scores, *merges[best])
+    best_merge = None
+    best_merge = pleas_lib.pleas(apply_fn, va, vb, refit_batches, budget=budget, matching=best, **pleas_options)
+  return Selection(best, scores, *best_merge)
