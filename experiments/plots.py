@@ -98,3 +98,26 @@ def bars_and_sweeps(
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def pareto_front(
+    sampled: np.ndarray, predicted: np.ndarray, actual: np.ndarray, path: str | pathlib.Path, title: str,
+    labels: tuple[str, str],
+) -> pathlib.Path:
+  """Two tasks' losses: sampled merges, a surrogate's Pareto front, and the front's merges evaluated.
+
+  Args:
+    sampled: f[S, 2], the losses of the merges the surrogates were fitted on.
+    predicted: f[m, 2], the surrogates' front (drawn as a line in order).
+    actual: f[m, 2], the true losses at the front's coefficients.
+    path: the PNG to write.
+    title: the figure's title.
+    labels: the two tasks' names (the x and y axes).
+  """
+  fig, ax = plt.subplots(figsize=(5.6, 4.2))
+  ax.scatter(sampled[:, 0], sampled[:, 1], s=12, color="0.6", label="sampled merges (evaluated)")
+  ax.plot(predicted[:, 0], predicted[:, 1], "-o", ms=3, color="C0", label="Pareto front (surrogates)")
+  ax.plot(actual[:, 0], actual[:, 1], "x", color="C3", label="front's merges (evaluated)")
+  ax.set_xlabel(f"{labels[0]} loss")
+  ax.set_ylabel(f"{labels[1]} loss")
+  return _finish(fig, ax, title, path)

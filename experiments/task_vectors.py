@@ -34,6 +34,22 @@ For every seed of `config.task_vectors.seeds`:
    give one model per task instead, each scored on its own task and without
    a `joint` column: TALL masks (base + mask_t * the summed task vectors) and
    reversible low-rank merging (each task's LoRA from a shared basis).
+   FW-merging (Frank-Wolfe over the task models' hull on the tasks'
+   task-aware cross-entropy, `LOSS_BATCHES` labelled fitting batches each)
+   and MAP (quadratic surrogates of those losses in the task-arithmetic
+   coefficients, sampled uniformly in [0, 1]; the Pareto front's point of
+   best validation average is the merge) learn from labelled training data.
+   AdaMerging (task- and layer-wise coefficients) and Concrete TA / Concrete
+   AdaMerging (a shared mask over the task vectors' entries) minimise the
+   merged model's prediction entropy over each task's classes on its fitting
+   inputs, unlabelled. Expert Merging (layer-wise coefficients, and with
+   `em_chunks` > 0 Expert Merging++'s importance-guided chunks) aligns the
+   merge's hidden states and logits with each task model's on
+   `EM_CALIBRATION` of that task's fitting inputs, unlabelled. Twin-merging
+   is scored per input: task arithmetic at `scale` is the shared model, each
+   task's difference from it is kept at rank `twin_rank`, and a router on the
+   shared model's penultimate features, trained to tell the tasks apart on
+   `ROUTER_EXAMPLES` fitting inputs per task, weighs them for each input.
 
 Every model is scored task-aware (argmax over the task's own classes) on each
 task and by the mean over tasks, `average`, which settings are chosen by;
@@ -45,7 +61,10 @@ method's reported setting is the grid point with the best mean validation
 
 Prints the table and writes `<workdir>/task_vectors.json` (every run of every
 setting and seed, and the summary) and `<workdir>/task_vectors.png` (test
-`average` per method, and each sweep's validation and test curves).
+`average` per method, and each sweep's validation and test curves), and with
+MAP `<workdir>/map_pareto_front.png` (MAP on the first two tasks alone, first
+seed: the sampled merges' losses, the surrogates' front, and the front's
+merges evaluated).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +79,9 @@ from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import cli
 from experiments import evaluate
@@ -95,11 +116,30 @@ METHODS = {
     "lora_arithmetic": ("LoRA task arithmetic", ("rank", "scale")),
     "lora_lego": ("LoRA-LEGO", ("merged_rank", "rank", "scale")),
     "reversible_lora": ("reversible low-rank (per task)", ("num_basis", "rank")),
+    "fw_merging": ("FW-merging", ("fw_steps", "fw_soft", "fw_line_search")),
+    "map": ("MAP (front point chosen on validation)", ("map_samples", "map_divisions")),
+    "adamerging_task": ("AdaMerging (task-wise)", ("ada_lr", "ada_steps")),
+    "adamerging_layer": ("AdaMerging (layer-wise)", ("ada_lr", "ada_steps")),
+    "concrete_task_arithmetic": ("Concrete TA", ("mask_lr", "mask_steps", "scale")),
+    "concrete_adamerging": ("Concrete AdaMerging (task-wise)", ("ada_lr", "ada_steps", "mask_lr")),
+    "twin_merging": ("Twin-merging (routed per input)", ("twin_rank", "scale")),
+    "expert_merging": ("Expert Merging", ("em_lr", "em_steps", "em_chunks")),
 }
 
 # Methods whose result is one model per task (compressions, not merges): each task is scored on its
 # own model, and `joint` is left out.
 PER_TASK = ("tall_masks", "reversible_lora")
+
+# FW-merging and MAP read each task's first LOSS_BATCHES labelled fitting batches; MAP's two-task
+# front for the plot fits MAP_2D_SAMPLES merges.
+LOSS_BATCHES = 2
+MAP_2D_SAMPLES = 12
+
+# Twin-merging's router trains ROUTER_STEPS full-batch Adam steps on ROUTER_EXAMPLES fitting inputs per
+# task (labelled by task); Expert Merging calibrates on EM_CALIBRATION fitting inputs per task.
+ROUTER_EXAMPLES = 256
+ROUTER_STEPS = 500
+EM_CALIBRATION = 32
 
 # Parameter -> (whether a value is valid, the valid range in words).
 RANGES = {
@@ -120,6 +160,19 @@ RANGES = {
     "rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "merged_rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "num_basis": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "fw_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "fw_soft": (lambda v: v in (0, 1), "0 (hard) or 1 (soft)"),
+    "fw_line_search": (lambda v: v in (0, 1), "0 (2/(t+2)) or 1 (line search)"),
+    "map_samples": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "map_divisions": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "ada_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "ada_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+    "mask_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "mask_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+    "twin_rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "em_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "em_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+    "em_chunks": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
 }
 
 BASE, MULTI_TASK, OWN_TASK = "base", "multi-task", "fine-tuned, own task"
@@ -264,11 +317,18 @@ class PerTask(NamedTuple):
   models: list[PyTree]
 
 
+class PerInput(NamedTuple):
+  """A model that differs per input (Twin-merging's routed merge): scored through its own logits."""
+
+  logits: Callable[[np.ndarray], np.ndarray]  # x f32[n, ...] -> f32[n, num_classes]
+
+
 def make_scorer(apply_fn, tasks: Sequence[mj.data.Task], columns: Sequence[str]
                 ) -> Callable[[PyTree | PerTask], dict[str, float]]:
   """variables -> {column of each task: task-aware accuracy, "average": their mean, "joint": ...}.
 
-  `PerTask` models score each task on its own model and have no `joint`.
+  `PerTask` models score each task on its own model and have no `joint`;
+  `PerInput` models score through their own logits function.
   `apply_fn` is compiled once per input shape, with the variables as an
   argument, so scoring many merges compiles nothing new.
   """
@@ -279,11 +339,25 @@ def make_scorer(apply_fn, tasks: Sequence[mj.data.Task], columns: Sequence[str]
       row = {c: evaluate.score_model(functools.partial(logits, v), [t])[t.name]
              for c, t, v in zip(columns, tasks, variables.models)}
       return {**row, "average": float(np.mean(list(row.values())))}
-    scores = evaluate.score_model(functools.partial(logits, variables), tasks)
+    fn = variables.logits if isinstance(variables, PerInput) else functools.partial(logits, variables)
+    scores = evaluate.score_model(fn, tasks)
     row = {c: scores[t.name] for c, t in zip(columns, tasks)}
     return {**row, "average": float(np.mean(list(row.values()))), "joint": scores["joint"]}
 
   return score
+
+
+def task_aware_loss(apply_fn) -> Callable[[PyTree, tuple], jax.Array]:
+  """(variables, (x, y, allowed: bool[classes])) -> cross-entropy over the task's own classes.
+
+  The loss of the task-aware accuracy the experiment scores: logits outside
+  the task's classes are masked out.
+  """
+  def loss(variables, batch):
+    x, y, allowed = batch
+    logits = jnp.where(allowed, apply_fn(variables, x), -1e9)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss
 
 
 def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], seed: int,
@@ -345,9 +419,127 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
     merged = mj.merge.merge_in_order(mj.merge.opcm(opcm_alpha), base, tuned, arrival)
     return merged, {"arrival": [config.members[i] for i in arrival]}
 
+  @functools.cache
+  def task_vectors():
+    return [mj.merge.task_vector(base, v) for v in tuned]
+
+  @functools.cache
+  def labelled():
+    """Each task's first LOSS_BATCHES labelled fitting batches, with its classes as a mask (FW-merging, MAP).
+
+    Batches of one size (at most the smallest task's examples; the remainder
+    dropped), so the loss compiles once.
+    """
+    size = min(config.task_vectors.batch_size, *(len(t.y_train) for t in fit))
+    masks = [np.isin(np.arange(t.num_classes), t.classes) for t in fit]
+    return [[(x, y, mask) for x, y in itertools.islice(
+        mj.data.batches(t.x_train, t.y_train, batch_size=size, shuffle=False, drop_remainder=True),
+        LOSS_BATCHES)] for t, mask in zip(fit, masks)]
+
+  loss_fn = task_aware_loss(apply_fn)
+
+  def fw_merging(fw_steps, fw_soft, fw_line_search):
+    merged, trace = mj.merge.fw_merge(
+        loss_fn, base, task_vectors(), labelled(), steps=int(fw_steps), variant="soft" if fw_soft else "hard",
+        step_size="line_search" if fw_line_search else "harmonic")
+    return merged, {"fw_chosen": [[config.members[k] for k in ks] for ks in trace.chosen],
+                    "fw_losses": trace.losses.tolist(), "fw_gaps": trace.gaps.tolist()}
+
+  def map_front(coefficients, preferences, pool, data):
+    """MAP over `pool`'s coefficients in [0, 1]: the samples' losses, the front, the front's coefficients."""
+    sampled = mj.merge.map_losses(loss_fn, base, pool, coefficients, data)
+    surrogates = mj.merge.map_surrogates(coefficients, sampled)
+    return sampled, mj.merge.map_pareto_front(surrogates, preferences, bounds=(0.0, 1.0))
+
+  @functools.cache
+  def map_front_2d():
+    """MAP on the first two tasks alone (their task vectors, the others' at 0), for the plot."""
+    pool, data = task_vectors()[:2], labelled()[:2]
+    coefficients = np.random.default_rng(seed).uniform(0, 1, size=(MAP_2D_SAMPLES, 2))
+    sampled, front = map_front(coefficients, mj.merge.map_preferences(2, 10), pool, data)
+    actual = mj.merge.map_losses(loss_fn, base, pool, front.coefficients, data)
+    return {"tasks": list(config.members[:2]), "sampled": sampled.tolist(), "coefficients": front.coefficients.tolist(),
+            "predicted": front.losses.tolist(), "actual": actual.tolist()}
+
+  def map_merge(map_samples, map_divisions):
+    """MAP's front over every task's coefficient; the front point of best validation average."""
+    coefficients = np.random.default_rng(seed).uniform(0, 1, size=(int(map_samples), len(tuned)))
+    _, front = map_front(coefficients, mj.merge.map_preferences(len(tuned), int(map_divisions)), task_vectors(),
+                         labelled())
+    merges = [mj.tree.add(base, mj.tree.weighted_sum(task_vectors(), c)) for c in front.coefficients]
+    best = int(np.argmax([validation_average(m) for m in merges]))
+    notes = {"map_coefficients": front.coefficients[best].tolist(), "map_front_size": len(merges)}
+    if seed == config.task_vectors.seeds[0] and len(tuned) >= 2:
+      notes["map_front_2d"] = map_front_2d()
+    return merges[best], notes
+
   def reversible_lora(num_basis, rank):
     merged = mj.merge.reversible_merge(adapters(rank), int(num_basis))
     return PerTask([mj.merge.lora_apply(base, mj.merge.reversible_task(merged, t)) for t in range(len(tuned))]), {}
+
+  # AdaMerging and Concrete: entropy on each task's fitting inputs (unlabelled) over its own classes.
+  unlabelled = [t.x_train for t in fit]
+  task_classes = [t.classes for t in fit]
+
+  def mask_notes(mask):
+    return {"mask_mean": float(np.mean(np.concatenate([np.ravel(m) for m in jax.tree.leaves(mask)])))}
+
+  def adamerging(granularity, ada_lr, ada_steps):
+    """Layer-wise: one coefficient per leaf (FusionBench's per parameter tensor)."""
+    merged, lam = mj.merge.adamerging(apply_fn, base, tuned, unlabelled, granularity=granularity,
+                                      steps=int(ada_steps), learning_rate=ada_lr, classes=task_classes)
+    return merged, {"coefficients": np.asarray(lam).tolist()}
+
+  def concrete_task_arithmetic(mask_lr, mask_steps, scale):
+    merged, mask = mj.merge.concrete_task_arithmetic(
+        apply_fn, base, tuned, unlabelled, key=key, scale=scale, steps=int(mask_steps),
+        learning_rate=mask_lr, classes=task_classes)
+    return merged, mask_notes(mask)
+
+  def concrete_adamerging(ada_lr, ada_steps, mask_lr):
+    """The mask's meta-learning and AdaMerging under it take ada_steps each."""
+    merged, lam, mask = mj.merge.concrete_adamerging(
+        apply_fn, base, tuned, unlabelled, key=key, mask_steps=int(ada_steps), mask_learning_rate=mask_lr,
+        steps=int(ada_steps), learning_rate=ada_lr, classes=task_classes)
+    return merged, {"coefficients": np.asarray(lam).tolist(), **mask_notes(mask)}
+
+  # Twin-merging: the shared model is task arithmetic at `scale`; the router reads the shared model's
+  # input to its last kernel and learns each input's task from ROUTER_EXAMPLES fitting inputs per task.
+  @functools.cache
+  def shared_features():
+    x = fit[0].x_train[:1]
+    feats = mj.capture(apply_fn)(base, x)[1]
+    last = [p for p in mj.trace.read_order(apply_fn, base, x) if p in feats][-1]
+    return jax.jit(lambda variables, x: mj.capture(apply_fn)(variables, x)[1][last])
+
+  def twin_merging(twin_rank, scale):
+    shared = mj.merge.task_arithmetic(base, tuned, scale=scale)
+    parts = mj.merge.twin_parts(shared, tuned, int(twin_rank))
+    features = functools.partial(shared_features(), shared)
+    x = np.concatenate([t.x_train[:ROUTER_EXAMPLES] for t in fit])
+    task = np.concatenate([np.full(len(t.x_train[:ROUTER_EXAMPLES]), i) for i, t in enumerate(fit)])
+    router = mj.merge.twin_router_train(features(x), task, len(tuned), key=key, steps=ROUTER_STEPS)
+
+    def logits(x):
+      weights = jax.nn.softmax(mj.merge.twin_router(router, features(x)))
+      return np.asarray(mj.merge.twin_apply(apply_fn, parts, weights, x, chunk=64))
+
+    routed = np.argmax(mj.merge.twin_router(router, features(x)), -1)
+    return PerInput(logits), {"router_fit_accuracy": float(np.mean(routed == task))}
+
+  # Expert Merging(++): alignment with each task model on EM_CALIBRATION fitting inputs of its task
+  # (unlabelled), hidden states = every kernel's input, one coefficient per task and layer (block).
+  @functools.cache
+  def hidden_fn():
+    return mj.capture(apply_fn)
+
+  def expert_merging(em_lr, em_steps, em_chunks):
+    merged, info = mj.merge.expert_merging(
+        hidden_fn(), base, tuned, [t.x_train[:EM_CALIBRATION] for t in fit], blocks=blocks(),
+        chunks=int(em_chunks), steps=int(em_steps), learning_rate=em_lr)
+    losses = np.asarray(info.losses)
+    return merged, {"coefficients": np.asarray(info.layer_coefficients).tolist(), "chunks": info.chunks.tolist(),
+                    "em_loss_first_last": [float(losses[0]), float(losses[-1])] if losses.size else []}
 
   return {
       "average": lambda: (mj.merge.average(tuned), {}),
@@ -383,6 +575,14 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
           mj.merge.lora_apply(base, mj.merge.lora_lego(adapters(rank), int(merged_rank), key=key), scale=scale),
           {}),
       "reversible_lora": reversible_lora,
+      "fw_merging": fw_merging,
+      "map": map_merge,
+      "adamerging_task": lambda ada_lr, ada_steps: adamerging("task", ada_lr, ada_steps),
+      "adamerging_layer": lambda ada_lr, ada_steps: adamerging("layer", ada_lr, ada_steps),
+      "concrete_task_arithmetic": concrete_task_arithmetic,
+      "concrete_adamerging": concrete_adamerging,
+      "twin_merging": twin_merging,
+      "expert_merging": expert_merging,
   }
 
 
@@ -491,6 +691,29 @@ def sweep_curves(summary: Mapping[str, dict], methods: Sequence[str]
   return curves
 
 
+def plot_map_front(runs: Sequence[dict], summary: Mapping[str, dict], config, workdir: pathlib.Path
+                   ) -> pathlib.Path | None:
+  """`<workdir>/map_pareto_front.png`: the first seed's two-task MAP front (at the chosen MAP setting).
+
+  None when MAP was not run or has fewer than two tasks.
+  """
+  name = METHODS["map"][0]
+  if name not in summary:
+    return None
+  first = config.task_vectors.seeds[0]
+  row = next(r for r in runs if r["method"] == name and r["seed"] == first
+             and r["setting"] == summary[name]["setting"])
+  if "map_front_2d" not in row:
+    return None
+  front = row["map_front_2d"]
+  a, b = front["tasks"]
+  return plots.pareto_front(
+      np.array(front["sampled"]), np.array(front["predicted"]), np.array(front["actual"]),
+      workdir / "map_pareto_front.png",
+      f"MAP front: {a} vs {b} ({config.dataset}, seed {first})",
+      (a, b))
+
+
 def run(config, workdir: str | pathlib.Path) -> dict[str, dict]:
   """The whole experiment; returns `summarise(runs)` (see the module docstring)."""
   workdir = pathlib.Path(workdir)
@@ -525,6 +748,9 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict]:
       bars, sweep_curves(summary, swept_methods(config)), workdir / "task_vectors.png",
       f"{config.model.name} on {config.dataset}: {len(members)} tasks merged (test, settings by validation)",
       "average accuracy", references=references)
+  front = plot_map_front(runs, summary, config, workdir)
+  if front:
+    print(f"wrote {front}")
   print(f"\nwrote {plot} and {workdir / 'task_vectors.json'} ({time.perf_counter() - start:.0f} s)")
   return summary
 

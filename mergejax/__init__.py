@@ -15,6 +15,7 @@ from mergejax import merge
 from mergejax import models
 from mergejax import permute
 from mergejax import repair
+from mergejax import routing
 from mergejax import spec
 from mergejax import stacked
 from mergejax import stats

@@ -38,11 +38,10 @@ PyTree = Any
 Perm = dict[str, jax.Array]
 # The most bytes of cost terms weight matching keeps between a group's solves (_HostSweeps).
 _TERM_CACHE_BYTES = 1 << 30
-# A cached term is updated in place (rather than recomputed) when at most 1/_UPDATE_FRACTION
-# of the units of the group it reads moved: a host einsum at a few GFLOP/s against a product at tens.
-_UPDATE_FRACTION = 10
-# Products of at most this many FLOPs run as a host einsum (milliseconds) rather than a compiled program.
-_HOST_PRODUCT_FLOPS = 1 << 24
+# A cached term is updated by the units that moved (rather than recomputed) when at most
+# 1/_UPDATE_FRACTION of the units of the group it reads moved: the update's product is that
+# fraction of the whole one, and its gathers about three times that fraction of the whole's.
+_UPDATE_FRACTION = 4
 
 
 class MatchResult(NamedTuple):
@@ -159,9 +158,8 @@ def weight_matching(
   host sweeps over cached cost terms (`_HostSweeps`): a term is recomputed
   only when a group it reads changed (updated by the moved units alone when
   few moved), a group is solved again only when one of its terms changed,
-  the large products are compiled once per shape (shared by groups and later
-  calls, so a new pair of the same architecture compiles nothing), and SciPy
-  assigns. Others (accelerators, several processes) run
+  the products are NumPy's and SciPy assigns, so nothing is compiled.
+  Others (accelerators, several processes) run
   the loop as one compiled program per spec, a `fori_loop` over a
   `lax.switch` on groups; both give the same result.
 
@@ -169,7 +167,8 @@ def weight_matching(
     spec: the permutation groups (e.g. `permutation_spec(...)`).
     va: the reference model's variables.
     vb: the model to align (or a sequence of models, each aligned to `va`).
-    key: the order of groups in each sweep; default key 0.
+    key: the order of groups in each sweep (drawn on the host: `key(s)`
+      gives the orders `np.random.default_rng(s)` draws); default key 0.
     max_sweeps: the most sweeps.
     init_perm: the starting permutations (default identity).
     lap_method: `mergejax.lap`'s method.
@@ -199,12 +198,13 @@ def weight_matching(
   if _on_host((va, vb)):
     perm0 = {g: np.array(init_perm[g] if init_perm is not None else np.arange(n), np.int32)
              for g, n in spec.sizes.items()}
-    perm, history, scores = _HostSweeps(spec, va, vb, lap_method).run(key, perm0, max_sweeps, float(tol))
+    orders = _sweep_orders(key, len(spec.groups), max_sweeps)
+    perm, history, scores = _HostSweeps(spec, va, vb, lap_method).run(orders, perm0, float(tol))
     return _replicated_like(jax.device_put(MatchResult(perm, history, scores)), va)
   perm0 = permute.identity_permutation(spec) if init_perm is None else dict(init_perm)
   perm0 = {g: jnp.asarray(perm0[g], jnp.int32) for g in spec.groups}
-  run = _weight_matching_loop(_spec_key(spec), max_sweeps, lap_method, float(tol))
-  perm, trace_, sweeps = run(key, perm0, va, vb)
+  run = _weight_matching_loop(_spec_key(spec), lap_method, float(tol))
+  perm, trace_, sweeps = run(_sweep_orders(key, len(spec.groups), max_sweeps), perm0, va, vb)
   scores = _pair_scores(_spec_key(spec))(perm, va, vb)
   return _replicated_like(MatchResult(perm, trace_[: int(sweeps)], scores), va)
 
@@ -231,35 +231,34 @@ def _on_host(variables: PyTree) -> bool:
   return True
 
 
-@functools.lru_cache(maxsize=8)
-def _sweep_order(num_groups: int) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """Compiled once per group count: (key) -> (next key, int32[num_groups] the sweep's order)."""
+def _sweep_orders(key: jax.Array, num_groups: int, num_sweeps: int) -> np.ndarray:
+  """int32[num_sweeps, num_groups]: the order of the groups in each sweep.
 
-  @jax.jit
-  def order(key):
-    key, sub = jax.random.split(key)
-    return key, jax.random.permutation(sub, num_groups)
-
-  return order
-
-
-def _unit_products(rows_a: jax.Array | np.ndarray, rows_b: np.ndarray) -> np.ndarray:
-  """f32[n, n] = rows_a @ rows_b.T for f32[n, m] rows: a host einsum up to
-  `_HOST_PRODUCT_FLOPS` (cheaper than compiling), above it XLA's product,
-  compiled once per shape (it keeps its speed on a loaded CPU, where
-  OpenBLAS's threads do not)."""
-  if 2 * rows_a.shape[0] * rows_b.shape[0] * rows_a.shape[1] <= _HOST_PRODUCT_FLOPS:
-    return np.einsum("ik,jk->ij", np.asarray(rows_a), rows_b)
-  return np.asarray(_products(rows_a, rows_b))
+  Drawn on the host, so no program is compiled and the same key gives the
+  same orders on every path and process: NumPy's default generator seeded
+  with the key's data words read as one integer, most significant first
+  (`jax.random.key(s)` draws what `np.random.default_rng(s)` draws).
+  """
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  rng = np.random.default_rng(functools.reduce(lambda x, w: x << 32 | int(w), np.asarray(key, np.uint32).ravel(), 0))
+  return np.array([rng.permutation(num_groups) for _ in range(num_sweeps)], np.int32).reshape(num_sweeps, num_groups)
 
 
-@jax.jit
-def _products(x, y):
-  return jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST)
+def _unit_products(rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+  """f32[n, n] = rows_a @ rows_b.T for f32[n, m] rows: NumPy's (BLAS) product,
+  nothing to compile (XLA's compiled one per shape cost more to compile than
+  it saved on a first call)."""
+  return rows_a @ rows_b.T
+
+
+def _host_assignment(cost: np.ndarray, method: str) -> np.ndarray:
+  """int32[n]: `lap`'s maximising assignment of a host cost f32[n, n], as NumPy."""
+  return np.asarray(lap(cost, maximize=True, method=method))
 
 
 class _HostSweeps:
-  """Git Re-Basin's coordinate descent on the host: NumPy gathers, compiled products, SciPy assignments.
+  """Git Re-Basin's coordinate descent on the host: NumPy gathers and products, SciPy assignments.
 
   A group's cost is a sum of terms, one per AxisRef `r` of the group: A's
   unit rows along r times B's, with B's leaf permuted along the leaf's other
@@ -292,8 +291,8 @@ class _HostSweeps:
       for r in refs:
         others = tuple((h, o) for h, o in self.by_path[r.path] if o != r)
         (self.varying[g].append((r, others)) if others else fixed_refs[g].append(r))
-    # A's unit rows, on the device, for every ref whose term is recomputed.
-    self.rows_a = {r: jax.device_put(unit_rows(a[r.path], r)) for g in self.names for r, _ in self.varying[g]}
+    # A's unit rows for every ref whose term is recomputed.
+    self.rows_a = {r: unit_rows(a[r.path], r) for g in self.names for r, _ in self.varying[g]}
     self.a_varying = {p: a[p] for p, refs in self.by_path.items() if len(refs) > 1}
     self.fixed = {}
     for g in self.names:
@@ -346,7 +345,7 @@ class _HostSweeps:
     b = self.b[r.path]
     rows_a = unit_rows(np.take(self.a[r.path], moved, axis=o.axis), r)
     change = unit_rows(np.take(b, now[moved], axis=o.axis) - np.take(b, was[moved], axis=o.axis), r)
-    return value + np.einsum("ik,jk->ij", rows_a, change)
+    return value + rows_a @ change.T
 
   def cost(self, g: str, perm: dict, version: dict) -> np.ndarray:
     """f32[n, n]: sum over g's refs of <A's unit i, B's unit j>, B's other axes permuted."""
@@ -374,23 +373,22 @@ class _HostSweeps:
         total += float(np.vdot(a, b))
     return total
 
-  def run(self, key: jax.Array, perm: dict, max_sweeps: int, tol: float):
-    """Sweeps from `perm` (group -> int32[n]) until a stopping rule; (perm, objectives, pair scores)."""
+  def run(self, orders: np.ndarray, perm: dict, tol: float):
+    """Sweeps from `perm` (group -> int32[n]) in `orders` (int32[max_sweeps, groups]) until a
+    stopping rule; (perm, objectives, pair scores)."""
     version = {g: 0 for g in self.names}
     stale = set(self.names)
-    order_of = _sweep_order(len(self.names))
     history: list[float] = []
     prev, obj, improved = -np.inf, -np.inf, True
-    while len(history) < max_sweeps and improved and (len(history) < 2 or obj - prev > tol * abs(prev)):
-      key, order = order_of(key)
+    while len(history) < len(orders) and improved and (len(history) < 2 or obj - prev > tol * abs(prev)):
       improved = False
-      for k in np.asarray(order):
+      for k in orders[len(history)]:
         g = self.names[k]
         if g not in stale:
           continue  # no term of g changed since its last solve: the same assignment
         stale.discard(g)
         c = self.cost(g, perm, version)
-        new = np.asarray(lap(c, maximize=True, method=self.lap_method))
+        new = _host_assignment(c, self.lap_method)
         rows = np.arange(c.shape[0])
         old_score, new_score = c[rows, perm[g]].sum(), c[rows, new].sum()
         # Git Re-Basin's progress test, at float32 resolution.
@@ -434,9 +432,9 @@ def _spec_from_key(key: tuple) -> spec_lib.PermutationSpec:
 
 
 @functools.lru_cache(maxsize=32)
-def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: float):
+def _weight_matching_loop(key: tuple, lap_method: str, tol: float):
   """`weight_matching`'s sweeps as one program (accelerators, `ste_matching`'s step):
-  (key, perm, va, vb) -> (perm, f32[max_sweeps] objectives, sweeps run)."""
+  (int32[max_sweeps, groups] orders, perm, va, vb) -> (perm, f32[max_sweeps] objectives, sweeps run)."""
   spec = _spec_from_key(key)
   costs = _WeightCosts(spec)
   names = costs.names
@@ -463,13 +461,13 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
   branches = [branch(g) for g in names]
 
   @jax.jit
-  def run(key, perm, va, vb):
+  def run(orders, perm, va, vb):
     a, b = tree.leaves_by_path(va), tree.leaves_by_path(vb)
+    max_sweeps = orders.shape[0]
 
     def sweep(state):
-      s, perm, _, obj, key, history, _ = state
-      key, sub = jax.random.split(key)
-      order = jax.random.permutation(sub, len(names))
+      s, perm, _, obj, history, _ = state
+      order = orders[s]
 
       def visit(k, carry):
         perm, improved = carry
@@ -478,16 +476,16 @@ def _weight_matching_loop(key: tuple, max_sweeps: int, lap_method: str, tol: flo
 
       perm, improved = jax.lax.fori_loop(0, len(names), visit, (perm, jnp.bool_(False)))
       new = objective(perm, a, b)
-      return s + 1, perm, obj, new, key, history.at[s].set(new), improved
+      return s + 1, perm, obj, new, history.at[s].set(new), improved
 
     def keep_going(state):
-      s, _, prev, obj, _, _, changed = state
+      s, _, prev, obj, _, changed = state
       return (s < max_sweeps) & changed & ((s < 2) | (obj - prev > tol * jnp.abs(prev)))
 
     start = objective(perm, a, b)
     history = jnp.zeros(max_sweeps, jnp.float32)
-    state = (jnp.int32(0), perm, -jnp.inf, start, key, history, jnp.bool_(True))
-    s, perm, _, _, _, history, _ = jax.lax.while_loop(keep_going, sweep, state)
+    state = (jnp.int32(0), perm, -jnp.inf, start, history, jnp.bool_(True))
+    s, perm, _, _, history, _ = jax.lax.while_loop(keep_going, sweep, state)
     return perm, history, s
 
   return run
@@ -709,11 +707,13 @@ def ste_matching(
     raise ValueError(f"num_steps must be at least 1, got {num_steps}")
   optimizer = optax.adam(1e-3) if optimizer is None else optimizer
   key = jax.random.key(0) if key is None else key
-  match = _weight_matching_loop(_spec_key(spec), 20, lap_method, 1e-7)
+  match = _weight_matching_loop(_spec_key(spec), lap_method, 1e-7)
+  # Each step's inner weight matching: at most 20 sweeps, in these orders.
+  orders = _sweep_orders(key, len(spec.groups), 20 * num_steps).reshape(num_steps, 20, len(spec.groups))
 
   @jax.jit
-  def gradient(w, perm, key, batch):
-    perm, _, _ = match(key, perm, w, vb)
+  def gradient(w, perm, orders, batch):
+    perm, _, _ = match(orders, perm, w, vb)
     projected = permute.apply_permutation(spec, perm, vb)
 
     def loss(w):
@@ -742,10 +742,9 @@ def ste_matching(
       error = e
     distributed.raise_together(distributed.default_mesh(), error, "ste_matching")
     stream = itertools.chain([batch], stream)
-  for _ in range(num_steps):
-    key, sub = jax.random.split(key)
+  for step in range(num_steps):
     batch = next(stream)
-    perm, value, grads = gradient(w, perm, sub, batch)
+    perm, value, grads = gradient(w, perm, orders[step], batch)
     if several:
       value, grads = _mean_over_processes((value, grads), jax.tree.leaves(batch)[0].shape[0])
     w, opt_state = descend(w, opt_state, grads)

@@ -56,8 +56,9 @@ def lap(cost: jax.Array, maximize: bool = True, method: str = "auto") -> jax.Arr
     raise ValueError(f"lap: method must be one of {METHODS}, got {method!r}")
   _check(cost)
   if method != "jax" and not isinstance(cost, jax.core.Tracer):
-    # Concrete costs: SciPy directly, without a callback's overhead.
-    return jnp.asarray(_scipy_host(np.asarray(cost, np.float32), maximize))
+    # Concrete costs: SciPy directly, without a callback's overhead; device_put, since jnp.asarray
+    # compiles a small program per size.
+    return jax.device_put(_scipy_host(np.asarray(cost, np.float32), maximize))
   cost = jnp.asarray(cost, jnp.float32)
   if method == "jax":
     flat = cost.reshape((-1,) + cost.shape[-2:])

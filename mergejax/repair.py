@@ -14,6 +14,7 @@ originals' ones.
 """
 
 from collections.abc import Callable, Iterable
+import functools
 from typing import Any
 
 import jax
@@ -43,17 +44,21 @@ def reset_batch_norm(
 
   Works with any running-average update `new = m * old + (1 - m) * batch` (Flax
   linen's BatchNorm): each batch's own statistics are recovered exactly from
-  two calls, with the old statistics at 0 and at 1. Means are averaged over
-  the batches weighted by size; a `var` beside a `mean` is combined with the
-  spread of the batch means (Chan), so the result is the variance over all the
-  data as BatchNorm computes it (biased).
+  two calls, with the old statistics at 0 and at 1 (in one program, whose
+  forward passes XLA computes once: they differ only in the running-average
+  updates). Means are averaged over the batches weighted by size; a
+  `var` beside a `mean` is combined with the spread of the batch means
+  (Chan), so the result is the variance over all the data as BatchNorm
+  computes it (biased).
 
   Args:
     train_apply: `(variables, x) -> (out, {"batch_stats": new})`, e.g.
       `lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])`.
     variables: with a `batch_stats` collection.
     batches: inputs (DESIGN.md, batches); a ragged last batch costs one
-      compilation (its statistics cannot be masked).
+      compilation (its statistics cannot be masked). The pass compiles once
+      per `train_apply` and batch shape, `train_apply` compared by value
+      (`stats.ByValue`: a zoo model rebuilt with the same layout reuses it).
 
   Returns:
     `variables` with `batch_stats` replaced.
@@ -69,24 +74,36 @@ def reset_batch_norm(
   if "batch_stats" not in variables:
     raise ValueError("reset_batch_norm: variables have no batch_stats collection")
 
-  @jax.jit
-  def batch_statistics(variables, x):
-    stats = variables["batch_stats"]
-    at = lambda c: train_apply({**variables, "batch_stats": jax.tree.map(lambda s: jnp.full_like(s, c), stats)}, x)[1]["batch_stats"]
-    new0, new1 = at(0.0), at(1.0)
-    momentum = jax.tree.map(lambda a, b: b - a, new0, new1)
-    return jax.tree.map(lambda n0, m: n0 / jnp.maximum(1 - m, 1e-12), new0, momentum)
-
-  count, sums = 0, None
+  train_apply = stats.ByValue(train_apply)  # equal functions (a rebuilt zoo model) share the compilations
+  sums, count = jax.tree.map(lambda s: np.zeros(np.shape(s), jnp.result_type(s)), variables["batch_stats"]), 0
   for x in _inputs(batches):
-    n = x.shape[0]
-    s = batch_statistics(variables, x)
-    weighted = _with_squared_means(s, n)
-    sums = weighted if sums is None else jax.tree.map(jnp.add, sums, weighted)
-    count += n
-  if sums is None:
+    sums = _add_batch_statistics(train_apply, sums, variables, x, np.float32(x.shape[0]))
+    count += x.shape[0]
+  if not count:
     raise ValueError("reset_batch_norm: batches is empty")
-  return {**variables, "batch_stats": _from_squared_means(jax.tree.map(lambda s: s / count, sums))}
+  return {**variables, "batch_stats": _averaged(sums, np.float32(count))}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _add_batch_statistics(train_apply, sums, variables, x, n):
+  """`sums` plus one batch's statistics weighted by its size n (`_with_squared_means`).
+
+  The running-average update `new = m old + (1 - m) batch` at old = 0 gives
+  `(1 - m) batch`, at old = 1 also m. Compiled once per (train_apply, shapes):
+  `train_apply` is a `stats.ByValue`.
+  """
+  running = variables["batch_stats"]
+  at = lambda c: train_apply({**variables, "batch_stats": jax.tree.map(lambda s: jnp.full_like(s, c), running)},
+                             x)[1]["batch_stats"]
+  new0, new1 = at(0.0), at(1.0)
+  batch = jax.tree.map(lambda n0, n1: n0 / jnp.maximum(1 - (n1 - n0), 1e-12), new0, new1)
+  return jax.tree.map(jnp.add, sums, _with_squared_means(batch, n))
+
+
+@jax.jit
+def _averaged(sums, count):
+  """The summed statistics over `count` examples, variances back from the squared means."""
+  return _from_squared_means(jax.tree.map(lambda s: s / count, sums))
 
 
 def _with_squared_means(stats: dict, n: int) -> dict:

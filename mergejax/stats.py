@@ -27,8 +27,10 @@ every process gets the statistic of all the data.
 """
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 import functools
+import inspect
 import time
 from typing import Any, NamedTuple
 import zlib
@@ -239,6 +241,67 @@ class Gram(NamedTuple):
   sizes: tuple[int, ...]
 
 
+class ByValue:
+  """`fn`, compared and hashed by what it computes rather than by identity.
+
+  A `functools.partial` is its function, arguments and keywords; a bound
+  method its function and its object (a Flax module compares by its
+  fields); anything else (or a partial with unhashable arguments) is itself.
+  Passes whose functions are equal `ByValue`s share a compilation
+  (`accumulate` compiles once per `(update, mesh)`), so a second merge of the
+  same architecture compiles nothing:
+
+      stats.gram(stats.ByValue(functools.partial(model.apply, train=False)))
+  """
+
+  __slots__ = ("fn", "_key", "__weakref__")
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.fn = fn.fn if isinstance(fn, ByValue) else fn
+    self._key = _value_key(self.fn)
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, ByValue) and self._key == other._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __repr__(self) -> str:
+    return f"ByValue({self.fn!r})"
+
+
+def _value_key(fn: Callable[..., Any]) -> Any:
+  """What `ByValue` compares: a hashable description of `fn`, or `fn` itself."""
+  try:
+    if isinstance(fn, functools.partial):
+      key = (functools.partial, _value_key(fn.func), _frozen(fn.args), _frozen(fn.keywords))
+    elif inspect.ismethod(fn):
+      key = (type(fn), fn.__func__, fn.__self__)
+    else:
+      return fn
+    hash(key)
+  except TypeError:  # e.g. array arguments, or keys that do not sort: identity
+    return fn
+  return key
+
+
+def _frozen(value: Any) -> Any:
+  """Lists, tuples and dicts as hashable tuples (`mutable=["batch_stats"]` equals another such list)."""
+  if isinstance(value, dict):
+    return (dict, tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+  if isinstance(value, (list, tuple)):
+    return (type(value), tuple(_frozen(v) for v in value))
+  return value
+
+
+# A feature whose Gram gets fewer rows than this per chunk waits for the whole batch: a rank-32 update of a
+# 4608 x 4608 Gram (a ResNet-50's last stage, 8 images a chunk) is bound by memory, not by products.
+_STREAMED_ROWS = 512
+
+
 def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int | None = None) -> Accumulator:
   """Gram matrices Z^T Z of several models' features on the same inputs.
 
@@ -250,63 +313,106 @@ def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int
   slice of it: `X_a^T X_b` is the `(a, b)` block, and for a linear layer
   `Y_b = X_b W_b`, so `X_a^T Y_b` is that block times `W_b`.
 
+  Only the blocks `X_i^T X_j`, i <= j, are accumulated (3/4 of the products
+  for two models); `finalize` assembles the whole matrix. The update is a
+  value (`accumulate` compiles it once per
+  `(update, mesh)`): a `feature_fn` that compares equal across calls (a
+  module-level function, a `ByValue`) shares the compiled pass between
+  calls.
+
   Args:
     feature_fn: `(variables, x) -> [f32[batch, ..., d_i], ...]`, the leading
       axis the examples (so padded rows are masked), the middle ones positions.
     chunk: examples per step: each (device's) batch is split into chunks
-      whose features are computed and accumulated one after another, so a
-      convolution's patches exist for one chunk at a time.
+      whose features are computed one after another, so a convolution's
+      patches exist for one chunk at a time. A feature with fewer than 512
+      rows per chunk (few positions: late layers) is kept for the whole batch
+      and its Gram taken once after the chunks, a product of the batch's rows
+      rather than a memory-bound update per chunk.
 
   Returns (from `finalize`): a list of Gram, one per feature.
   """
+  return Accumulator(functools.partial(_gram_init, feature_fn), _GramUpdate(feature_fn, chunk), _gram_finalize)
 
-  sizes = []  # each feature's per-model widths, known once `init` has seen the shapes
 
-  def init(variables, x):
-    per_model = [jax.eval_shape(feature_fn, v, x) for v in variables]
-    sizes[:] = [tuple(f.shape[-1] for f in fs) for fs in zip(*per_model)]
-    return [(jnp.float32(0), {(i, j): jnp.zeros((d[i], d[j]), jnp.float32) for i, j in _upper(len(d))})
-            for d in sizes]
+def _gram_init(feature_fn, variables, x):
+  per_model = [jax.eval_shape(feature_fn, v, x) for v in variables]
+  return [(jnp.float32(0), {(i, j): jnp.zeros((fs[i].shape[-1], fs[j].shape[-1]), jnp.float32)
+                            for i, j in _upper(len(fs))})
+          for fs in zip(*per_model)]
 
-  def chunk_sums(variables, x, mask):
-    # The Gram is symmetric: only the blocks X_i^T X_j, i <= j, are accumulated (3/4 of the products
-    # for two models); `finalize` assembles the whole matrix once.
-    sums = []
-    for fs in zip(*[feature_fn(v, x) for v in variables]):
-      rows = [_rows(f, mask) for f in fs]
-      w = rows[0][1]
-      weighted = [z * w[:, None] for z, _ in rows]
-      sums.append((w.sum(), {(i, j): jnp.dot(weighted[i].T, rows[j][0], precision=HIGHEST)
-                             for i, j in _upper(len(fs))}))
-    return sums
 
-  def update(state, variables, x, mask, axis_name=None):
-    size = x.shape[0]
-    if chunk is None or chunk >= size:
-      sums = chunk_sums(variables, x, mask)
-    else:
-      steps = -(-size // chunk)
-      pad = steps * chunk - size
-      x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)]) if pad else mask
-      xs = (x.reshape(steps, chunk, *x.shape[1:]), mask.reshape(steps, chunk))
-      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(chunk_sums, variables, xs[0][0], xs[1][0]))
-      sums, _ = jax.lax.scan(
-          lambda acc, c: (jax.tree.map(jnp.add, acc, chunk_sums(variables, *c)), None), zero, xs)
-    if axis_name is not None:
-      sums = jax.lax.psum(sums, axis_name)
-    return [(n + dn, jax.tree.map(jnp.add, g, dg)) for (n, g), (dn, dg) in zip(state, sums)]
-
-  def finalize(state):
-    whole = lambda g, k: jnp.block([[g[(i, j)] if i <= j else g[(j, i)].T for j in range(k)] for i in range(k)])
-    return [Gram(n, whole(g, len(d)), d) for (n, g), d in zip(state, sizes)]
-
-  return Accumulator(init, update, finalize)
+def _gram_finalize(state) -> list[Gram]:
+  out = []
+  for n, g in state:
+    k = max(i for i, _ in g) + 1
+    whole = jnp.block([[g[(i, j)] if i <= j else g[(j, i)].T for j in range(k)] for i in range(k)])
+    out.append(Gram(n, whole, tuple(g[(i, i)].shape[0] for i in range(k))))
+  return out
 
 
 def _upper(k: int) -> list[tuple[int, int]]:
   """The blocks (i, j), i <= j, of a k x k block matrix."""
   return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+def _weighted_rows(fs: Sequence[jax.Array], mask: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+  """Each set's rows f32[rows, d] of one feature, and the rows' weights f32[rows] from the mask."""
+  rows = [_rows(f, mask) for f in fs]
+  return [z for z, _ in rows], rows[0][1]
+
+
+def _block_sums(rows: Sequence[jax.Array], w: jax.Array) -> tuple[jax.Array, dict]:
+  """(sum of the row weights w: f32[rows], {(i, j): (w x_i)^T x_j for i <= j}) of rows x_i: f32[rows, d_i]."""
+  weighted = [z * w[:, None] for z in rows]
+  return w.sum(), {(i, j): jnp.dot(weighted[i].T, rows[j], precision=HIGHEST) for i, j in _upper(len(rows))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _GramUpdate:
+  """`gram`'s update, a value: equal feature functions and chunks make equal updates (one compilation)."""
+
+  feature_fn: Callable[..., Sequence[jax.Array]]
+  chunk: int | None
+
+  def __call__(self, state, variables, x, mask, axis_name=None):
+    features = lambda x: [list(fs) for fs in zip(*[self.feature_fn(v, x) for v in variables])]
+    if self.chunk is None or self.chunk >= x.shape[0]:
+      sums = [_block_sums(*_weighted_rows(fs, mask)) for fs in features(x)]
+    else:
+      sums = _chunked_sums(features, state, x, mask, self.chunk)
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return [(n + dn, jax.tree.map(jnp.add, g, dg)) for (n, g), (dn, dg) in zip(state, sums)]
+
+
+def _chunked_sums(features, state, x, mask, chunk):
+  """`_block_sums` of every feature over a batch taken `chunk` examples at a time (`gram`'s chunk)."""
+  steps = -(-x.shape[0] // chunk)
+  pad = steps * chunk - x.shape[0]
+  x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+  mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)]) if pad else mask
+  xs = (x.reshape(steps, chunk, *x.shape[1:]), mask.reshape(steps, chunk))
+  shapes = jax.eval_shape(features, jax.ShapeDtypeStruct(xs[0].shape[1:], x.dtype))
+  streamed = [chunk * int(np.prod(fs[0].shape[1:-1], dtype=np.int64)) >= _STREAMED_ROWS for fs in shapes]
+
+  def step(acc, c):
+    rows = [_weighted_rows(fs, c[1]) for fs in features(c[0])]
+    acc = [jax.tree.map(jnp.add, a, _block_sums(*r)) for a, r in zip(acc, [r for r, s in zip(rows, streamed) if s])]
+    return acc, [r for r, s in zip(rows, streamed) if not s]  # the others' rows wait for the whole batch
+
+  zero = [(jnp.float32(0), jax.tree.map(jnp.zeros_like, g)) for (_, g), s in zip(state, streamed) if s]
+  acc, kept = jax.lax.scan(step, zero, xs)
+  acc, kept = iter(acc), iter(kept)
+  whole = lambda a: a.reshape(-1, *a.shape[2:])  # [steps, rows, ...] -> [steps * rows, ...]
+  out = []
+  for s in streamed:
+    if s:
+      out.append(next(acc))
+    else:
+      zs, w = next(kept)
+      out.append(_block_sums([whole(z) for z in zs], whole(w)))
+  return out
 
 
 def _examples(batches, labels: bool) -> Iterable[tuple[np.ndarray, ...]]:

@@ -126,3 +126,29 @@ def test_zoo_models_built_from_the_layout_run_the_combined_variables(name, confi
   merged = combine.combine(spec, maps, va, vb, inputs=inputs)
   out = models.build(name, combine.layout_of(maps), **config).apply(merged, x, train=False)
   assert out.shape == apply(va, x).shape and np.all(np.isfinite(out))
+
+
+def test_the_host_combine_equals_the_compiled_one():
+  """backend="host" (NumPy, the default for CPU arrays) and "device" (one jitted program) merge every leaf the
+  same, with input and output axes, models=(0,) leaves and a fused axis cut into parts."""
+  rng = np.random.default_rng(4)
+  va, vb = _mlp_init(jax.random.key(7), (3, 6, 5, 4)), _mlp_init(jax.random.key(8), (3, 6, 5, 4))
+  x = jax.random.normal(jax.random.key(9), (5, 3))
+  spec = mj.permutation_spec(_mlp, va, x)
+  maps = {g: combine.partial_map(rng.random(n) < 0.5) for g, n in spec.sizes.items()}
+  kw = dict(inputs=_inputs(_mlp, va, x), models={("out", "k"): (0,), ("out", "b"): (0,)})
+  host = combine.combine(spec, maps, va, vb, backend="host", **kw)
+  device = combine.combine(spec, maps, va, vb, backend="device", **kw)
+  assert jax.tree.structure(host) == jax.tree.structure(device)
+  for h, d in zip(jax.tree.leaves(host), jax.tree.leaves(device)):
+    assert isinstance(h, jax.Array) and h.shape == d.shape and h.dtype == d.dtype
+    np.testing.assert_allclose(h, d, rtol=1e-6, atol=1e-6)
+  assert any(h.shape != a.shape for h, a in zip(jax.tree.leaves(host), jax.tree.leaves(va)))  # widened
+  ref = lambda part: combine.spec_lib.AxisRef(("w",), 1, part=part)
+  fused = combine.spec_lib.PermutationSpec({"q": (ref((0, 4)),), "v": (ref((6, 9)),)}, {"q": 4, "v": 3})
+  wa, wb = {"w": jnp.asarray(rng.standard_normal((2, 9)))}, {"w": jnp.asarray(rng.standard_normal((2, 9)))}
+  fmaps = {"q": combine.partial_map([True, False, True, False]), "v": combine.partial_map([False, True, False])}
+  np.testing.assert_allclose(combine.combine(fused, fmaps, wa, wb, backend="host")["w"],
+                             combine.combine(fused, fmaps, wa, wb, backend="device")["w"], rtol=1e-6)
+  with pytest.raises(ValueError, match="backend"):
+    combine.combine(spec, maps, va, vb, backend="gpu", **kw)

@@ -237,3 +237,126 @@ def test_compact_apply_follows_casts_and_calls():
   small = compact.compact_variables(spec, combine.layout_of(maps), dense, inputs=inputs)
   assert _is_compact(small["l2"])
   np.testing.assert_allclose(jax.jit(compact.compact_apply(f))(small, x), f(dense, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding,strides,lhs_dilation,rhs_dilation", [
+    ("SAME", (1, 1), (1, 1), (1, 1)),
+    (((1, 1), (2, 0)), (2, 1), (1, 1), (1, 1)),
+    (((2, 2), (2, 2)), (1, 1), (2, 2), (1, 1)),
+    ("SAME", (1, 2), (1, 1), (2, 2)),
+])
+def test_kernel_macs_count_in_image_taps_as_xla_does(padding, strides, lhs_dilation, rhs_dilation):
+  """The budget's FLOPs are XLA's: a convolution's (output position, tap) pairs inside the input."""
+  x = jnp.ones((2, 5, 7, 2))
+  conv = lambda v, x: jax.lax.conv_general_dilated(x, v["w"], strides, padding, lhs_dilation, rhs_dilation,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  variables = {"w": jnp.ones((3, 3, 2, 4))}
+  (kernel,) = kernels_lib.model_kernels(conv, variables, x)
+  xla = jax.jit(conv).lower(variables, x).compile().cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  assert 2 * len(x) * kernel.macs == xla["flops"]
+  # NumPy reference: the taps whose input index is a real (undilated) unit inside the image.
+  out = jax.eval_shape(conv, variables, x).shape
+  if isinstance(padding, str):  # the dilated input and window, as lax pads them
+    padding = jax.lax.padtype_to_pads(np.multiply(np.subtract(x.shape[1:3], 1), lhs_dilation) + 1,
+                                      np.multiply(np.subtract((3, 3), 1), rhs_dilation) + 1, strides, padding)
+  inside = 1
+  for axis in range(2):
+    count = 0
+    for o in range(out[1 + axis]):
+      for j in range(3):
+        index = o * strides[axis] - padding[axis][0] + j * rhs_dilation[axis]
+        count += index % lhs_dilation[axis] == 0 and 0 <= index // lhs_dilation[axis] < x.shape[1 + axis]
+    inside *= count
+  assert kernel.macs == inside * 2 * 4
+  assert kernel.positions == out[1] * out[2]
+
+
+def _grid_fn(v, x):
+  """x: f32[batch, n1, n2] -> f32[batch, c]: a kernel with two grouped input and two grouped output axes."""
+  y = jnp.einsum("bij,ijkl->bkl", x, v["w"])
+  return jnp.einsum("bkl,klc->bc", jnp.tanh(y), v["out"])
+
+
+def test_kernels_with_several_kept_groups_on_each_side():
+  """Outputs kept from A in one group and B in another read nothing (zeros); A outputs read the inputs
+  whose every group is merged or A's; merged outputs read all."""
+  sizes = {"i": 4, "j": 3, "k": 5, "l": 4}
+  spec = mj.PermutationSpec({"i": [mj.AxisRef(("w",), 0)], "j": [mj.AxisRef(("w",), 1)],
+                             "k": [mj.AxisRef(("w",), 2), mj.AxisRef(("out",), 0)],
+                             "l": [mj.AxisRef(("w",), 3), mj.AxisRef(("out",), 1)]}, sizes)
+  rng = np.random.default_rng(0)
+  va, vb = ({"w": rng.standard_normal((4, 3, 5, 4)).astype(np.float32),
+             "out": rng.standard_normal((5, 4, 2)).astype(np.float32)} for _ in range(2))
+  maps = {g: combine.partial_map(np.arange(n) % 2 == 0) for g, n in sizes.items()}
+  layout = combine.layout_of(maps)
+  inputs = {("w",): frozenset({0, 1}), ("out",): frozenset({0, 1})}
+  dense = combine.combine(spec, maps, va, vb, inputs=inputs)
+  small = compact.compact_variables(spec, layout, dense, inputs=inputs)
+  assert _is_compact(small["w"]) and not _is_compact(small["out"])  # out's outputs are not grouped
+  kb = small["w"].plan.pieces[0][2]
+  assert kb.input_axes == (0, 1) and kb.output_axes == (2, 3)
+  # 3 x 3 output cells (merged | A | B per group), of which (A, B) and (B, A) read nothing.
+  assert sorted(b.name for b in kb.blocks) == ["a_aa", "a_am", "a_ma", "b_bb", "b_bm", "b_mb", "merged_mm"]
+  x = jnp.asarray(rng.standard_normal((3, layout["i"].width, layout["j"].width)), jnp.float32)
+  np.testing.assert_allclose(jax.jit(compact.compact_apply(_grid_fn))(small, x), _grid_fn(dense, x),
+                             rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(compact.dense_variables(small)), jax.tree.leaves(dense)):
+    np.testing.assert_array_equal(a, b)
+  # Stored entries: merged outputs x every input, kept outputs x the merged and their own inputs.
+  m = {g: layout[g].n_merged for g in sizes}
+  kept = {g: layout[g].n_a for g in sizes}
+  width = {g: layout[g].width for g in sizes}
+  side = lambda g: m[g] + kept[g]  # merged and one model's units
+  a_outputs = side("k") * side("l") - m["k"] * m["l"]
+  assert mj.tree.num_params(small["w"]) == (m["k"] * m["l"] * width["i"] * width["j"]
+                                            + 2 * a_outputs * side("i") * side("j"))
+
+
+ATTENTION = {  # tiny widths; the lm is GPT-2's layout, q | k | v fused in one kernel (attn_qkv)
+    "vit": (dict(patch_size=4, embed_dim=8, depth=1, num_heads=4, head_dim=2, mlp_dim=6, num_classes=3),
+            lambda: np.random.default_rng(3).standard_normal((4, 8, 8, 1)).astype(np.float32)),
+    "lm": (dict(style="gpt2", embed_dim=8, depth=1, num_heads=4, head_dim=2, max_len=8, mlp_dim=8),
+           lambda: np.random.default_rng(3).integers(0, 256, (4, 6)).astype(np.int32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_models_compact_after_pleas(name):
+  """PLeaS at 1.5 with heads widened: the compact model computes the dense one's function and
+  stores exactly the budget's parameters (a fused q | k | v kernel cut per part)."""
+  config, data = ATTENTION[name]
+  x = data()
+  model = models.build(name, **config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  va, vb = _random_like(shapes, 0), _random_like(shapes, 1)
+  spec = models.permutation_spec(name, va, **config)
+  apply = model.apply if name == "lm" else functools.partial(model.apply, train=False)
+  # One grid ratio, 3/4, for every group but the head_dim ones: a quarter of the heads kept from each model.
+  small, layout = mj.merge.pleas(apply, va, vb, [x], budget=1.5, spec=spec, allocation="uniform", grid=(0.75, 1.0),
+                                 progress=False, compact=True)
+  assert layout["block0.heads"].n_a == 1
+  attention = [k for p, k in jax.tree_util.tree_flatten_with_path(small, is_leaf=_is_compact)[0]
+               if _is_compact(k) and "att" in mj.tree.path_str(mj.tree.key_path(p))]
+  assert len(attention) == (2 if name == "lm" else 4)  # qkv and out, or query, key, value and out
+  if name == "lm":
+    assert [len(k.plan.pieces) for k in attention] == [1, 3]  # attn_out; attn_qkv cut into q | k | v
+  merged_apply = models.build(name, layout, **config).apply
+  merged_apply = merged_apply if name == "lm" else functools.partial(merged_apply, train=False)
+  np.testing.assert_allclose(jax.jit(compact.compact_apply(merged_apply))(small, x),
+                             merged_apply(compact.dense_variables(small), x), rtol=1e-5, atol=1e-5)
+  kernels = kernels_lib.model_kernels(apply, va, x[:1])
+  terms = kernels_lib.cost_terms(spec, kernels, va, {}, frozenset(), "params")
+  assert mj.tree.num_params(small) == pytest.approx(
+      budget_lib.relative_cost(terms, _ratios(layout, spec.sizes)) * mj.tree.num_params(va), rel=1e-12)
+
+
+def test_fused_input_axis_with_kept_units_is_refused():
+  refs = [("g1", mj.AxisRef(("w",), 0, part=(0, 2))), ("g2", mj.AxisRef(("w",), 0, part=(2, 5)))]
+  layout = mj.MergeLayout({"g1": (1, 1, 1), "g2": (3, 0, 0)})
+  with pytest.raises(NotImplementedError, match="w has input axis 0 cut into parts"):
+    compact.kernel_blocks(("w",), (6, 4), refs, {"g1": 2, "g2": 3}, frozenset({0}), layout)
+  assert compact.kernel_blocks(("w",), (5, 4), refs, {"g1": 2, "g2": 3}, frozenset({0}),
+                               mj.MergeLayout({"g1": (2, 0, 0), "g2": (3, 0, 0)})) is None
+  with pytest.raises(ValueError, match="w has shape"):
+    compact.kernel_blocks(("w",), (5, 4), refs, {"g1": 2, "g2": 3}, frozenset({1}), layout)

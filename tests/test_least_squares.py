@@ -170,3 +170,67 @@ def test_the_condition_estimate_is_the_gram_blocks_condition_number():
   assert report.blocks == (2, 3, 3)
   x = _merged_features(x_a, x_b, m_in)
   np.testing.assert_allclose(report.condition, np.linalg.cond(x.T @ x), rtol=1e-2)
+
+
+def _layer(rng, d_in, d_out, rows, merged_in, merged_out):
+  """A Dense layer of two models with partial maps: (gram, kernels, w0, view, plan, maps, x_a, x_b)."""
+  x_a, x_b = rng.standard_normal((rows, d_in)), rng.standard_normal((rows, d_in))
+  w_a, w_b = rng.standard_normal((d_in, d_out)), rng.standard_normal((d_in, d_out))
+  maps = {"in": combine.partial_map(merged_in), "out": combine.partial_map(merged_out)}
+  refs = [("in", combine.spec_lib.AxisRef(("k",), 0)), ("out", combine.spec_lib.AxisRef(("k",), 1))]
+  axes = [combine.Axis(0, maps["in"], True), combine.Axis(1, maps["out"], False)]
+  w0 = combine.combine_leaf([jnp.asarray(w_a, jnp.float32), jnp.asarray(w_b, jnp.float32)], axes)
+  z = np.concatenate([x_a, x_b], axis=1)
+  gram = stats.Gram(jnp.float32(rows), jnp.asarray(z.T @ z, jnp.float32), (d_in, d_in))
+  return gram, (w_a, w_b), w0, combine.leaf_view((d_in, d_out), refs), least_squares.KernelPlan((0,), (1,)), maps
+
+
+def test_the_device_solve_equals_the_host_solve_and_the_lstsq_oracle():
+  """backend="device" (one jitted program per block, as on a GPU) on this CPU: the same kernel and report as the
+  host's LAPACK path, both the explicit lstsq of each block; the default on CPU Grams is the host."""
+  rng = np.random.default_rng(5)
+  d_in, d_out, rows, ridge = 6, 5, 50, 1e-2
+  layer = _layer(rng, d_in, d_out, rows, np.arange(d_in) < 3, np.arange(d_out) < 2)
+  gram, kernels, w0, view, plan, maps = layer
+  host = least_squares.solve_layer(("k",), *layer, ridge=ridge, backend="host")
+  device = least_squares.solve_layer(("k",), *layer, ridge=ridge, backend="device")
+  default = least_squares.solve_layer(("k",), *layer, ridge=ridge)
+  assert host[1].blocks == device[1].blocks == (2, 3, 3)
+  np.testing.assert_array_equal(default[0], host[0])
+  np.testing.assert_allclose(device[0], host[0], rtol=1e-4, atol=1e-4)
+  for field in ("residual_before", "residual_after", "condition"):
+    np.testing.assert_allclose(getattr(device[1], field), getattr(host[1], field), rtol=1e-3, atol=1e-5)
+  z = np.asarray(gram.gram, np.float64)  # the oracle: lstsq of each block's explicit merged problem
+  x_ab = np.linalg.cholesky(z + 1e-9 * np.eye(2 * d_in)).T / np.sqrt(rows)  # any X with X^T X = G / rows
+  x = _merged_features(x_ab[:, :d_in], x_ab[:, d_in:], maps["in"])
+  y = _merged_features(x_ab[:, :d_in] @ kernels[0], x_ab[:, d_in:] @ kernels[1], maps["out"])
+  want = np.zeros((x.shape[1], y.shape[1]))
+  for p, q in (([0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1]), ([0, 1, 2, 3, 4, 5], [2, 3, 4]), ([0, 1, 2, 6, 7, 8], [5, 6, 7])):
+    lam = ridge * np.trace(x[:, p].T @ x[:, p]) / len(p)
+    want[np.ix_(p, q)] = np.linalg.lstsq(np.vstack([x[:, p], np.sqrt(lam) * np.eye(len(p))]),
+                                         np.vstack([y[:, q], np.sqrt(lam) * np.asarray(w0)[np.ix_(p, q)]]),
+                                         rcond=None)[0]
+  np.testing.assert_allclose(device[0], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+  with pytest.raises(ValueError, match="backend"):
+    least_squares.solve_layer(("k",), *layer, ridge=ridge, backend="gpu")
+
+
+def test_the_device_solve_compiles_once_per_block_shape():
+  """A second layer of the same shapes (other weights and maps of the same sizes) compiles nothing."""
+  rng = np.random.default_rng(6)
+  layers = [_layer(rng, 5, 4, 30, rng.permutation(5) < 2, rng.permutation(4) < 2) for _ in range(2)]
+  compiles = []
+
+  def listener(event, duration_secs, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":  # jax's own event name
+      compiles.append(duration_secs)
+
+  least_squares.solve_layer(("k",), *layers[0], ridge=1e-3, backend="device", condition=False)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    kernel, report = least_squares.solve_layer(("k",), *layers[1], ridge=1e-3, backend="device", condition=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == [] and report.blocks == (2, 2, 2)
+  np.testing.assert_allclose(kernel, least_squares.solve_layer(("k",), *layers[1], ridge=1e-3, backend="host")[0],
+                             rtol=1e-4, atol=1e-4)

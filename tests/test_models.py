@@ -323,7 +323,7 @@ def test_vit_takes_a_head_count_per_block():
 
 
 def test_names_and_groups():
-  assert models.names() == ("mlp", "vgg", "resnet20", "resnet18", "resnet50", "vit", "lm")
+  assert models.names() == ("mlp", "vgg", "resnet20", "resnet18", "resnet50", "vit", "lm", "moe_mlp")
   assert list(models.groups("vgg", features=(3, "M", 4), dense=(5,))) == ["conv_0", "conv_1", "dense_0"]
   assert list(models.groups("vit", depth=1)) == [
       "embed", "block0.heads", "block0.qk_dim", "block0.vo_dim", "block0.mlp"]

@@ -146,6 +146,54 @@ def test_zoo_batch_norm_models_are_reset_through_build_fn():
   assert np.all(np.isfinite(merged_model.apply(merged, x, train=False)))
 
 
+def test_a_second_merge_compiles_no_gram_pass_and_no_batch_norm_reset(monkeypatch):
+  """The Gram pass and the batch-norm reset are compiled once per architecture: a second merge with freshly
+  built (equal) functions reuses both programs."""
+  from mergejax import repair, stats
+  config = dict(features=(4, "M", 6), dense=(8,), num_classes=3)
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  model = models.build("vgg", **config)
+  va, vb = model.init(jax.random.key(1), x, train=False), model.init(jax.random.key(2), x, train=False)
+  spec = models.permutation_spec("vgg", va, **config)
+  compiles, inside = [], [None]
+
+  def listener(event, duration_secs, **kwargs):
+    if inside[0] and event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(inside[0])
+
+  def watched(stage, fn):
+    def run(*args, **kwargs):
+      inside[0] = stage
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        inside[0] = None
+    return run
+
+  monkeypatch.setattr(stats, "accumulate", watched("statistics", stats.accumulate))
+  monkeypatch.setattr(repair, "reset_batch_norm", watched("repair", repair.reset_batch_norm))
+
+  def merge():
+    build_fn = lambda layout: functools.partial(models.build("vgg", layout, **config).apply, train=True,
+                                                mutable=["batch_stats"])
+    apply_fn = functools.partial(models.build("vgg", **config).apply, train=False)
+    return mj.merge.pleas(apply_fn, va, vb, [x[:8], x[8:]], budget=1.5, spec=spec, build_fn=build_fn, chunk=4,
+                          matching="identity", allocation="uniform", progress=False)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first, layout = merge()
+    assert {"statistics", "repair"} <= set(compiles)
+    compiles.clear()
+    second, second_layout = merge()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert second_layout == layout
+  assert compiles == []
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, b)
+
+
 def _deep_mlp(v, x):
   """Four hidden layers, three of one shape (13 -> 13)."""
   for name in ("l1", "l2", "l3", "l4"):

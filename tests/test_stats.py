@@ -189,3 +189,65 @@ def test_gram_matches_a_numpy_loop(devices, chunk):
     assert r.sizes == (3, 5)
     assert int(r.count) == rows
     np.testing.assert_allclose(r.gram, want, rtol=1e-5, atol=1e-4)
+
+
+def _wide_and_narrow(params, x):
+  """A map of many positions per example (streamed through the chunks) and one of a single position (kept
+  for the whole batch): f32[batch, 256, 3] and f32[batch, 3]."""
+  h = jnp.tanh(x @ params["w"])
+  positions = jnp.linspace(-1.0, 1.0, stats._STREAMED_ROWS // 2)
+  return [jnp.sin(h[:, None, :] * positions[:, None] + positions[:, None]), h]
+
+
+def test_chunked_gram_streams_many_rows_and_keeps_few_for_the_whole_batch():
+  pa, _, x = _data(n=11)
+  chunk = 2  # 2 x 256 rows a chunk: the map is streamed; the 2 rows of h are not
+  assert chunk * stats._STREAMED_ROWS // 2 >= stats._STREAMED_ROWS > chunk
+  pb = {"w": pa["w"][:, ::-1] * 0.5}
+  result = stats.accumulate(stats.gram(_wide_and_narrow, chunk=chunk), (pa, pb), _batches(x, 5), mesh=_mesh(1),
+                            progress=False)
+  for got, fa, fb in zip(result, _wide_and_narrow(pa, x), _wide_and_narrow(pb, x)):
+    z = np.concatenate([np.asarray(f, np.float64).reshape(-1, 3) for f in (fa, fb)], axis=1)
+    assert int(got.count) == len(z)
+    np.testing.assert_allclose(got.gram, z.T @ z, rtol=1e-5, atol=1e-3)
+
+
+def _scaled(params, x, scale):
+  return [scale * jnp.tanh(x @ params["w"])]
+
+
+def _backend_compiles(fn, *args, **kwargs):
+  compiles = []
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    return fn(*args, **kwargs), len(compiles)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_by_value_functions_share_one_compiled_pass():
+  by_value = lambda scale: stats.ByValue(functools.partial(_scaled, scale=scale))
+  assert by_value(2.0) == by_value(2.0) and hash(by_value(2.0)) == hash(by_value(2.0))
+  assert by_value(2.0) != by_value(3.0)
+  array = jnp.ones(2)  # unhashable arguments: compared by identity
+  with_array = lambda: stats.ByValue(functools.partial(_scaled, scale=array))
+  assert with_array() != with_array()
+  vgg = lambda: mj.models.build("vgg", features=(3,), dense=(), num_classes=2)
+  assert stats.ByValue(vgg().apply) == stats.ByValue(vgg().apply)  # equal Flax modules' bound methods
+  assert stats.ByValue(functools.partial(vgg().apply, mutable=["batch_stats"])) == stats.ByValue(
+      functools.partial(vgg().apply, mutable=["batch_stats"]))
+  pa, pb, x = _data(n=12)
+  run = lambda scale: stats.accumulate(stats.gram(by_value(scale), chunk=3), (pa, pb), _batches(x, 6),
+                                       progress=False)
+  first, compiles = _backend_compiles(run, 2.0)
+  assert compiles >= 1
+  second, compiles = _backend_compiles(run, 2.0)
+  assert compiles == 0
+  np.testing.assert_array_equal(first[0].gram, second[0].gram)
+  third, compiles = _backend_compiles(run, 3.0)
+  assert compiles >= 1
+  np.testing.assert_allclose(third[0].gram, 2.25 * np.asarray(first[0].gram), rtol=1e-5)

@@ -41,6 +41,14 @@ def _small_config():
       "lora_arithmetic": {"rank": (4,), "scale": (0.5,)},
       "lora_lego": {"rank": (4,), "merged_rank": (4,), "scale": (1.0,)},
       "reversible_lora": {"rank": (4,), "num_basis": (5,)},
+      "fw_merging": {"fw_steps": (3,), "fw_soft": (0,), "fw_line_search": (1,)},
+      "map": {"map_samples": (24,), "map_divisions": (2,)},
+      "adamerging_task": {"ada_lr": (0.01,), "ada_steps": (0, 20)},
+      "adamerging_layer": {"ada_lr": (0.01,), "ada_steps": (20,)},
+      "concrete_task_arithmetic": {"mask_lr": (0.1,), "mask_steps": (10,), "scale": (0.3,)},
+      "concrete_adamerging": {"ada_lr": (0.01,), "ada_steps": (10,), "mask_lr": (0.1,)},
+      "twin_merging": {"twin_rank": (2,), "scale": (0.3,)},
+      "expert_merging": {"em_lr": (0.03,), "em_steps": (10,), "em_chunks": (0,)},
   }
   return config
 
@@ -58,6 +66,7 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
 
   saved = json.loads((tmp_path / "task_vectors.json").read_text())
   assert (tmp_path / "task_vectors.png").stat().st_size > 0
+  assert (tmp_path / "map_pareto_front.png").stat().st_size > 0
   runs = saved["runs"]
   sizes = {m: len(task_vectors.grid(m, s)) for m, s in config.task_vectors.sweeps.items()}
   assert len(runs) == 3 + len(members) + sum(sizes.values())
@@ -86,6 +95,18 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
       {"opcm_alpha": 0.5, "orders": 2, "mean": np.mean(orders), "std": np.std(orders), "min": min(orders),
        "max": max(orders)})
   assert "OPCM over 2 task orders" in table
+  # FW-merging lowers the tasks' summed training loss from the base; MAP's merge is a front point.
+  losses = by("FW-merging", fw_steps=3.0, fw_soft=0.0, fw_line_search=1.0)["fw_losses"]
+  assert len(losses) == 4 and losses[-1] < losses[0]
+  map_run = by("MAP (front point chosen on validation)", map_samples=24.0, map_divisions=2.0)
+  assert 1 <= map_run["map_front_size"] <= 15 and len(map_run["map_coefficients"]) == len(members)
+  # AdaMerging starts every coefficient at 0.3 and learns them on the fitting inputs; layer-wise has
+  # one per task and leaf; Concrete's masks are in [0, 1].
+  assert by("AdaMerging (task-wise)", ada_lr=0.01, ada_steps=0.0)["coefficients"] == [pytest.approx(0.3)] * 5
+  assert by("AdaMerging (task-wise)", ada_lr=0.01, ada_steps=20.0)["coefficients"] != [pytest.approx(0.3)] * 5
+  layer_wise = np.array(by("AdaMerging (layer-wise)", ada_lr=0.01, ada_steps=20.0)["coefficients"])
+  assert layer_wise.shape == (len(members), 6)  # the MLP's three kernels and biases
+  assert 0 < by("Concrete TA", mask_lr=0.1, mask_steps=10.0, scale=0.3)["mask_mean"] < 1
   # Compressions score each task on its own reconstructed model: they have no joint accuracy.
   for name, setting in (("TALL masks (per task)", {"lambda_t": 0.4}),
                         ("reversible low-rank (per task)", {"num_basis": 5.0, "rank": 4.0})):

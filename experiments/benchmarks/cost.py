@@ -1,12 +1,13 @@
 r"""The real cost of merged models: dense against compact, against the budget.
 
-    python -m experiments.benchmarks.cost --models=resnet20,vgg --budgets=1.2,1.5,1.8
+    python -m experiments.benchmarks.cost --models=resnet20,vgg,vit --budgets=1.2,1.5,1.8
 
 For each zoo model and budget, PLeaS merges two random inits (keys 0 and 1)
 twice: allocated by FLOPs (`cost="flops"`) and by parameters
 (`cost="params"`). Each merge is measured in its counter against one
 original model: FLOPs per example from XLA's cost analysis of the compiled
-function (`jax.jit(f).lower(...).compile().cost_analysis()`), parameters as
+function (`jax.jit(f).lower(...).compile().cost_analysis()`: every operation,
+where the budget counts the kernels' MACs, in-image taps only), parameters as
 the stored entries of every leaf (`tree.num_params`, batch statistics
 included, as `cost="params"` counts them). The baseline is the dense form
 PLeaS returns (masked blocks stored as zeros and run); ours is
@@ -28,7 +29,7 @@ import numpy as np
 import mergejax as mj
 from mergejax.merge import compact
 
-_MODELS = flags.DEFINE_list("models", ["resnet20", "vgg"], "Zoo models.")
+_MODELS = flags.DEFINE_list("models", ["resnet20", "vgg", "vit"], "Zoo models (32x32x3 images).")
 _BUDGETS = flags.DEFINE_list("budgets", ["1.2", "1.5", "1.8"], "Budgets.")
 _IMAGES = flags.DEFINE_integer("images", 32, "Images for the statistics and the output check.")
 _GRID = flags.DEFINE_integer("grid", 11, "Merge ratios a group may take: np.linspace(0, 1, grid) (PLeaS's default 11).")
@@ -64,8 +65,9 @@ def main(argv):
             apply, va, vb, [x], budget=budget, spec=spec, cost=counter, report=True,
             grid=tuple(np.linspace(0.0, 1.0, _GRID.value)),
             least_squares_fit=_LEAST_SQUARES.value, progress=False,
-            build_fn=lambda layout: functools.partial(mj.models.build(name, layout, num_classes=10).apply,
-                                                      train=True, mutable=["batch_stats"]))
+            build_fn=(lambda layout: functools.partial(mj.models.build(name, layout, num_classes=10).apply,
+                                                       train=True, mutable=["batch_stats"]))
+            if "batch_stats" in va else None)
         small = compact.compact_variables(spec, layout, merged, inputs=inputs)
         merged_apply = functools.partial(mj.models.build(name, layout, num_classes=10).apply, train=False)
         compact_apply = compact.compact_apply(merged_apply)

@@ -14,9 +14,9 @@ W0 = (W_a + W_b) / 2.
 Both methods get the same inputs: the layer's input activations of the
 `--train` training images in A and in B, and the two kernels.
 
-  Ours: accumulate G = X^T X and C = X^T Y over the training rows (one jitted
-    fori_loop over chunks of images, float32, Precision.HIGHEST; the rows from
-    `least_squares.design_rows`), then
+  Ours: accumulate G = X^T X (its upper blocks: G is symmetric) and C = X^T Y
+    over the training rows (one jitted fori_loop over chunks of images,
+    float32, Precision.HIGHEST; the rows from `least_squares.design_rows`), then
     `least_squares.ridge_solve(G, C, W0, --ridge)`.
   Adam (the PLeaS reference procedure, SewoongLab/PLeaS-Merging
     `pleas/methods/pleas_merging.py`): per-layer MSE of the layer's output
@@ -30,9 +30,9 @@ Both methods get the same inputs: the layer's input activations of the
 Each is compiled ahead of time, then timed once (statistics and solve, or
 targets and loop) with block_until_ready. Held-out relative residuals
 ||XW - Y||^2 / ||Y||^2 are over `--heldout` other images, computed with the
-convolution itself. "n*" is the smallest number of training images (16, 32,
-64, ... up to --train) with which the closed form's held-out residual is at
-most Adam's; "ours@n*" is the closed form's time with n* images.
+convolution itself. "n*" is the smallest number of training images (a multiple of --chunk: 16,
+32, 48, ... up to --train) with which the closed form's held-out residual is
+at most Adam's; "ours@n*" is the closed form's time with n* images.
 """
 
 import time
@@ -122,8 +122,14 @@ class Layer:
     return (in_a + in_b) / 2, (_conv(in_a, self.w_a, p) + _conv(in_b, self.w_b, p)) / 2
 
 
-def closed_form_stats(layer: Layer, chunk: int):
-  """jit (in_a, in_b) -> (G f32[d, d], C f32[d, k]) over all images, `chunk` at a time."""
+def closed_form_stats(layer: Layer, chunk: int, parts: int = 3):
+  """jit (in_a, in_b) -> (G f32[d, d], C f32[d, k]) over all images, `chunk` at a time.
+
+  G is symmetric: its features are cut into `parts` ranges and only the blocks on and above the diagonal
+  are accumulated (6 of 9 products for 3 parts), the rest filled in by transposes after the loop.
+  """
+  cuts = np.linspace(0, layer.d, parts + 1).astype(int)
+  upper = [(i, j) for i in range(parts) for j in range(i, parts)]
 
   def stats(in_a, in_b):
     steps = in_a.shape[0] // chunk
@@ -135,12 +141,16 @@ def closed_form_stats(layer: Layer, chunk: int):
       xm, y = layer.targets(xa, xb)
       rows = least_squares.design_rows(layer.use._replace(input=xm), layer.shape).reshape(-1, layer.d)
       y = _output_rows(y, layer.use.params)
-      g = g + jnp.matmul(rows.T, rows, precision=HIGHEST)
+      cols = [rows[:, cuts[k]:cuts[k + 1]] for k in range(parts)]
+      g = {(a, b): g[a, b] + jnp.matmul(cols[a].T, cols[b], precision=HIGHEST) for a, b in upper}
       c = c + jnp.matmul(rows.T, y, precision=HIGHEST)
       return g, c
 
-    zeros = (jnp.zeros((layer.d, layer.d), jnp.float32), jnp.zeros((layer.d, layer.k), jnp.float32))
-    return jax.lax.fori_loop(0, steps, body, zeros)
+    zeros = ({(a, b): jnp.zeros((cuts[a + 1] - cuts[a], cuts[b + 1] - cuts[b]), jnp.float32) for a, b in upper},
+             jnp.zeros((layer.d, layer.k), jnp.float32))
+    g, c = jax.lax.fori_loop(0, steps, body, zeros)
+    g = jnp.block([[g[a, b] if a <= b else g[b, a].T for b in range(parts)] for a in range(parts)])
+    return g, c
 
   return jax.jit(stats)
 
@@ -244,11 +254,10 @@ def bench_layer(layer: Layer, train_a, train_b, held_a, held_b) -> dict:
   res = {name: float(residual(w, held_a, held_b))
          for name, w in (("w0", layer.w0), ("ours", w_ours), ("adam", w_adam))}
 
-  # n*: the Gram grows chunk by chunk (untimed); solve at 16, 32, 64, ... images.
+  # n*: the Gram grows chunk by chunk (untimed); solve at every multiple of the chunk (16, 32, 48, ... images).
   acc = jax.jit(lambda gc, a, b: jax.tree.map(jnp.add, gc, stats(a, b)))
   gc = (jnp.zeros((layer.d, layer.d)), jnp.zeros((layer.d, layer.k)))
-  sizes = [chunk * 2**i for i in range(int(np.log2(n // chunk)) + 1)]
-  sizes += [n] if sizes[-1] != n else []
+  sizes = list(range(chunk, n + 1, chunk))
   n_star, res_star, done = None, None, 0
   by_size = {}
   for size in sizes:

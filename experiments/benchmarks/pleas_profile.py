@@ -116,7 +116,7 @@ def stage_flops(apply_fn, va, merged, merged_apply, kernels, report, x) -> dict[
     k = by_path[layer.path]
     d = int(np.prod([k.shape[a] for a in k.plan.in_axes]))
     outputs = int(np.prod([k.shape[a] for a in k.plan.out_axes]))
-    positions = k.macs / (d * outputs)
+    positions = k.positions  # output rows per example (k.macs counts only in-image taps)
     gram += 2 * n * positions * 3 * d**2  # the symmetric Gram's blocks X_a^T X_a, X_a^T X_b, X_b^T X_b
     shape = np.shape(leaves[layer.path])
     d_merged = int(np.prod([shape[a] for a in k.plan.in_axes]))

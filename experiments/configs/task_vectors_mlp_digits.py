@@ -59,6 +59,21 @@ def get_config():
           "lora_arithmetic": {"rank": (4, 16), "scale": (0.2, 0.4, 0.6, 1.0)},
           "lora_lego": {"rank": (16,), "merged_rank": (16, 32), "scale": (0.5, 1.0, 2.0)},
           "reversible_lora": {"rank": (16,), "num_basis": (2, 3, 5)},
+          # FW-Soft without AdaMerging: with one task vector per task, every step moves toward the
+          # task models' average (mergejax.merge.frank_wolfe); only the hard variant is swept.
+          "fw_merging": {"fw_steps": (5, 10, 20), "fw_soft": (0,), "fw_line_search": (0, 1)},
+          "map": {"map_samples": (30, 60), "map_divisions": (4,)},
+          # Entropy minimisation on each task's fitting inputs (unlabelled), over its own classes; the
+          # layer-wise coefficients are one per leaf. Concrete AdaMerging: ada_steps steps for the mask,
+          # then as many for the coefficients.
+          "adamerging_task": {"ada_lr": (0.003, 0.01, 0.03), "ada_steps": (100, 300)},
+          "adamerging_layer": {"ada_lr": (0.003, 0.01, 0.03), "ada_steps": (100, 300)},
+          "concrete_task_arithmetic": {"mask_lr": (0.01, 0.1), "mask_steps": (100, 300), "scale": (0.3, 0.6)},
+          "concrete_adamerging": {"ada_lr": (0.01, 0.03), "ada_steps": (100, 300), "mask_lr": (0.01, 0.1)},
+          # Twin-merging: task arithmetic at `scale` shared, each task's rest kept at rank twin_rank, routed
+          # per input. Expert Merging: em_steps Adam steps per stage; em_chunks > 0 is Expert Merging++.
+          "twin_merging": {"twin_rank": (2, 8), "scale": (0.3, 0.6)},
+          "expert_merging": {"em_lr": (0.01, 0.03), "em_steps": (100, 300), "em_chunks": (0, 8)},
       },
   })
   return c

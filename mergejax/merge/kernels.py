@@ -5,6 +5,7 @@
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import fractions
 from typing import Any, NamedTuple
 
 import jax
@@ -25,12 +26,21 @@ peek = align.peek  # the first batch's input, and batches from the start again
 
 
 class Kernel(NamedTuple):
-  """A kernel: its path, matrix plan, shape, and multiply-adds per example."""
+  """A kernel: its path, matrix plan, shape, and work per example.
+
+  Attributes:
+    macs: multiply-adds per example, as XLA's cost analysis counts them: a
+      convolution's (output position, tap) pairs whose tap falls inside its
+      input (`in_image_fraction`), padded taps not counted.
+    positions: output rows per example (the design matrix's rows: output
+      positions summed over the kernel's uses).
+  """
 
   path: Path
   plan: least_squares.KernelPlan
   shape: tuple[int, ...]
   macs: float
+  positions: float
 
 
 def replayable(batches) -> Callable[[], Iterable[Any]]:
@@ -67,20 +77,57 @@ def model_kernels(apply_fn, variables, example, *, unroll_scans: bool = False) -
                        " problem fits it")
     plan = plans.pop()
     contracted = int(np.prod([shape[a] for a in plan.in_axes], dtype=np.int64))
-    macs = sum(np.prod(u.output.shape, dtype=np.float64) / u.output.shape[0] * contracted for u in uses)
-    out.append(Kernel(path, plan, shape, float(macs)))
+    outputs = int(np.prod([shape[a] for a in plan.out_axes], dtype=np.int64))
+    per_example = [int(np.prod(u.output.shape[1:], dtype=np.int64)) for u in uses]
+    macs = sum(n * contracted * in_image_fraction(u, shape) for n, u in zip(per_example, uses))
+    out.append(Kernel(path, plan, shape, float(macs), sum(per_example) / outputs))
   return out
 
 
+def in_image_fraction(use: trace.KernelUse, kernel_shape: Sequence[int]) -> fractions.Fraction:
+  """The share of a use's (output position, tap) pairs whose tap reads inside the input.
+
+  1 for a dot_general. For a convolution, per spatial axis, output position
+  o and tap j read input index `o * stride - padding_low + j * rhs_dilation`,
+  a real input unit when it is a multiple of `lhs_dilation` whose quotient
+  lies in `[0, input size)` (XLA's `HloCostAnalysis` counts these pairs only);
+  the share is the product over the spatial axes. A 3x3 convolution with
+  padding 1 on a 4x4 map reads 10 of 12 (position, tap) pairs per axis:
+  (10/12)^2.
+  """
+  if use.primitive != "conv_general_dilated":
+    return fractions.Fraction(1)
+  p = use.params
+  dn = p["dimension_numbers"]
+  inside, pairs = 1, 1
+  for i, (lhs, rhs, out) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+    size, taps, positions = use.input.shape[lhs], kernel_shape[rhs], use.output.shape[out]
+    base = p["lhs_dilation"][i] if p["lhs_dilation"] else 1
+    window = p["rhs_dilation"][i] if p["rhs_dilation"] else 1
+    index = (np.arange(positions)[:, None] * p["window_strides"][i] - p["padding"][i][0]
+             + np.arange(taps)[None, :] * window)
+    inside *= int(np.sum((index % base == 0) & (index // base >= 0) & (index // base < size)))
+    pairs *= positions * taps
+  return fractions.Fraction(inside, pairs)
+
+
 def cost_terms(spec, kernels, variables, heads_models, fixed, cost) -> list[budget_lib.CostTerm]:
-  """The budget's cost terms: one per kernel (FLOPs) or per leaf (parameters)."""
+  """The budget's cost terms: one per kernel (FLOPs) or per leaf (parameters), and per piece
+  of a leaf whose fused axis is cut into parts (GPT-2's q | k | v: each part's share of the
+  cost, with its own groups, as `combine.leaf_pieces` lays it out)."""
   by_leaf = combine.refs_by_leaf(spec)
-  widened = lambda path: tuple(sorted(g for g, _ in by_leaf.get(path, []) if g not in fixed))
   if cost == "flops":
-    items = [(k.path, k.macs) for k in kernels]
+    items = [(k.path, k.shape, k.macs) for k in kernels]
   else:
-    items = [(p, float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
-  return [budget_lib.CostTerm(c, () if p in heads_models else widened(p)) for p, c in items if c > 0]
+    items = [(p, np.shape(x), float(np.size(x))) for p, x in tree.leaves_by_path(variables).items()]
+  terms = []
+  for path, shape, c in items:
+    for piece in combine.leaf_pieces(shape, by_leaf.get(path, []), tree.path_str(path)):
+      share = 1.0 if piece.axis is None else (piece.stop - piece.start) / shape[piece.axis]
+      groups = () if path in heads_models else tuple(sorted(g for _, g in piece.view.groups if g not in fixed))
+      if c * share > 0:
+        terms.append(budget_lib.CostTerm(c * share, groups))
+  return terms
 
 
 def design_row_fn(apply_fn, kernels: Sequence[Kernel], *, unroll_scans: bool = False):

@@ -13,19 +13,24 @@ sparse map T (`_merge_matrix`), and the targets are linear in Z too
 (`Y_s = X_s W_s` for the layer's own kernel, before its bias). Each of the
 three output blocks (merged, A only, B only) reads its own input columns (an
 output kept from A reads no input kept only from B), so a layer is three
-Cholesky solves on Gram sub-matrices, run on the host (BLAS, LAPACK and
-sparse merge matrices: nothing is compiled per layer).
+Cholesky solves on Gram sub-matrices, run where the Gram lives
+(`solve_layer(..., backend=None)`): on the host for a CPU Gram (NumPy
+gathers, BLAS and LAPACK: nothing is compiled), else one jitted program per
+block on its device (compiled once per distinct block shape).
 
     plan = kernel_plan(use, kernel.shape)
     rows = design_rows(use, kernel.shape)     # f32[batch, positions, d]
     w = ridge_solve(gram, cross, w0, ridge)   # == lstsq([X; sqrt(lam) I], [Y; sqrt(lam) W0])
 
-A convolution's rows are its input patches from
-`lax.conv_general_dilated_patches`, whose features are ordered
-(C, kh, kw); `kernel_plan` orders the kernel's axes the same way.
+A convolution's rows are its input patches, features ordered (C, kh, kw)
+as `lax.conv_general_dilated_patches` orders them (cut by strided slices,
+one per window tap, where the input is not dilated); `kernel_plan` orders
+the kernel's axes the same way.
 """
 
 from collections.abc import Mapping, Sequence
+import functools
+import itertools
 from typing import Any, NamedTuple
 import warnings
 
@@ -86,6 +91,9 @@ def design_rows(use: Any, kernel_shape: Sequence[int]) -> jax.Array:
   if use.primitive == "conv_general_dilated":
     p = use.params
     dn = p["dimension_numbers"]
+    if all(d == 1 for d in p["lhs_dilation"]):
+      return _patches_by_slices(x, tuple(kernel_shape[a] for a in dn.rhs_spec[2:]), p["window_strides"],
+                                p["padding"], p["rhs_dilation"], dn)
     patches = jax.lax.conv_general_dilated_patches(
         x, tuple(kernel_shape[a] for a in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
         p["lhs_dilation"], p["rhs_dilation"], dn, precision=HIGHEST)
@@ -97,6 +105,30 @@ def design_rows(use: Any, kernel_shape: Sequence[int]) -> jax.Array:
   x = jnp.transpose(x, free + contracted)
   d = int(np.prod([use.input.shape[a] for a in contracted], dtype=np.int64))
   return x.reshape(x.shape[0], -1, d)
+
+
+def _patches_by_slices(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                       dilation: Sequence[int], dn: Any) -> jax.Array:
+  """`conv_general_dilated_patches`'s rows (features (C, window...), positions in the output's layout order) from
+  one strided slice of the padded input per window tap: f32[batch, positions, C * prod(window)].
+
+  XLA lowers `conv_general_dilated_patches` to a convolution with a one-hot kernel, 2 rows d^2 FLOPs (as many as
+  the Gram of its rows); slices copy the rows and compute nothing.
+  """
+  lhs = dn.lhs_spec
+  x = jnp.transpose(x, (lhs[0], *lhs[2:], lhs[1]))  # [batch, spatial..., C]
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)])
+  spatial = x.shape[1:-1]
+  out = [(n - (k - 1) * r - 1) // s + 1 for n, k, r, s in zip(spatial, window, dilation, strides)]
+  taps = []
+  for offsets in itertools.product(*(range(k) for k in window)):
+    start = [0, *(o * r for o, r in zip(offsets, dilation)), 0]
+    limit = [x.shape[0], *(b + (m - 1) * s + 1 for b, m, s in zip(start[1:-1], out, strides)), x.shape[-1]]
+    taps.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  rows = jnp.stack(taps, -1)  # [batch, out spatial..., C, taps]
+  order = [1 + int(i) for i in np.argsort(dn.out_spec[2:])]  # the output layout's order of the spatial axes
+  rows = jnp.transpose(rows, (0, *order, rows.ndim - 2, rows.ndim - 1))
+  return rows.reshape(rows.shape[0], -1, rows.shape[-2] * rows.shape[-1])
 
 
 def ridge_solve(gram: jax.Array, cross: jax.Array, w0: jax.Array, ridge: float, where: str = "") -> jax.Array:
@@ -125,11 +157,17 @@ def _one_thread() -> threadpoolctl.threadpool_limits:
   return threadpoolctl.threadpool_limits(1, "blas")
 
 
+def _ridge_lam(gram: np.ndarray, ridge: float) -> np.float32:
+  """lam = ridge * tr(G) / d."""
+  return np.float32(ridge * np.trace(gram, dtype=np.float64) / max(gram.shape[0], 1))
+
+
 def _ridge_system(gram: np.ndarray, cross: np.ndarray, w0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
   """(G + lam I, C + lam W0): the normal equations of `ridge_solve`, float32."""
-  d = gram.shape[0]
-  lam = np.float32(ridge * np.trace(gram, dtype=np.float64) / max(d, 1))
-  return gram + lam * np.eye(d, dtype=np.float32), cross + lam * w0
+  lam = _ridge_lam(gram, ridge)
+  a = gram.copy()
+  a[np.diag_indices_from(a)] += lam
+  return a, cross + lam * w0
 
 
 def _host_solve(a: np.ndarray, b: np.ndarray, ridge: float, where: str) -> tuple[np.ndarray, Any]:
@@ -140,7 +178,9 @@ def _host_solve(a: np.ndarray, b: np.ndarray, ridge: float, where: str) -> tuple
     with _one_thread():
       factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
       w = scipy.linalg.cho_solve(factor, b, check_finite=False)
-      residual = np.asarray(b, np.float64) - np.asarray(a, np.float64) @ np.asarray(w, np.float64)
+    # The residual's product runs on every BLAS thread (a matrix product, unlike the factorisation, gains).
+    residual = np.asarray(b, np.float64) - np.asarray(a, np.float64) @ np.asarray(w, np.float64)
+    with _one_thread():
       w = w + scipy.linalg.cho_solve(factor, residual.astype(np.float32), check_finite=False)
     if np.all(np.isfinite(w)):
       return w.astype(np.float32), factor
@@ -180,19 +220,19 @@ def split_positions(view: combine.LeafView, axes: Sequence[int]) -> list[int]:
   return out
 
 
-def _as_matrix(x: Any, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
-  """An array's split axes `rows` times `cols` as a matrix, on the host."""
-  x = np.transpose(np.reshape(np.asarray(x), split_shape), list(rows) + list(cols))
+def _as_matrix(x: Any, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int], xp: Any = np) -> Any:
+  """An array's split axes `rows` times `cols` as a matrix, on the host (`xp` NumPy) or its device (jax.numpy)."""
+  x = xp.transpose(xp.reshape(xp.asarray(x), split_shape), list(rows) + list(cols))
   d = int(np.prod([split_shape[p] for p in rows], dtype=np.int64))
   return x.reshape(d, -1)
 
 
-def _from_matrix(w: np.ndarray, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int],
-                 shape: Sequence[int]) -> np.ndarray:
+def _from_matrix(w: Any, split_shape: Sequence[int], rows: Sequence[int], cols: Sequence[int],
+                 shape: Sequence[int], xp: Any = np) -> Any:
   """`_as_matrix`'s inverse: the matrix back in an array of `shape`."""
   order = list(rows) + list(cols)
   w = w.reshape([split_shape[p] for p in order])
-  return np.reshape(np.transpose(w, np.argsort(order)), shape)
+  return xp.reshape(xp.transpose(w, np.argsort(order)), shape)
 
 
 class _Side(NamedTuple):
@@ -232,6 +272,7 @@ def solve_layer(
     ridge: float,
     condition: bool = True,
     merged_inputs: bool = False,
+    backend: str | None = None,
 ) -> tuple[jax.Array, LayerReport]:
   """One kernel of the merged model, by block least squares.
 
@@ -254,6 +295,11 @@ def solve_layer(
       iterations, O(d^2) each).
     merged_inputs: fit on the merged model's inputs (`X_m`) instead of the
       originals' inputs merged like the units.
+    backend: "host" (NumPy, SciPy's sparse merge matrices and LAPACK: nothing
+      compiled), "device" (one jitted program per block on the Gram's device,
+      compiled once per distinct block shape), or None: "device" when the
+      Gram is a jax.Array off the CPU, else "host" (a GPU or TPU then never
+      copies its Grams to the host).
 
   Returns:
     The merged kernel (shape of `w0`) and its LayerReport.
@@ -261,7 +307,9 @@ def solve_layer(
   Raises:
     NotImplementedError: for a kernel whose parts cut an input (contracted) axis.
   """
-  kw = dict(models=models, ridge=ridge, condition=condition, merged_inputs=merged_inputs)
+  backend = combine.pick_backend(backend, [gram.gram], "solve_layer")
+  kw = dict(models=models, ridge=ridge, condition=condition, merged_inputs=merged_inputs, backend=backend)
+  xp = np if backend == "host" else jnp
   pieces = [combine.Piece(None, 0, 0, view)] if isinstance(view, combine.LeafView) else list(view)
   axis = pieces[0].axis
   if axis is not None and axis in plan.in_axes:
@@ -270,7 +318,7 @@ def solve_layer(
   widths = {g: m.width for g, m in maps.items()}
 
   def cut(x, start, stop):
-    return x if axis is None else np.asarray(x).take(np.arange(start, stop), axis=axis)
+    return x if axis is None else xp.asarray(x).take(np.arange(start, stop), axis=axis)
 
   solved, before, after, total, cond, sizes, at = [], 0.0, 0.0, 0.0, 0.0, np.zeros(3, int), 0
   for piece in pieces:
@@ -281,7 +329,7 @@ def solve_layer(
     solved.append(out[0])
     before, after, total = before + out[1], after + out[2], total + out[3]
     cond, sizes = max(cond, out[4]), sizes + np.asarray(out[5])
-  kernel = jax.device_put(solved[0] if axis is None else np.concatenate(solved, axis=axis))
+  kernel = jax.device_put(solved[0] if axis is None else xp.concatenate(solved, axis=axis))
   norm = max(total, 1e-30)
   return kernel, LayerReport(path, (before + total) / norm, (after + total) / norm, cond,
                              tuple(int(s) for s in sizes))
@@ -300,9 +348,10 @@ def _solve_view(
     ridge: float,
     condition: bool = True,
     merged_inputs: bool = False,
-) -> tuple[np.ndarray, float, float, float, float, tuple[int, int, int]]:
+    backend: str = "host",
+) -> tuple[Any, float, float, float, float, tuple[int, int, int]]:
   """`solve_layer` for one piece, with `solve_layer`'s arguments (`view` one
-  `combine.leaf_view`), on the host: (kernel, summed residual terms before and after,
+  `combine.leaf_view`): (kernel, summed residual terms before and after,
   ||Y||^2, the worst condition number, the blocks' sizes)."""
   where = "/".join(path)
   rows_pos, cols_pos = split_positions(view, plan.in_axes), split_positions(view, plan.out_axes)
@@ -325,50 +374,213 @@ def _solve_view(
     sizes.append(int(q.size))
     if q.size:
       blocks.append((np.flatnonzero(((in_mass[0] > 0) & a) | ((in_mass[1] > 0) & b)), q))
-  # Every product runs on the host (BLAS, LAPACK and sparse merge matrices): nothing is compiled, so no layer
-  # pays a compilation (on a CPU a factorisation compiled by XLA costs more than it computes).
-  count = max(float(gram.count), 1.0)
-  g = np.asarray(gram.gram, np.float32)
-  starts = {"m": 0, 0: d_m, 1: d_m + d}
-  size = {"m": d_m, 0: d, 1: d}
-  slices = {}
-
-  def block(s, t):  # G_st / count, each block sliced once
-    if (s, t) not in slices:
-      slices[s, t] = g[starts[s]:starts[s] + size[s], starts[t]:starts[t] + size[t]] / np.float32(count)
-    return slices[s, t]
-
-  w = [_as_matrix(k, view.shape, rows_pos, cols_pos).astype(np.float32) for k in kernels]
-  w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos).astype(np.float32)
-  t_in, t_out = ([_merge_matrix(side, s) for s in (0, 1)] for side in (x_side, y_side))
+  # The merge matrices normalised: merged input p is sum_s X_s l_in[s][:, p], merged target q is
+  # sum_t X_t W_t l_out[t][:, q] (only the models in `models` reach a target).
   n_in, n_out = (np.where(sum(m) > 0, sum(m), 1.0).astype(np.float32) for m in (in_mass, out_mass))
-  gw = {(s, t): block("m" if merged_inputs else s, t) @ w[t] for s in ((0,) if merged_inputs else (0, 1))
-        for t in models}
-  yty = sum(_two_sided(w[s].T @ (gw[s, t] if not merged_inputs else block(s, t) @ w[t]), t_out[s], t_out[t])
-            for s in models for t in models)
-  total = float(np.sum(np.diag(yty) / n_out.astype(np.float64)**2))
+  l_in = scipy.sparse.vstack([_merge_matrix(x_side, s) @ scipy.sparse.diags(1 / n_in) for s in (0, 1)],
+                             format="csc")
+  l_out = [_merge_matrix(y_side, t) @ scipy.sparse.diags(1 / n_out) if t in models else None for t in (0, 1)]
+  systems = _host_systems if backend == "host" else _device_systems
+  solved = systems(where, gram, kernels, w0, blocks, l_in, l_out, (view.shape, merged_split, rows_pos, cols_pos),
+                   d_m=d_m, d=d, ridge=ridge, condition=condition, merged_inputs=merged_inputs,
+                   merged_block=sizes[0] > 0)
+  return (*solved, tuple(sizes))
+
+
+def _reads(l_out: Sequence[Any], q: np.ndarray) -> list[tuple[int, scipy.sparse.csc_array]]:
+  """(t, l_out[t][:, q]) for each model t whose outputs reach the targets `q`."""
+  return [(t, m[:, q]) for t, m in enumerate(l_out) if m is not None and m[:, q].nnz]
+
+
+def _host_systems(where, gram, kernels, w0, blocks, l_in, l_out, layout, *, d_m, d, ridge, condition,
+                  merged_inputs, merged_block) -> tuple[np.ndarray, float, float, float, float]:
+  """The blocks' normal equations and solutions on the host: (kernel, before, after, ||Y||^2, condition).
+
+  Each block multiplies only the Gram rows it reads: all of model s's where s reaches the block's targets
+  (||Y_q||^2 needs them), else those of the merged inputs the block reads (a block of outputs kept from A
+  reads B's rows of the merged inputs, and nothing of B's where no input is merged).
+  """
+  split, merged_split, rows_pos, cols_pos = layout
+  count = np.float32(max(float(gram.count), 1.0))
+  g = np.asarray(gram.gram, np.float32)
+  start = {0: d_m, 1: d_m + d}
+  w = [_as_matrix(k, split, rows_pos, cols_pos).astype(np.float32) for k in kernels]
+  w0_mat = _as_matrix(w0, merged_split, rows_pos, cols_pos).astype(np.float32)
   solution = np.zeros(w0_mat.shape, np.float32)
-  before, after, worst = 0.0, 0.0, 0.0
+  before, after, total, worst = 0.0, 0.0, 0.0, 0.0
   for i, (p, q) in enumerate(blocks):
+    wq = {}
+    for t, m in _reads(l_out, q):  # W_t l_out[t][:, q]: f32[d, q]
+      idx, wt = _gathers(m)
+      wq[t] = _merge_axis(w[t], idx, wt, axis=1)
     if merged_inputs:
-      g_c = block("m", "m")[np.ix_(p, p)]
-      c_c = sum(gw[0, t] @ t_out[t][:, q] for t in models)[p] / n_out[q]
+      g_c = g[np.ix_(p, p)] / count
+      c_c = sum(g[p, start[t]:start[t] + d] @ wq[t] for t in wq) / count
+      for s in wq:
+        total += float(np.sum(wq[s] * sum(g[start[s]:start[s] + d, start[t]:start[t] + d] @ wq[t] for t in wq),
+                              dtype=np.float64)) / float(count)
     else:
-      rows = [t_in[s][:, p] for s in (0, 1)]
-      g_c = sum(_two_sided(block(s, t), rows[s], rows[t]) for s in (0, 1) for t in (0, 1))
-      g_c = g_c / np.outer(n_in[p], n_in[p])
-      c_c = sum(_two_sided(gw[s, t], rows[s], t_out[t][:, q]) for s in (0, 1) for t in models)
-      c_c = c_c / np.outer(n_in[p], n_out[q])
-    g_c, c_c, w0_c = g_c.astype(np.float32), c_c.astype(np.float32), w0_mat[np.ix_(p, q)]
-    w_c, factor = _host_solve(*_ridge_system(g_c, c_c, w0_c, ridge), ridge, where)
+      in_idx, in_wt = _gathers(l_in[:, p])  # merged input p: sum_j in_wt[p, j] Z[:, in_idx[p, j]]
+      read = np.zeros(2 * d, bool)
+      read[in_idx[in_wt != 0]] = True
+      h = np.zeros((2 * d, q.size), np.float32)
+      for s in (0, 1):
+        rows = np.arange(d) if s in wq else np.flatnonzero(read[s * d:(s + 1) * d])
+        if not rows.size:
+          continue
+        block = slice(s * d, (s + 1) * d) if s in wq else s * d + rows
+        h[block] = sum(g[block, t * d:(t + 1) * d] @ wq[t] for t in wq) / count  # G_st W_t l_t, read rows only
+        if s in wq:  # ||Y_q||^2 = sum_st <W_s l_s, G_st W_t l_t>
+          total += float(np.sum(wq[s] * h[block], dtype=np.float64))
+      c_c = _merge_axis(h, in_idx, in_wt, axis=0)
+      g_c = _merge_axis(_merge_axis(g, in_idx, in_wt, axis=0), in_idx, in_wt, axis=1) / count  # l_p^T G l_p
+    w0_c = w0_mat[np.ix_(p, q)]
+    a, b = _ridge_system(g_c, c_c, w0_c, ridge)
+    w_c, factor = _host_solve(a, b, ridge, where)
     solution[np.ix_(p, q)] = w_c
-    before, after = before + _residual(g_c, c_c, w0_c), after + _residual(g_c, c_c, w_c)
+    before += _residual(g_c, c_c, w0_c)
+    if factor is None:
+      after += _residual(g_c, c_c, w_c)
+    else:  # G w = b - lam w to the refined solve's accuracy: no product with the Gram
+      after += float(np.sum(w_c * (b - _ridge_lam(g_c, ridge) * w_c), dtype=np.float64)
+                     - 2 * np.sum(w_c * c_c, dtype=np.float64))
     # The merged block (first, when it has outputs) reads every input row any other block reads, so by
     # Cauchy interlacing its condition number is the largest.
-    if condition and (i == 0 or not sizes[0]):
+    if condition and (i == 0 or not merged_block):
       worst = max(worst, _condition(g_c, factor, ridge))
-  kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(w0.dtype)
-  return kernel, before, after, total, worst, tuple(sizes)
+  kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, w0.shape).astype(np.asarray(w0).dtype)
+  return kernel, before, after, total, worst
+
+
+def _device_systems(where, gram, kernels, w0, blocks, l_in, l_out, layout, *, d_m, d, ridge, condition,
+                    merged_inputs, merged_block) -> tuple[jax.Array, float, float, float, float]:
+  """`_host_systems` on the Gram's device: each block one jitted program (`_device_block`), compiled once per
+  distinct block shape, the merge matrices passed as gather indices and weights; a block whose Cholesky
+  factorisation fails is solved again by the host's float64 fallback."""
+  split, merged_split, rows_pos, cols_pos = layout
+  g = jnp.asarray(gram.gram, jnp.float32)
+  count = jnp.maximum(jnp.asarray(gram.count, jnp.float32), 1.0)
+  w = jnp.stack([_as_matrix(jnp.asarray(k, jnp.float32), split, rows_pos, cols_pos, jnp) for k in kernels])
+  w0_mat = _as_matrix(jnp.asarray(w0, jnp.float32), merged_split, rows_pos, cols_pos, jnp)
+  solution = jnp.zeros(w0_mat.shape, jnp.float32)
+  before, after, total, worst = 0.0, 0.0, 0.0, 0.0
+  for i, (p, q) in enumerate(blocks):
+    # Merged input p reads Gram features in_idx[p] (of [X_m] with merged inputs, else of [X_a | X_b]).
+    in_idx, in_wt = _gathers(scipy.sparse.identity(d_m, np.float32, format="csc")[:, p] if merged_inputs
+                             else l_in[:, p])
+    out = [_gathers(m[:, q] if m is not None else scipy.sparse.csc_array((w.shape[2], q.size), dtype=np.float32))
+           for m in l_out]
+    width = max(o[0].shape[1] for o in out)
+    out_idx = np.stack([np.pad(o[0], ((0, 0), (0, width - o[0].shape[1]))) for o in out])
+    out_wt = np.stack([np.pad(o[1], ((0, 0), (0, width - o[1].shape[1]))) for o in out])
+    want_condition = condition and (i == 0 or not merged_block)
+    w_c, sums, finite = _device_block(g, count, w, w0_mat[np.ix_(p, q)], in_idx, in_wt, out_idx, out_wt,
+                                      jnp.float32(ridge), d_m=d_m, condition=want_condition)
+    sums = np.asarray(sums, np.float64)
+    if not bool(finite):  # the host's float64 least squares, with its warning
+      host = _host_systems(where, gram, kernels, w0, [(p, q)], l_in, l_out, layout, d_m=d_m, d=d, ridge=ridge,
+                           condition=want_condition, merged_inputs=merged_inputs, merged_block=False)
+      w_c = _as_matrix(jnp.asarray(host[0]), merged_split, rows_pos, cols_pos, jnp)[np.ix_(p, q)]
+      sums = np.asarray(host[1:], np.float64)
+    solution = solution.at[np.ix_(p, q)].set(w_c)
+    before, after, total = before + sums[0], after + sums[1], total + sums[2]
+    if want_condition:
+      worst = max(worst, float(sums[3]))
+  kernel = _from_matrix(solution, merged_split, rows_pos, cols_pos, np.shape(w0), jnp)
+  return kernel.astype(jnp.result_type(w0)), before, after, total, worst
+
+
+def _merge_axis(x: np.ndarray, idx: np.ndarray, wt: np.ndarray, axis: int) -> np.ndarray:
+  """sum_j wt[:, j] x.take(idx[:, j], axis): f32, a slice (no copy) where a gather is a contiguous range of
+  weight one (an unmerged layout keeps each model's features in order), gathers that weigh nothing skipped."""
+  out = None
+  for j in range(idx.shape[1]):
+    if not np.any(wt[:, j]):
+      continue
+    col = idx[:, j]
+    if np.all(wt[:, j] == 1) and col.size and np.array_equal(col, np.arange(col[0], col[0] + col.size)):
+      part = x[(slice(None),) * axis + (slice(col[0], col[0] + col.size),)]
+    else:
+      part = np.take(x, col, axis=axis) * np.expand_dims(wt[:, j], 1 - axis)
+    out = part if out is None else out + part
+  if out is None:
+    shape = list(x.shape)
+    shape[axis] = idx.shape[0]
+    return np.zeros(shape, np.float32)
+  return np.asarray(out, np.float32)
+
+
+def _gathers(m: scipy.sparse.csc_array) -> tuple[np.ndarray, np.ndarray]:
+  """A sparse matrix's columns as gathers: (int32[columns, k] row indices, f32[columns, k] weights), each
+  column's non-zeros padded to the most any column has (weight 0)."""
+  m = scipy.sparse.csc_array(m)
+  m.sum_duplicates()
+  counts = np.diff(m.indptr)
+  k = max(int(counts.max(initial=0)), 1)
+  idx = np.zeros((m.shape[1], k), np.int32)
+  wt = np.zeros((m.shape[1], k), np.float32)
+  slot = np.arange(m.indices.size) - np.repeat(m.indptr[:-1], counts)
+  col = np.repeat(np.arange(m.shape[1]), counts)
+  idx[col, slot], wt[col, slot] = m.indices, m.data
+  return idx, wt
+
+
+@functools.partial(jax.jit, static_argnames=("d_m", "condition"))
+def _device_block(gram, count, w, w0_c, in_idx, in_wt, out_idx, out_wt, ridge, *, d_m, condition):
+  """One block's normal equations and refined Cholesky solve, on the device.
+
+  Args:
+    gram: f32[d_m + 2d, d_m + 2d], the Gram of `[X_m | X_a | X_b]` (d_m = 0: of `[X_a | X_b]`), unnormalised.
+    count: its rows.
+    w: f32[2, d, k], both models' kernel matrices.
+    w0_c: f32[P, Q], the block of the combined kernel.
+    in_idx, in_wt: int32[P, K], f32[P, K]: merged input p is sum_j in_wt[p, j] Z[:, in_idx[p, j]].
+    out_idx, out_wt: int32[2, Q, J], f32[2, Q, J]: target q is sum_t sum_j out_wt[t, q, j] Y_t[:, out_idx[t, q, j]].
+    ridge: relative ridge.
+
+  Returns:
+    (f32[P, Q] solution, f32[4] (before, after, ||Y_q||^2, condition), whether the solution is finite).
+  """
+  dot = functools.partial(jnp.matmul, precision=HIGHEST)
+  d = w.shape[1]
+  g = gram / count
+  wq = jnp.concatenate([jnp.sum(w[t][:, out_idx[t]] * out_wt[t], -1) for t in (0, 1)])  # [W_a l_a; W_b l_b]
+  originals = g[d_m:, d_m:]
+  h = dot(originals, wq)
+  total = jnp.sum(wq * h)
+  gather = lambda x: jnp.sum(x[in_idx] * in_wt[..., None], 1)  # rows of x merged: f32[P, ...]
+  if d_m:
+    c_c = gather(dot(g[:d_m, d_m:], wq))
+    g_c = g[:d_m, :d_m][in_idx[:, 0]][:, in_idx[:, 0]]
+  else:
+    c_c = gather(h)
+    rows = gather(originals)
+    g_c = jnp.sum(rows[:, in_idx] * in_wt[None], -1)
+  lam = ridge * jnp.trace(g_c) / g_c.shape[0]
+  a = g_c + lam * jnp.eye(g_c.shape[0], dtype=g_c.dtype)
+  b = c_c + lam * w0_c
+  factor = jax.scipy.linalg.cho_factor(a, lower=True)
+  w_c = jax.scipy.linalg.cho_solve(factor, b)
+  w_c = w_c + jax.scipy.linalg.cho_solve(factor, b - dot(a, w_c))
+  residual = lambda x: jnp.sum(x * dot(g_c, x)) - 2 * jnp.sum(x * c_c)
+  cond = _device_condition(g_c, factor, lam) if condition else jnp.float32(0)
+  return w_c, jnp.stack([residual(w0_c), residual(w_c), total, cond]), jnp.all(jnp.isfinite(w_c))
+
+
+def _device_condition(gram, factor, lam, steps: int = 8, width: int = 8) -> jax.Array:
+  """`_condition` in jax: lambda_max of `gram` over lambda_min through its ridged Cholesky `factor`."""
+  d = gram.shape[0]
+  start = jnp.asarray(np.random.default_rng(0).standard_normal((d, min(width, d))), jnp.float32)
+  dot = functools.partial(jnp.matmul, precision=HIGHEST)
+
+  def largest(apply):
+    v = jax.lax.fori_loop(0, steps, lambda _, v: jnp.linalg.qr(apply(v))[0], jnp.linalg.qr(start)[0])
+    return jnp.linalg.eigvalsh(dot(v.T, apply(v)))[-1]
+
+  big = largest(lambda v: dot(gram, v))
+  small = 1.0 / largest(lambda v: jax.scipy.linalg.cho_solve(factor, v)) - lam
+  ok = jnp.isfinite(big) & jnp.isfinite(small) & (small > 1e-30 * big)
+  return jnp.where(ok, big / jnp.where(ok, small, 1.0), 1e30)
 
 
 def _merge_matrix(side: _Side, model: int) -> scipy.sparse.csc_array:
@@ -391,11 +603,6 @@ def _merge_matrix(side: _Side, model: int) -> scipy.sparse.csc_array:
     t = scipy.sparse.kron(t, m, format="csc")
   t.eliminate_zeros()
   return t
-
-
-def _two_sided(m: np.ndarray, rows: scipy.sparse.csc_array, cols: scipy.sparse.csc_array) -> np.ndarray:
-  """rows^T m cols: a matrix's rows and columns merged (`_merge_matrix`), f32[rows merged, cols merged]."""
-  return np.asarray((cols.T @ (rows.T @ m).T).T, np.float32)
 
 
 def _condition(gram: np.ndarray, factor: Any, ridge: float, steps: int = 8, width: int = 8) -> float:

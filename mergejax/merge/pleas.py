@@ -20,6 +20,7 @@ models' own tasks: matching and least squares then never see the tasks' data.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple
@@ -325,6 +326,19 @@ def pleas(
   return merged, layout
 
 
+@dataclasses.dataclass(frozen=True)
+class _DesignRows:
+  """`kernels.design_row_fn(apply_fn, kernels)` as a value: a second merge of the same architecture (an
+  equal `apply_fn`, `stats.ByValue`) reuses the compiled Gram pass (`stats.gram`)."""
+
+  apply_fn: stats.ByValue
+  kernels: tuple[kernels_lib.Kernel, ...]
+  unroll_scans: bool
+
+  def __call__(self, variables, x):
+    return kernels_lib.design_row_fn(self.apply_fn.fn, self.kernels, unroll_scans=self.unroll_scans)(variables, x)
+
+
 def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec, maps, heads_models, ridge, chunk,
                 mesh, progress, merged_fn=None):
   """Every kernel of `merged` by least squares: `(merged, reports, statistics s, solves s)`.
@@ -347,7 +361,7 @@ def _fit_layers(apply_fn, va, vb, merged, batches, *, view, flat, kernels, spec,
     seconds[stage] += time.perf_counter() - start
     return out
 
-  rows_of = functools.partial(kernels_lib.design_row_fn, unroll_scans=view.unroll)
+  rows_of = lambda fn, ks: _DesignRows(stats.ByValue(fn), tuple(ks), view.unroll)
   if merged_fn is None:
     logging.info("pleas: Gram statistics of %d layers, %.1f MiB", len(kernels),
                  kernels_lib.gram_bytes(kernels) / 2**20)

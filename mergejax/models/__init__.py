@@ -1,7 +1,7 @@
 """A Flax linen model zoo whose widths follow a MergeLayout.
 
     import mergejax as mj
-    mj.models.names()                       # mlp, vgg, resnet20, resnet18, resnet50, vit, lm
+    mj.models.names()                       # mlp, vgg, resnet20, resnet18, resnet50, vit, lm, moe_mlp
     sizes = mj.models.groups("mlp", features=(64, 64))    # {"hidden_0": 64, "hidden_1": 64}
     layout = mj.MergeLayout.from_ratios(sizes, 0.5)       # each group 32 + 32 + 32 wide
     model = mj.models.build("mlp", layout, features=(64, 64), num_classes=(5, 5))

@@ -19,6 +19,7 @@ from mergejax import spec
 from mergejax.models import config as config_lib
 from mergejax.models import lm
 from mergejax.models import mlp
+from mergejax.models import moe
 from mergejax.models import resnet
 from mergejax.models import vgg
 from mergejax.models import vit
@@ -27,7 +28,7 @@ _ZOO: dict[str, type[config_lib.ModelConfig]] = {
     c.name: c
     for c in (
         mlp.MLPConfig, vgg.VGGConfig, resnet.ResNet20Config,
-        resnet.ResNet18Config, resnet.ResNet50Config, vit.ViTConfig, lm.LMConfig,
+        resnet.ResNet18Config, resnet.ResNet50Config, vit.ViTConfig, lm.LMConfig, moe.MoEMLPConfig,
     )
 }
 
