@@ -155,3 +155,8 @@ def perplexity(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, chunk: int = 6
     total += token_nll(logits, y[start:start + size]).sum()
   nll = total / y.size
   return {"nll": float(nll), "perplexity": float(np.exp(nll)), "bits_per_byte": float(nll / np.log(2))}
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+  """{"mean", "std"} of per-seed values (population std, as the experiments' tables print)."""
+  return {"mean": float(np.mean(values)), "std": float(np.std(values))}

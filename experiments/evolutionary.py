@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from experiments import cli
+from experiments import evaluate
 from experiments import plots
 import mergejax as mj
 
@@ -102,10 +103,6 @@ def run_seed(config, ds, train_xy, val_xy, seed: int) -> dict:
   return {"rows": rows, "members": members, "subsets": subsets, "best_val": histories}
 
 
-def _stats(values) -> dict:
-  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
-
-
 def run(config, workdir):
   start = time.perf_counter()
   workdir = pathlib.Path(workdir)
@@ -116,7 +113,7 @@ def run(config, workdir):
     per_seed[str(seed)] = run_seed(config, ds, train_xy, val_xy, seed)
     logging.info("seed %d done, %.0f s", seed, time.perf_counter() - start)
   seeds = list(per_seed.values())
-  summary = {name: _stats([s["rows"][name]["test"] for s in seeds]) for name in seeds[0]["rows"]}
+  summary = {name: evaluate.mean_std([s["rows"][name]["test"] for s in seeds]) for name in seeds[0]["rows"]}
   print(f"\nM2N2 on {config.dataset}: {config.num_models} MLPs {tuple(config.features)} on"
         f" {config.classes_per_model} classes each, {config.generations} generations;"
         f" test accuracy (%), mean ± std over seeds {tuple(config.seeds)}")

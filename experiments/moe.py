@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from experiments import cli
+from experiments import evaluate
 import mergejax as mj
 
 
@@ -140,19 +141,15 @@ ORDER = ("M-SMoE", "M-SMoE (weight)", "M-SMoE (activation)", "M-SMoE, no alignme
 def summarise(config, per_seed: dict) -> dict:
   """Method -> size -> {"mean", "std"} of test accuracy over seeds (and the full model's)."""
   seeds = list(per_seed.values())
-  out = {"full": {str(config.model.num_experts): _stats([s["full"]["test"] for s in seeds])}}
+  out = {"full": {str(config.model.num_experts): evaluate.mean_std([s["full"]["test"] for s in seeds])}}
   present = seeds[0]["sizes"][str(config.num_groups[0])]
   for name in [n for n in ORDER if n in present]:
-    out[name] = {str(g): _stats([s["sizes"][str(g)][name]["test"] for s in seeds]) for g in config.num_groups}
+    out[name] = {str(g): evaluate.mean_std([s["sizes"][str(g)][name]["test"] for s in seeds]) for g in config.num_groups}
   return out
 
 
 def _cell(stat: dict) -> str:
   return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
-def _stats(values) -> dict:
-  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def run(config, workdir):

@@ -64,7 +64,9 @@ setting and seed, and the summary) and `<workdir>/task_vectors.png` (test
 `average` per method, and each sweep's validation and test curves), and with
 MAP `<workdir>/map_pareto_front.png` (MAP on the first two tasks alone, first
 seed: the sampled merges' losses, the surrogates' front, and the front's
-merges evaluated).
+merges evaluated), and with layer-wise AdaMerging
+`<workdir>/adamerging_coefficients.png` (the first seed's learned
+coefficients at the chosen setting, one line per task over the leaves).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -714,6 +716,24 @@ def plot_map_front(runs: Sequence[dict], summary: Mapping[str, dict], config, wo
       (a, b))
 
 
+def plot_adamerging_coefficients(runs: Sequence[dict], summary: Mapping[str, dict], config, workdir: pathlib.Path
+                                 ) -> pathlib.Path | None:
+  """`<workdir>/adamerging_coefficients.png`: the first seed's layer-wise AdaMerging coefficients
+  (f32[tasks, leaves], leaves in tree order) at the chosen setting; None when it was not run."""
+  name = METHODS["adamerging_layer"][0]
+  if name not in summary:
+    return None
+  first = config.task_vectors.seeds[0]
+  row = next(r for r in runs if r["method"] == name and r["seed"] == first
+             and r["setting"] == summary[name]["setting"])
+  coefficients = np.asarray(row["coefficients"])
+  return plots.curves(
+      np.arange(coefficients.shape[1]), dict(zip(config.members, coefficients)),
+      workdir / "adamerging_coefficients.png",
+      f"AdaMerging (layer-wise) coefficients ({config.dataset}, seed {first})", "coefficient",
+      xlabel="leaf (tree order)")
+
+
 def run(config, workdir: str | pathlib.Path) -> dict[str, dict]:
   """The whole experiment; returns `summarise(runs)` (see the module docstring)."""
   workdir = pathlib.Path(workdir)
@@ -748,9 +768,10 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, dict]:
       bars, sweep_curves(summary, swept_methods(config)), workdir / "task_vectors.png",
       f"{config.model.name} on {config.dataset}: {len(members)} tasks merged (test, settings by validation)",
       "average accuracy", references=references)
-  front = plot_map_front(runs, summary, config, workdir)
-  if front:
-    print(f"wrote {front}")
+  for extra in (plot_map_front(runs, summary, config, workdir),
+                plot_adamerging_coefficients(runs, summary, config, workdir)):
+    if extra:
+      print(f"wrote {extra}")
   print(f"\nwrote {plot} and {workdir / 'task_vectors.json'} ({time.perf_counter() - start:.0f} s)")
   return summary
 

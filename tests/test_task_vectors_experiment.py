@@ -67,6 +67,7 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
   saved = json.loads((tmp_path / "task_vectors.json").read_text())
   assert (tmp_path / "task_vectors.png").stat().st_size > 0
   assert (tmp_path / "map_pareto_front.png").stat().st_size > 0
+  assert (tmp_path / "adamerging_coefficients.png").stat().st_size > 0
   runs = saved["runs"]
   sizes = {m: len(task_vectors.grid(m, s)) for m, s in config.task_vectors.sweeps.items()}
   assert len(runs) == 3 + len(members) + sum(sizes.values())
