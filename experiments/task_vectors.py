@@ -693,26 +693,31 @@ def sweep_curves(summary: Mapping[str, dict], methods: Sequence[str]
   return curves
 
 
+def first_seed_chosen_row(runs: Sequence[dict], summary: Mapping[str, dict], config, method: str) -> dict | None:
+  """The first seed's run of `method` (a METHODS id) at its chosen setting; None when it was not run."""
+  name = METHODS[method][0]
+  if name not in summary:
+    return None
+  first = config.task_vectors.seeds[0]
+  return next(r for r in runs if r["method"] == name and r["seed"] == first
+              and r["setting"] == summary[name]["setting"])
+
+
 def plot_map_front(runs: Sequence[dict], summary: Mapping[str, dict], config, workdir: pathlib.Path
                    ) -> pathlib.Path | None:
   """`<workdir>/map_pareto_front.png`: the first seed's two-task MAP front (at the chosen MAP setting).
 
   None when MAP was not run or has fewer than two tasks.
   """
-  name = METHODS["map"][0]
-  if name not in summary:
-    return None
-  first = config.task_vectors.seeds[0]
-  row = next(r for r in runs if r["method"] == name and r["seed"] == first
-             and r["setting"] == summary[name]["setting"])
-  if "map_front_2d" not in row:
+  row = first_seed_chosen_row(runs, summary, config, "map")
+  if row is None or "map_front_2d" not in row:
     return None
   front = row["map_front_2d"]
   a, b = front["tasks"]
   return plots.pareto_front(
       np.array(front["sampled"]), np.array(front["predicted"]), np.array(front["actual"]),
       workdir / "map_pareto_front.png",
-      f"MAP front: {a} vs {b} ({config.dataset}, seed {first})",
+      f"MAP front: {a} vs {b} ({config.dataset}, seed {row['seed']})",
       (a, b))
 
 
@@ -720,17 +725,14 @@ def plot_adamerging_coefficients(runs: Sequence[dict], summary: Mapping[str, dic
                                  ) -> pathlib.Path | None:
   """`<workdir>/adamerging_coefficients.png`: the first seed's layer-wise AdaMerging coefficients
   (f32[tasks, leaves], leaves in tree order) at the chosen setting; None when it was not run."""
-  name = METHODS["adamerging_layer"][0]
-  if name not in summary:
+  row = first_seed_chosen_row(runs, summary, config, "adamerging_layer")
+  if row is None:
     return None
-  first = config.task_vectors.seeds[0]
-  row = next(r for r in runs if r["method"] == name and r["seed"] == first
-             and r["setting"] == summary[name]["setting"])
   coefficients = np.asarray(row["coefficients"])
   return plots.curves(
       np.arange(coefficients.shape[1]), dict(zip(config.members, coefficients)),
       workdir / "adamerging_coefficients.png",
-      f"AdaMerging (layer-wise) coefficients ({config.dataset}, seed {first})", "coefficient",
+      f"AdaMerging (layer-wise) coefficients ({config.dataset}, seed {row['seed']})", "coefficient",
       xlabel="leaf (tree order)")
 
 
