@@ -126,11 +126,16 @@ def apply_permutation(spec: spec_lib.PermutationSpec, perm: Mapping[str, Any], v
   check_permutation(spec, perm)
   spec_lib.check_spec(spec, variables)
   leaves = tree.leaves_by_path(variables)
+  on_host = ({p for p, x in leaves.items() if isinstance(x, jax.Array) and tree.in_host_memory(x)}
+             if not any(_is_traced(p) for p in jax.tree.leaves(perm)) else set())
   updates = {}
   for g, refs in spec.groups.items():
     for ref in refs:
-      updates[ref.path] = _take_keeping_sharding(updates.get(ref.path, leaves[ref.path]), perm[g], ref)
-  return tree.replace_leaves(variables, updates)
+      x = updates.get(ref.path, np.asarray(leaves[ref.path]) if ref.path in on_host else leaves[ref.path])
+      updates[ref.path] = _take_keeping_sharding(x, _host_copy(perm[g]) if ref.path in on_host else perm[g], ref)
+  return tree.replace_leaves(variables, {p: jax.device_put(x, leaves[p].sharding) if p in on_host else x
+                                         for p, x in updates.items()})
+
 
 
 def _take_keeping_sharding(x: Any, perm: Any, ref: spec_lib.AxisRef) -> Any:

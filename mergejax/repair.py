@@ -44,9 +44,11 @@ def reset_batch_norm(
 
   Works with any running-average update `new = m * old + (1 - m) * batch` (Flax
   linen's BatchNorm): each batch's own statistics are recovered exactly from
-  two calls, with the old statistics at 0 and at 1 (in one program, whose
-  forward passes XLA computes once: they differ only in the running-average
-  updates). Means are averaged over the batches weighted by size; a
+  one forward pass at old = 0 and its derivative along old (`jax.jvp`), which
+  is m: the forward pass does not read the running statistics, so the
+  derivative costs no second pass. The model runs as `trace.evaluate` runs it
+  (convolutions on XLA:CPU's slow path as tap sums). Means are averaged over
+  the batches weighted by size; a
   `var` beside a `mean` is combined with the spread of the batch means
   (Chan), so the result is the variance over all the data as BatchNorm
   computes it (biased).
@@ -89,14 +91,13 @@ def _add_batch_statistics(train_apply, sums, variables, x, n):
   """`sums` plus one batch's statistics weighted by its size n (`_with_squared_means`).
 
   The running-average update `new = m old + (1 - m) batch` at old = 0 gives
-  `(1 - m) batch`, at old = 1 also m. Compiled once per (train_apply, shapes):
-  `train_apply` is a `stats.ByValue`.
+  `(1 - m) batch`, and its derivative along old is m. Compiled once per
+  (train_apply, shapes): `train_apply` is a `stats.ByValue`.
   """
-  running = variables["batch_stats"]
-  at = lambda c: train_apply({**variables, "batch_stats": jax.tree.map(lambda s: jnp.full_like(s, c), running)},
-                             x)[1]["batch_stats"]
-  new0, new1 = at(0.0), at(1.0)
-  batch = jax.tree.map(lambda n0, n1: n0 / jnp.maximum(1 - (n1 - n0), 1e-12), new0, new1)
+  updated = lambda running: trace.evaluate(train_apply, {**variables, "batch_stats": running}, x)[1]["batch_stats"]
+  zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  new0, m = jax.jvp(updated, (zeros,), (jax.tree.map(jnp.ones_like, zeros),))
+  batch = jax.tree.map(lambda n0, m: n0 / jnp.maximum(1 - m, 1e-12), new0, m)
   return jax.tree.map(jnp.add, sums, _with_squared_means(batch, n))
 
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import distributed
+from mergejax import tree
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -337,18 +338,37 @@ def gram(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]], *, chunk: int
 
 def _gram_init(feature_fn, variables, x):
   per_model = [jax.eval_shape(feature_fn, v, x) for v in variables]
-  return [(jnp.float32(0), {(i, j): jnp.zeros((fs[i].shape[-1], fs[j].shape[-1]), jnp.float32)
-                            for i, j in _upper(len(fs))})
-          for fs in zip(*per_model)]
+  return _zero_blocks(tuple(tuple(f.shape[-1] for f in fs) for fs in zip(*per_model)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _zero_blocks(sizes: tuple[tuple[int, ...], ...]) -> list:
+  """Per feature (its sets' widths), a zero count and zero blocks (i, j), i <= j: one program for all."""
+  return [(jnp.float32(0), {(i, j): jnp.zeros((d[i], d[j]), jnp.float32) for i, j in _upper(len(d))})
+          for d in sizes]
 
 
 def _gram_finalize(state) -> list[Gram]:
-  out = []
-  for n, g in state:
-    k = max(i for i, _ in g) + 1
-    whole = jnp.block([[g[(i, j)] if i <= j else g[(j, i)].T for j in range(k)] for i in range(k)])
-    out.append(Gram(n, whole, tuple(g[(i, i)].shape[0] for i in range(k))))
-  return out
+  on_host = all(tree.in_host_memory(b) for _, g in state for b in g.values())
+  wholes = [jax.device_put(_whole(np, g)) for _, g in state] if on_host else _whole_grams(state)
+  return [Gram(n, whole, tuple(g[(i, i)].shape[0] for i in range(_sets(g)))) for (n, g), whole in zip(state, wholes)]
+
+
+def _sets(blocks: dict) -> int:
+  return max(i for i, _ in blocks) + 1
+
+
+def _whole(xp, blocks: dict) -> Any:
+  """The whole Gram from its blocks (i, j), i <= j, in the array namespace `xp` (NumPy: nothing to compile)."""
+  k = _sets(blocks)
+  return xp.block([[xp.asarray(blocks[(i, j)]) if i <= j else xp.asarray(blocks[(j, i)]).T for j in range(k)]
+                   for i in range(k)])
+
+
+@jax.jit
+def _whole_grams(state) -> list[jax.Array]:
+  """`_whole` of every feature on its device: one program for all features."""
+  return [_whole(jnp, g) for _, g in state]
 
 
 def _upper(k: int) -> list[tuple[int, int]]:

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from mergejax import spec as spec_lib
+from mergejax import tap_convolution
 from mergejax import tree
 
 PyTree = Any
@@ -1311,7 +1312,7 @@ def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
       env.update(zip(eqn.outvars, _unrolled_scan(eqn.params, values, sources, record)))
       continue
     with eqn.ctx.manager:
-      outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+      outs = _bind(eqn, values)
     outs = outs if eqn.primitive.multiple_results else [outs]
     kernel_is_lhs = name == "dot_general" and bool(sources[0])
     if (name == "dot_general" and bool(sources[0]) != bool(sources[1])) or (
@@ -1331,6 +1332,27 @@ def _evaluate(jaxpr, consts, args, provenance, record: _Record) -> list:
   record.other_reads.update(origin[v] for v in jaxpr.outvars
                             if not isinstance(v, jex_core.Literal) and origin.get(v))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, values: list) -> Any:
+  """The equation's result: a convolution XLA:CPU would run on its slow path as a tap sum
+  (`tap_convolution`), any other equation bound as it is."""
+  if (eqn.primitive.name == "conv_general_dilated" and jax.default_backend() == "cpu"
+      and tap_convolution.is_slow_on_cpu(*(v.shape for v in values), **eqn.params)):
+    return tap_convolution.tap_sum(*values, **eqn.params)
+  return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def evaluate(fn: Callable[..., Any], variables: PyTree, *args: Any) -> Any:
+  """`fn(variables, *args)`, evaluated equation by equation as mergejax's passes over data run it.
+
+  The same values as `fn`'s (up to float rounding), with the convolutions
+  XLA:CPU runs slowly computed as tap sums (`tap_convolution`); calls that
+  read the variables are evaluated inside. Under `jax.jit` this costs nothing
+  at run time. `mj.repair.reset_batch_norm` runs the model this way, as the
+  Gram pass (`kernel_uses`) does.
+  """
+  return _run(fn, variables, args, {})[0]
 
 
 def _unrolled_scan(params, values, sources, record: _Record) -> list:

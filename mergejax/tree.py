@@ -117,6 +117,16 @@ def check_same_shapes(*trees: PyTree, dtypes: bool = False) -> None:
         )
 
 
+def in_host_memory(x: Any) -> bool:
+  """Whether `x` is a concrete array whose data is in this host's memory: a NumPy array, or a jax.Array on
+  one CPU device (`np.asarray` reads it without a copy; NumPy works on it without compiling a program)."""
+  if isinstance(x, np.ndarray):
+    return True
+  return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+          and isinstance(x.sharding, jax.sharding.SingleDeviceSharding)
+          and next(iter(x.devices())).platform == "cpu")
+
+
 @jax.jit
 def _leaf_is_finite(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
@@ -125,17 +135,20 @@ def _leaf_is_finite(tree: PyTree) -> PyTree:
 def check_finite(tree: PyTree, name: str = "tree") -> None:
   """Raises ValueError naming the first floating leaf with NaN or Inf.
 
-  One device call checks every leaf; the counts in the message are computed
-  only when a leaf fails. Integer and boolean leaves are always finite.
+  Leaves in host memory (`in_host_memory`) are checked by NumPy, the others
+  in one device call; the counts in the message are computed only when a
+  leaf fails. Integer and boolean leaves are always finite.
   """
   floating = {
       p: x
       for p, x in leaves_with_paths(tree)
       if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   }
-  ok = jax.device_get(_leaf_is_finite(floating))
-  for path, leaf_ok in ok.items():
-    if not leaf_ok:
+  on_device = {p: x for p, x in floating.items() if not in_host_memory(x)}
+  ok = {**{p: bool(np.isfinite(np.asarray(x)).all()) for p, x in floating.items() if p not in on_device},
+        **(jax.device_get(_leaf_is_finite(on_device)) if on_device else {})}
+  for path in floating:
+    if not ok[path]:
       x = np.asarray(jax.device_get(floating[path]))
       raise ValueError(
           f"{name}: {path} has {int(np.isnan(x).sum())} NaN and"

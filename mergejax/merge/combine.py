@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
 
 from mergejax import spec as spec_lib
 from mergejax import stacked
@@ -519,11 +520,11 @@ def _merge_parts_host(x: np.ndarray, axes: Sequence[tuple[int, ModelPart, bool]]
   along = lambda v, axis: np.reshape(v, [-1 if d == axis else 1 for d in range(x.ndim)])
   for axis, part, is_input in axes:
     width, k = part.index.shape
-    if is_input:
+    if is_input:  # summed[unmerge[i]] += x[i] along the axis: a sparse 0/1 product (np.add.at is unbuffered)
       moved = np.moveaxis(x, axis, 0)
-      summed = np.zeros((width, *moved.shape[1:]), x.dtype)
-      np.add.at(summed, part.unmerge, moved)
-      x = np.moveaxis(summed, 0, axis)
+      n = moved.shape[0]
+      scatter = scipy.sparse.csr_array((np.ones(n, x.dtype), (part.unmerge, np.arange(n))), shape=(width, n))
+      x = np.moveaxis((scatter @ moved.reshape(n, -1)).reshape(width, *moved.shape[1:]), 0, axis)
     else:
       x = sum(np.take(x, part.index[:, j], axis=axis) * along(part.weight[:, j], axis) for j in range(k))
       mass = mass * along(part.weight.sum(1), axis)

@@ -67,7 +67,8 @@ class Report(NamedTuple):
 
 
 def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]:
-  """Each matched pair's similarity in [-1, 1]: weight cosine or feature correlation."""
+  """Each matched pair's similarity in [-1, 1]: weight cosine or feature correlation (on the host: one pass over
+  the weights, no program per leaf shape)."""
   if matching == "activation":
     return {g: np.asarray(s, np.float64) for g, s in result.pair_scores.items()}
   la, lb = tree.leaves_by_path(va), tree.leaves_by_path(vb_aligned)
@@ -76,10 +77,10 @@ def _similarity(spec, result, va, vb_aligned, matching) -> dict[str, np.ndarray]
     if not refs:  # a group of one unit no leaf names: nothing to compare, nothing to widen
       out[g] = np.ones(spec.sizes[g], np.float64)
       continue
-    a = jnp.concatenate([align.unit_rows(jnp.asarray(la[r.path], jnp.float32), r) for r in refs], 1)
-    b = jnp.concatenate([align.unit_rows(jnp.asarray(lb[r.path], jnp.float32), r) for r in refs], 1)
-    cos = jnp.sum(a * b, 1) / jnp.maximum(jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1), 1e-12)
-    out[g] = np.asarray(cos, np.float64)
+    a = np.concatenate([align.unit_rows(np.asarray(la[r.path], np.float32), r) for r in refs], 1)
+    b = np.concatenate([align.unit_rows(np.asarray(lb[r.path], np.float32), r) for r in refs], 1)
+    cos = np.einsum("ij,ij->i", a, b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    out[g] = cos.astype(np.float64)
   return out
 
 
