@@ -101,10 +101,10 @@ def _add_batch_statistics(train_apply, sums, variables, x, n):
   return jax.tree.map(jnp.add, sums, _with_squared_means(batch, n))
 
 
-@jax.jit
 def _averaged(sums, count):
-  """The summed statistics over `count` examples, variances back from the squared means."""
-  return _from_squared_means(jax.tree.map(lambda s: s / count, sums))
+  """The summed statistics over `count` examples, variances back from the squared means (NumPy: a few
+  vectors, nothing to compile), on the default device."""
+  return jax.device_put(_from_squared_means(jax.tree.map(lambda s: np.asarray(s) / count, sums)))
 
 
 def _with_squared_means(stats: dict, n: int) -> dict:
@@ -116,7 +116,7 @@ def _with_squared_means(stats: dict, n: int) -> dict:
 
 def _from_squared_means(stats: dict) -> dict:
   if "mean" in stats and "var" in stats and not isinstance(stats["mean"], dict):
-    return {**stats, "var": jnp.maximum(stats["var"] - stats["mean"] ** 2, 0.0)}
+    return {**stats, "var": np.maximum(stats["var"] - stats["mean"] ** 2, 0.0)}
   return {k: _from_squared_means(v) if isinstance(v, dict) else v for k, v in stats.items()}
 
 

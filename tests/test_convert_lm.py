@@ -316,6 +316,8 @@ def test_llama_transformers4_config():
     (gpt2, dict(style="gpt2", head_dim=8), r"num_heads \* head_dim == embed_dim"),
     (llama, dict(style="llama", fused_qkv=True), r"llama: HF Llama has fused_qkv=False"),
     (llama, dict(style="llama", mlp_dim=(48, 40)), r"one head count, kv head count and intermediate_size"),
+    (gpt2, dict(style="gpt2", moe=dict(num_experts=4, top_k=2)), r"gpt2: HF GPT-2 has moe=None"),
+    (llama, dict(style="llama", moe=dict(num_experts=4, top_k=2)), r"llama: HF Llama has moe=None"),
 ])
 def test_zoo_configs_the_family_cannot_hold(conv, kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -234,3 +234,24 @@ def test_the_device_solve_compiles_once_per_block_shape():
   assert compiles == [] and report.blocks == (2, 2, 2)
   np.testing.assert_allclose(kernel, least_squares.solve_layer(("k",), *layers[1], ridge=1e-3, backend="host")[0],
                              rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_kept_whole_keeps_its_weights_without_a_solve(monkeypatch):
+  """Inputs and outputs kept whole (nothing merged): each block's inputs are one model's own features and its
+  targets that model's outputs, so the combined weights fit exactly. The host returns them without factorising
+  (residuals 0), and equals the device path, which solves every block."""
+  rng = np.random.default_rng(7)
+  layer = _layer(rng, 6, 5, 40, np.zeros(6, bool), np.zeros(5, bool))
+  device = least_squares.solve_layer(("k",), *layer, ridge=1e-3, backend="device")
+  solves = []
+  real_solve = least_squares._host_solve
+  monkeypatch.setattr(least_squares, "_host_solve", lambda *a: solves.append(a) or real_solve(*a))
+  kernel, report = least_squares.solve_layer(("k",), *layer, ridge=1e-3, backend="host")
+  assert solves == [] and report.blocks == (0, 5, 5)
+  np.testing.assert_array_equal(kernel, layer[2])
+  assert abs(report.residual_before) < 1e-6 and abs(report.residual_after) < 1e-6
+  np.testing.assert_allclose(kernel, device[0], rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(report.residual_after, device[1].residual_after, atol=1e-4)
+  partial = _layer(rng, 6, 5, 40, np.arange(6) < 1, np.zeros(5, bool))  # one merged input: a real solve
+  least_squares.solve_layer(("k",), *partial, ridge=1e-3, backend="host")
+  assert len(solves) == 2

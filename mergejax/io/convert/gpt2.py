@@ -61,7 +61,7 @@ from mergejax.models import zoo
 PREFIX = "transformer."
 _BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias$")
 # Options of the zoo's LM that HF GPT-2 fixes.
-_GPT2_OPTIONS = dict(positions="learned", norm="layer", mlp="gelu", fused_qkv=True, use_bias=True)
+_GPT2_OPTIONS = dict(positions="learned", norm="layer", mlp="gelu", fused_qkv=True, use_bias=True, moe=None)
 
 
 def canonical_names(state: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -63,7 +63,7 @@ from mergejax.models import zoo
 PREFIX = "model."
 _BUFFER = re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.(original_)?inv_freq$")
 # Options of the zoo's LM that HF Llama fixes.
-_LLAMA_OPTIONS = dict(positions="rope", norm="rms", mlp="swiglu", fused_qkv=False)
+_LLAMA_OPTIONS = dict(positions="rope", norm="rms", mlp="swiglu", fused_qkv=False, moe=None)
 
 
 def canonical_names(state: Mapping[str, Any]) -> Mapping[str, Any]:
