@@ -9,9 +9,15 @@ every test set compiles once.
 
 from collections.abc import Callable, Sequence
 import functools
+import pathlib
+import time
+from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
+
+import mergejax as mj
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -160,3 +166,40 @@ def perplexity(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, chunk: int = 6
 def mean_std(values: Sequence[float]) -> dict[str, float]:
   """{"mean", "std"} of per-seed values (population std, as the experiments' tables print)."""
   return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def heldout_split(config) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """`(dataset, (x, y) train, (x, y) validation)`: a validation slice held out of the training examples.
+
+  Reads `config.dataset`, `config.data_seed`, `config.data_options` (the
+  loader's options) and `config.validation_fraction` (the share of the
+  training examples, drawn with `data_seed`, in the validation slice), the
+  fields of `configs.common.heldout_config`.
+  """
+  ds = mj.data.load(config.dataset, seed=config.data_seed, **config.data_options.to_dict())
+  order = np.random.default_rng(config.data_seed).permutation(len(ds.x_train))
+  n_val = int(round(config.validation_fraction * len(order)))
+  val, train = order[:n_val], order[n_val:]
+  return ds, (ds.x_train[train], ds.y_train[train]), (ds.x_train[val], ds.y_train[val])
+
+
+def run_seeds(config, workdir, run_seed: Callable[..., dict]) -> tuple[pathlib.Path, Any, dict[str, dict], float]:
+  """The preamble of a per-seed experiment: makes `workdir`, splits the data, runs every seed.
+
+  Args:
+    config: a `configs.common.heldout_config` (with `seeds`).
+    workdir: the output directory (created).
+    run_seed: `(config, dataset, train_xy, val_xy, seed) -> dict`, one seed's results.
+
+  Returns:
+    `(workdir as a Path, dataset, {str(seed): run_seed's dict}, the start time (perf_counter))`.
+  """
+  start = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ds, train_xy, val_xy = heldout_split(config)
+  per_seed = {}
+  for seed in config.seeds:
+    per_seed[str(seed)] = run_seed(config, ds, train_xy, val_xy, seed)
+    logging.info("seed %d done, %.0f s", seed, time.perf_counter() - start)
+  return workdir, ds, per_seed, start

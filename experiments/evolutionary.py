@@ -21,10 +21,8 @@ archive's best validation accuracy over generations, per seed).
 """
 
 import json
-import pathlib
 import time
 
-from absl import logging
 import jax
 import numpy as np
 import optax
@@ -33,15 +31,6 @@ from experiments import cli
 from experiments import evaluate
 from experiments import plots
 import mergejax as mj
-
-
-def _data(config):
-  """(dataset, (x, y) train, (x, y) validation): the validation slice is held out of training."""
-  ds = mj.data.load(config.dataset, seed=config.data_seed)
-  order = np.random.default_rng(config.data_seed).permutation(len(ds.x_train))
-  n_val = int(round(config.validation_fraction * len(order)))
-  val, train = order[:n_val], order[n_val:]
-  return ds, (ds.x_train[train], ds.y_train[train]), (ds.x_train[val], ds.y_train[val])
 
 
 def label_subsets(num_classes: int, num_models: int, classes_per_model: int) -> list[list[int]]:
@@ -104,14 +93,7 @@ def run_seed(config, ds, train_xy, val_xy, seed: int) -> dict:
 
 
 def run(config, workdir):
-  start = time.perf_counter()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  ds, train_xy, val_xy = _data(config)
-  per_seed = {}
-  for seed in config.seeds:
-    per_seed[str(seed)] = run_seed(config, ds, train_xy, val_xy, seed)
-    logging.info("seed %d done, %.0f s", seed, time.perf_counter() - start)
+  workdir, _, per_seed, start = evaluate.run_seeds(config, workdir, run_seed)
   seeds = list(per_seed.values())
   summary = {name: evaluate.mean_std([s["rows"][name]["test"] for s in seeds]) for name in seeds[0]["rows"]}
   print(f"\nM2N2 on {config.dataset}: {config.num_models} MLPs {tuple(config.features)} on"

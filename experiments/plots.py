@@ -102,7 +102,7 @@ def bars_and_sweeps(
 
 def pareto_front(
     sampled: np.ndarray, predicted: np.ndarray, actual: np.ndarray, path: str | pathlib.Path, title: str,
-    labels: tuple[str, str],
+    labels: tuple[str, str], adaptive: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pathlib.Path:
   """Two tasks' losses: sampled merges, a surrogate's Pareto front, and the front's merges evaluated.
 
@@ -113,11 +113,17 @@ def pareto_front(
     path: the PNG to write.
     title: the figure's title.
     labels: the two tasks' names (the x and y axes).
+    adaptive: None, or (sampled f[S', 2], predicted f[m', 2]) of a second
+      front from adaptively sampled merges (Bayesian MAP), drawn beside.
   """
   fig, ax = plt.subplots(figsize=(5.6, 4.2))
   ax.scatter(sampled[:, 0], sampled[:, 1], s=12, color="0.6", label="sampled merges (evaluated)")
   ax.plot(predicted[:, 0], predicted[:, 1], "-o", ms=3, color="C0", label="Pareto front (surrogates)")
   ax.plot(actual[:, 0], actual[:, 1], "x", color="C3", label="front's merges (evaluated)")
+  if adaptive is not None:
+    ax.scatter(adaptive[0][:, 0], adaptive[0][:, 1], s=12, marker="^", color="C2",
+               label="adaptively sampled merges (Bayesian MAP)")
+    ax.plot(adaptive[1][:, 0], adaptive[1][:, 1], "--", color="C2", label="Pareto front (Bayesian MAP)")
   ax.set_xlabel(f"{labels[0]} loss")
   ax.set_ylabel(f"{labels[1]} loss")
   return _finish(fig, ax, title, path)

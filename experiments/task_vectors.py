@@ -35,10 +35,16 @@ For every seed of `config.task_vectors.seeds`:
    a `joint` column: TALL masks (base + mask_t * the summed task vectors) and
    reversible low-rank merging (each task's LoRA from a shared basis).
    FW-merging (Frank-Wolfe over the task models' hull on the tasks'
-   task-aware cross-entropy, `LOSS_BATCHES` labelled fitting batches each)
+   task-aware cross-entropy, `LOSS_BATCHES` labelled fitting batches each;
+   FW-Soft learns each step's weights of the picked models on that loss by
+   `fw_ada_steps` Adam steps at `fw_ada_lr`, task-wise)
    and MAP (quadratic surrogates of those losses in the task-arithmetic
    coefficients, sampled uniformly in [0, 1]; the Pareto front's point of
-   best validation average is the merge) learn from labelled training data.
+   best validation average is the merge; Bayesian MAP spends the same
+   `map_samples` merges in `map_rounds` adaptive rounds after a first of a
+   quadratic's terms; nested MAP merges the tasks pairwise by two-task fronts
+   of `map_samples` merges each, equal preferences) learn from labelled
+   training data.
    AdaMerging (task- and layer-wise coefficients) and Concrete TA / Concrete
    AdaMerging (a shared mask over the task vectors' entries) minimise the
    merged model's prediction entropy over each task's classes on its fitting
@@ -64,7 +70,7 @@ setting and seed, and the summary) and `<workdir>/task_vectors.png` (test
 `average` per method, and each sweep's validation and test curves), and with
 MAP `<workdir>/map_pareto_front.png` (MAP on the first two tasks alone, first
 seed: the sampled merges' losses, the surrogates' front, and the front's
-merges evaluated), and with layer-wise AdaMerging
+merges evaluated; and Bayesian MAP's samples and front from as many merges), and with layer-wise AdaMerging
 `<workdir>/adamerging_coefficients.png` (the first seed's learned
 coefficients at the chosen setting, one line per task over the leaves).
 """
@@ -119,7 +125,11 @@ METHODS = {
     "lora_lego": ("LoRA-LEGO", ("merged_rank", "rank", "scale")),
     "reversible_lora": ("reversible low-rank (per task)", ("num_basis", "rank")),
     "fw_merging": ("FW-merging", ("fw_steps", "fw_soft", "fw_line_search")),
+    "fw_merging_soft": ("FW-merging (soft)", ("fw_steps", "fw_ada_lr", "fw_ada_steps")),
     "map": ("MAP (front point chosen on validation)", ("map_samples", "map_divisions")),
+    "map_bayesian": ("MAP (Bayesian, front point chosen on validation)",
+                     ("map_samples", "map_rounds", "map_divisions")),
+    "map_nested": ("MAP (nested, equal preferences)", ("map_samples", "map_divisions")),
     "adamerging_task": ("AdaMerging (task-wise)", ("ada_lr", "ada_steps")),
     "adamerging_layer": ("AdaMerging (layer-wise)", ("ada_lr", "ada_steps")),
     "concrete_task_arithmetic": ("Concrete TA", ("mask_lr", "mask_steps", "scale")),
@@ -133,9 +143,10 @@ METHODS = {
 PER_TASK = ("tall_masks", "reversible_lora")
 
 # FW-merging and MAP read each task's first LOSS_BATCHES labelled fitting batches; MAP's two-task
-# front for the plot fits MAP_2D_SAMPLES merges.
+# front for the plot fits MAP_2D_SAMPLES merges. Bayesian MAP draws |c| in MAP_BAYESIAN_RADIUS.
 LOSS_BATCHES = 2
 MAP_2D_SAMPLES = 12
+MAP_BAYESIAN_RADIUS = (0.2, 1.5)
 
 # Twin-merging's router trains ROUTER_STEPS full-batch Adam steps on ROUTER_EXAMPLES fitting inputs per
 # task (labelled by task); Expert Merging calibrates on EM_CALIBRATION fitting inputs per task.
@@ -165,8 +176,11 @@ RANGES = {
     "fw_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "fw_soft": (lambda v: v in (0, 1), "0 (hard) or 1 (soft)"),
     "fw_line_search": (lambda v: v in (0, 1), "0 (2/(t+2)) or 1 (line search)"),
+    "fw_ada_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "fw_ada_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
     "map_samples": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "map_divisions": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "map_rounds": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "ada_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
     "ada_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
     "mask_lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
@@ -258,6 +272,12 @@ def check_config(config, members: Sequence[train.Member]) -> None:
       valid, words = RANGES[param]
       if not values or not all(valid(float(v)) for v in values):
         raise ValueError(f"sweeps.{method}.{param} = {values}: needs values {words}")
+  if "map_bayesian" in tv.sweeps:
+    sweep, first = tv.sweeps["map_bayesian"], (len(names) + 1) * (len(names) + 2) // 2
+    if min(sweep["map_samples"]) < first + max(sweep["map_rounds"]):
+      raise ValueError(f"sweeps.map_bayesian.map_samples = {sweep['map_samples']}: each must cover a quadratic's"
+                       f" {first} terms in {len(names)} coefficients, then at least one merge per round"
+                       f" (map_rounds up to {max(sweep['map_rounds'])})")
 
 
 def phase_config(config, num_steps: int, learning_rate: float, warmup_steps: int):
@@ -447,6 +467,15 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
     return merged, {"fw_chosen": [[config.members[k] for k in ks] for ks in trace.chosen],
                     "fw_losses": trace.losses.tolist(), "fw_gaps": trace.gaps.tolist()}
 
+  def fw_merging_soft(fw_steps, fw_ada_lr, fw_ada_steps):
+    """FW-Soft: each task picks a vertex, the step's weights are learned on the tasks' loss (task-wise)."""
+    merged, trace = mj.merge.fw_merge(
+        loss_fn, base, task_vectors(), labelled(), steps=int(fw_steps), variant="soft",
+        soft={"steps": int(fw_ada_steps), "learning_rate": fw_ada_lr})
+    return merged, {"fw_chosen": [[config.members[k] for k in ks] for ks in trace.chosen],
+                    "fw_weights": [w.tolist() for w in trace.weights],
+                    "fw_losses": trace.losses.tolist(), "fw_gaps": trace.gaps.tolist()}
+
   def map_front(coefficients, preferences, pool, data):
     """MAP over `pool`'s coefficients in [0, 1]: the samples' losses, the front, the front's coefficients."""
     sampled = mj.merge.map_losses(loss_fn, base, pool, coefficients, data)
@@ -460,8 +489,16 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
     coefficients = np.random.default_rng(seed).uniform(0, 1, size=(MAP_2D_SAMPLES, 2))
     sampled, front = map_front(coefficients, mj.merge.map_preferences(2, 10), pool, data)
     actual = mj.merge.map_losses(loss_fn, base, pool, front.coefficients, data)
+    # Bayesian MAP with the same budget: a quadratic's 6 terms, then two adaptive rounds.
+    rest = MAP_2D_SAMPLES - 6
+    adaptive = mj.merge.map_bayesian(lambda c: mj.merge.map_losses(loss_fn, base, pool, c, data),
+                                     jax.random.fold_in(key, 4), 2, (6, rest // 2, rest - rest // 2),
+                                     radius=MAP_BAYESIAN_RADIUS)
+    adaptive_front = mj.merge.map_pareto_front(mj.merge.map_surrogates(adaptive.coefficients, adaptive.losses),
+                                               mj.merge.map_preferences(2, 10), bounds=(0.0, 1.0))
     return {"tasks": list(config.members[:2]), "sampled": sampled.tolist(), "coefficients": front.coefficients.tolist(),
-            "predicted": front.losses.tolist(), "actual": actual.tolist()}
+            "predicted": front.losses.tolist(), "actual": actual.tolist(),
+            "bayesian_sampled": adaptive.losses.tolist(), "bayesian_predicted": adaptive_front.losses.tolist()}
 
   def map_merge(map_samples, map_divisions):
     """MAP's front over every task's coefficient; the front point of best validation average."""
@@ -470,10 +507,37 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
                          labelled())
     merges = [mj.tree.add(base, mj.tree.weighted_sum(task_vectors(), c)) for c in front.coefficients]
     best = int(np.argmax([validation_average(m) for m in merges]))
-    notes = {"map_coefficients": front.coefficients[best].tolist(), "map_front_size": len(merges)}
+    notes = {"map_coefficients": front.coefficients[best].tolist(), "map_front_size": len(merges),
+             "map_evaluations": int(map_samples)}
     if seed == config.task_vectors.seeds[0] and len(tuned) >= 2:
       notes["map_front_2d"] = map_front_2d()
     return merges[best], notes
+
+  def evaluate_losses(coefficients):
+    return mj.merge.map_losses(loss_fn, base, task_vectors(), coefficients, labelled())
+
+  def map_bayesian(map_samples, map_rounds, map_divisions):
+    """Bayesian MAP with MAP's budget of map_samples merges: a quadratic's terms first, the rest in
+    map_rounds adaptive rounds; then MAP's front in [0, 1] and its point of best validation average."""
+    first = (len(tuned) + 1) * (len(tuned) + 2) // 2
+    rest = int(map_samples) - first  # >= map_rounds (check_config)
+    schedule = [first] + [rest // int(map_rounds) + (r < rest % int(map_rounds)) for r in range(int(map_rounds))]
+    samples = mj.merge.map_bayesian(evaluate_losses, jax.random.fold_in(key, 2), len(tuned), schedule,
+                                    radius=MAP_BAYESIAN_RADIUS)
+    front = mj.merge.map_pareto_front(mj.merge.map_surrogates(samples.coefficients, samples.losses),
+                                      mj.merge.map_preferences(len(tuned), int(map_divisions)), bounds=(0.0, 1.0))
+    merges = [mj.tree.add(base, mj.tree.weighted_sum(task_vectors(), c)) for c in front.coefficients]
+    best = int(np.argmax([validation_average(m) for m in merges]))
+    return merges[best], {"map_coefficients": front.coefficients[best].tolist(), "map_front_size": len(merges),
+                          "map_evaluations": len(samples.losses), "map_schedule": schedule}
+
+  def map_nested(map_samples, map_divisions):
+    """Nested MAP: pairwise fronts in [0, 1]^2 of map_samples merges each, equal preferences."""
+    result = mj.merge.map_nested(evaluate_losses, jax.random.fold_in(key, 3), len(tuned), samples=int(map_samples),
+                                 divisions=int(map_divisions))
+    merged = mj.tree.add(base, mj.tree.weighted_sum(task_vectors(), result.coefficients))
+    return merged, {"map_coefficients": result.coefficients.tolist(), "map_evaluations": result.evaluations,
+                    "map_pairs": [[[config.members[i] for i in g] for g in s.groups] for s in result.steps]}
 
   def reversible_lora(num_basis, rank):
     merged = mj.merge.reversible_merge(adapters(rank), int(num_basis))
@@ -578,7 +642,10 @@ def merge_fns(config, apply_fn, trained: Trained, fit: Sequence[mj.data.Task], s
           {}),
       "reversible_lora": reversible_lora,
       "fw_merging": fw_merging,
+      "fw_merging_soft": fw_merging_soft,
       "map": map_merge,
+      "map_bayesian": map_bayesian,
+      "map_nested": map_nested,
       "adamerging_task": lambda ada_lr, ada_steps: adamerging("task", ada_lr, ada_steps),
       "adamerging_layer": lambda ada_lr, ada_steps: adamerging("layer", ada_lr, ada_steps),
       "concrete_task_arithmetic": concrete_task_arithmetic,
@@ -705,7 +772,8 @@ def first_seed_chosen_row(runs: Sequence[dict], summary: Mapping[str, dict], con
 
 def plot_map_front(runs: Sequence[dict], summary: Mapping[str, dict], config, workdir: pathlib.Path
                    ) -> pathlib.Path | None:
-  """`<workdir>/map_pareto_front.png`: the first seed's two-task MAP front (at the chosen MAP setting).
+  """`<workdir>/map_pareto_front.png`: the first seed's two-task MAP front (at the chosen MAP setting),
+  and Bayesian MAP's from as many merges.
 
   None when MAP was not run or has fewer than two tasks.
   """
@@ -718,7 +786,7 @@ def plot_map_front(runs: Sequence[dict], summary: Mapping[str, dict], config, wo
       np.array(front["sampled"]), np.array(front["predicted"]), np.array(front["actual"]),
       workdir / "map_pareto_front.png",
       f"MAP front: {a} vs {b} ({config.dataset}, seed {row['seed']})",
-      (a, b))
+      (a, b), adaptive=(np.array(front["bayesian_sampled"]), np.array(front["bayesian_predicted"])))
 
 
 def plot_adamerging_coefficients(runs: Sequence[dict], summary: Mapping[str, dict], config, workdir: pathlib.Path

@@ -513,8 +513,20 @@ class _Feature(NamedTuple):
   part: tuple[int, int] | None = None
 
 
-def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Feature]:
-  """Each group's features: kernels' inputs along its axes, else their outputs."""
+def feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Feature]:
+  """Each group's features: kernels' inputs along its axes, else their outputs.
+
+  Args:
+    spec: the permutation groups.
+    uses: {kernel path: [trace.KernelUse]}, e.g. `traced_kernel_uses`'s.
+
+  Returns:
+    One feature a (group, kernel use, data axis), groups in spec order: the
+    inputs of every kernel use that contracts one of the group's axes, or,
+    for a group no kernel reads, the outputs that carry it. A feature says
+    which use's array to read (`path`, `use`, `is_output`) and how
+    `feature_rows` cuts it into the group's units.
+  """
   by_axis: dict[tuple, list[tuple[str, Any]]] = {}
   for g, rs in spec.groups.items():
     for r in rs:
@@ -534,8 +546,18 @@ def _feature_plan(spec: spec_lib.PermutationSpec, uses: Mapping) -> list[_Featur
   return [f for g in spec.groups for f in (plan[g][0] or plan[g][1])]
 
 
-def _feature_rows(x: jax.Array, feature: _Feature) -> jax.Array:
-  """f32[batch, positions, n]: the group's units last, other axes positions."""
+def feature_rows(x: jax.Array, feature: _Feature) -> jax.Array:
+  """A kernel use's input (or output) cut into one group's units.
+
+  Args:
+    x: f32[batch, ...]: the array `feature` names (its use's input, or its
+      output when `feature.is_output`).
+    feature: one entry of `feature_plan`.
+
+  Returns:
+    f32[batch, positions, n]: the group's n units last; the axes other
+    groups permute summed out, every other axis flattened into positions.
+  """
   x = jnp.asarray(x, jnp.float32)
   axis = feature.axis - sum(d < feature.axis for d in feature.summed)
   x = jnp.moveaxis(x.sum(axis=feature.summed), axis, -1)
@@ -595,16 +617,16 @@ def activation_matching(
   _check_models(spec, va, vb)
   example, batches = distributed.peek_any_process(mesh, peek, batches, "activation_matching")
   unroll = bool(spec.batch_sizes)
-  uses = _uses_for(apply_fn, va, example, unroll)
+  uses = traced_kernel_uses(apply_fn, va, example, unroll)
   batched, spec = spec, _flat_spec(spec, va, uses) if unroll else spec
-  plan = _feature_plan(spec, uses)
+  plan = feature_plan(spec, uses)
   missing = sorted(g for g in set(spec.groups) - {f.group for f in plan} if spec.sizes[g] > 1)
   if missing:
     raise ValueError(f"activation_matching: no kernel reads or writes groups {missing}")
 
   def features(variables, x):
     _, found = trace.kernel_uses(apply_fn, unroll_scans=unroll)(variables, x)
-    return [_feature_rows((found[f.path][f.use].output if f.is_output else found[f.path][f.use].input), f)
+    return [feature_rows((found[f.path][f.use].output if f.is_output else found[f.path][f.use].input), f)
             for f in plan]
 
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
@@ -639,13 +661,21 @@ def peek(batches) -> tuple[Any, Any]:
   return (first[0] if isinstance(first, (tuple, list)) else first), batches
 
 
-def _plan_for(spec, apply_fn, variables, example) -> list[_Feature]:
-  """The feature plan, from one abstract trace of the kernels' uses."""
-  return _feature_plan(spec, _uses_for(apply_fn, variables, example, False))
+def traced_kernel_uses(apply_fn: Callable[..., Any], variables: PyTree, example: Any,
+                       unroll_scans: bool = False) -> dict:
+  """The kernels' uses in `apply_fn(variables, example)`, from one abstract trace.
 
+  Args:
+    apply_fn: `apply_fn(variables, x)`.
+    variables: the model's variables (arrays or `jax.ShapeDtypeStruct`s).
+    example: one input x (its shapes are all that is read; nothing runs).
+    unroll_scans: key copy l of a kernel stacked under a `scan` as its own
+      kernel, as `trace.kernel_uses(..., unroll_scans=True)` does.
 
-def _uses_for(apply_fn, variables, example, unroll_scans: bool) -> dict:
-  """The kernels' uses, from one abstract trace (`trace.kernel_uses`)."""
+  Returns:
+    {kernel path: [trace.KernelUse]}, `trace.kernel_uses`'s second output
+    with abstract arrays.
+  """
   found = {}
 
   def probe(v, x):

@@ -11,6 +11,7 @@ from mergejax.merge.expert_merging import _task_vectors
 from mergejax.merge.expert_merging import alignment_loss
 from mergejax.merge.expert_merging import allocate_chunks
 from mergejax.merge.expert_merging import layer_importance
+from tests.test_twin import mlp_params
 
 
 def mlp(variables, x):
@@ -29,15 +30,9 @@ def mlp_np(p, x):
 def setting():
   """(base, [2 experts], [2 calibration sets of 8 inputs])."""
   rng = np.random.default_rng(0)
-  shapes = {"dense0": {"kernel": (4, 8), "bias": (8,)}, "dense1": {"kernel": (8, 3), "bias": (3,)}}
-
-  def params(scale, like=None):
-    noise = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32) * scale, shapes,
-                         is_leaf=lambda s: isinstance(s, tuple))
-    return {"params": noise if like is None else jax.tree.map(np.add, like["params"], noise)}
-
-  base = params(1.0)
-  return base, [params(0.5, base), params(0.5, base)], [rng.normal(size=(8, 4)).astype(np.float32) for _ in range(2)]
+  base = mlp_params(rng, 1.0)
+  experts = [mlp_params(rng, 0.5, base), mlp_params(rng, 0.5, base)]
+  return base, experts, [rng.normal(size=(8, 4)).astype(np.float32) for _ in range(2)]
 
 
 def test_alignment_loss_matches_numpy(setting):

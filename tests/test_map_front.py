@@ -157,3 +157,200 @@ def test_bad_inputs():
     mj.merge.map_losses(lambda v, x: 0.0, base, [base, {"w": np.zeros((3, 2), np.float32)}], c, [[0]])
   with pytest.raises(ValueError, match="one non-empty sequence of batches per task"):
     mj.merge.map_losses(lambda v, x: 0.0, base, [base, base], c, [[0], []])
+
+
+def _exact_losses(convex):
+  """c f[S, n] -> f64[S, T]: the convex quadratics (P, m, k) at every c."""
+  return lambda c: np.stack([np.einsum("si,ik,sk->s", c - m, p, c - m) + k for p, m, k in convex], axis=1)
+
+
+def _angles(c):
+  """The hyperspherical angles phi_k = atan2(|c_{k+1:}|, c_k) of c: f[S, n]."""
+  tail = np.sqrt(np.cumsum(np.square(c[:, ::-1]), axis=1)[:, ::-1])
+  return np.arctan2(tail[:, 1:], c[:, :-1])
+
+
+def test_sampling_probabilities_are_the_softmax_of_each_cells_error_bound():
+  rng = np.random.default_rng(4)
+  convex = [_convex(rng, 2, [0.3, 0.2], 0.0), _convex(rng, 2, [0.1, 0.6], 0.0)]
+  surrogates = _surrogates_of(convex)
+  bins, width = 4, np.pi / 8
+  # Two points in each of cells 0, 1 and 2 (cell 3 empty), radius 0.5.
+  phi = width * np.array([0.25, 0.75, 1.25, 1.75, 2.5, 2.9])
+  c = 0.5 * np.column_stack([np.cos(phi), np.sin(phi)])
+  exact = _exact_losses(convex)(c)
+  # No error anywhere: every direction is as likely.
+  np.testing.assert_allclose(mj.merge.map_sampling_probabilities(surrogates, c, exact, bins=bins), 0.25)
+  # Squared errors (summed over tasks) 0, 0 | 0.01, 0.04 | 0.09, 0.25.
+  noise = np.array([[0, 0], [0, 0], [0.1, 0], [0, 0.2], [0.3, 0], [0.4, 0.3]])
+  tradeoff, temperature = 0.5, 0.07
+  probabilities = mj.merge.map_sampling_probabilities(surrogates, c, exact + noise, bins=bins, tradeoff=tradeoff,
+                                                      temperature=temperature)
+  errors = np.sum(noise ** 2, axis=1).reshape(3, 2)
+  scores = errors.mean(1) + tradeoff * errors.std(1)
+  scores = np.append(scores, scores.max())  # the empty cell scores as the worst
+  expected = np.exp(scores / (scores.max() * temperature))
+  np.testing.assert_allclose(probabilities, expected / expected.sum(), rtol=1e-9)
+  assert probabilities.shape == (bins,) and probabilities[2] == probabilities[3] > probabilities[1]
+
+  # Three coefficients: one erring point makes its cell (i, j) of the two angles the likeliest, with the
+  # cells no sample fell in.
+  convex3 = [_convex(rng, 3, [0.2, 0.3, 0.1], 0.0)]
+  c3 = rng.uniform(0, 1, size=(40, 3))
+  losses3 = _exact_losses(convex3)(c3)
+  losses3[7] += 1.0
+  p3 = mj.merge.map_sampling_probabilities(_surrogates_of(convex3), c3, losses3, bins=3)
+  cells = [tuple(ij) for ij in np.floor(_angles(c3) / (np.pi / 6)).astype(int)]
+  likeliest = {(i, j) for i in range(3) for j in range(3) if p3[i, j] == p3.max()}
+  assert p3.shape == (3, 3) and likeliest == {cells[7]} | ({(i, j) for i in range(3) for j in range(3)} - set(cells))
+  assert len(likeliest) < 9
+  np.testing.assert_allclose(p3.sum(), 1)
+
+
+def test_sample_draws_each_cells_angles_and_radii_within_range_deterministically():
+  key = jax.random.key(0)
+  one_hot = np.zeros((3, 3))
+  one_hot[1, 2] = 1
+  c = mj.merge.map_sample(key, one_hot, 200, radius=(0.3, 0.7))
+  phi = _angles(c)
+  width = np.pi / 6
+  assert c.shape == (200, 3) and np.all(c >= 0)
+  assert np.all((phi[:, 0] >= width) & (phi[:, 0] <= 2 * width))
+  assert np.all((phi[:, 1] >= 2 * width) & (phi[:, 1] <= 3 * width))
+  radius = np.linalg.norm(c, axis=1)
+  assert np.all((radius >= 0.3) & (radius <= 0.7)) and np.ptp(radius) > 0.3
+  # Cells are drawn by their probabilities (4000 draws: within 4 binomial standard deviations).
+  p = np.array([0.1, 0.2, 0.3, 0.4])
+  draws = mj.merge.map_sample(key, p, 4000)
+  counts = np.bincount(np.floor(_angles(draws)[:, 0] / (np.pi / 8)).astype(int), minlength=4)
+  assert np.all(np.abs(counts - 4000 * p) < 4 * np.sqrt(4000 * p * (1 - p)))
+  np.testing.assert_array_equal(mj.merge.map_sample(key, one_hot, 200, radius=(0.3, 0.7)), c)
+  assert not np.allclose(mj.merge.map_sample(jax.random.key(1), one_hot, 200, radius=(0.3, 0.7)), c)
+
+
+def test_bayesian_map_on_exact_quadratics_finds_the_analytic_front_with_fewer_evaluations_than_a_grid():
+  rng = np.random.default_rng(5)
+  n = 3
+  convex = [_convex(rng, n, [0.2, 0.5, 0.1], 1.0), _convex(rng, n, [0.5, 0.1, 0.3], 0.5)]
+  calls = []
+  evaluate = lambda c: calls.append(len(c)) or _exact_losses(convex)(c)
+  schedule = (10, 4, 4)  # 18 evaluations; a grid must have 3 values per axis (27) to fit c_i^2
+  samples = mj.merge.map_bayesian(evaluate, jax.random.key(0), n, schedule, radius=(0.2, 1.0))
+  assert calls == list(schedule) and samples.coefficients.shape == (18, n) and samples.losses.shape == (18, 2)
+  np.testing.assert_array_equal(samples.rounds, np.repeat([0, 1, 2], schedule))
+  np.testing.assert_allclose(samples.losses, _exact_losses(convex)(samples.coefficients))
+  w = mj.merge.map_preferences(2, 6)
+  front = mj.merge.map_pareto_front(mj.merge.map_surrogates(samples.coefficients, samples.losses), w)
+  analytic = mj.merge.map_pareto_front(_surrogates_of(convex), w)
+  np.testing.assert_allclose(front.coefficients, analytic.coefficients, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(front.losses, analytic.losses, rtol=1e-8, atol=1e-10)
+  # The same key draws the same merges; another key other merges, with the same exact front.
+  again = mj.merge.map_bayesian(evaluate, jax.random.key(0), n, schedule, radius=(0.2, 1.0))
+  np.testing.assert_array_equal(again.coefficients, samples.coefficients)
+  other = mj.merge.map_bayesian(evaluate, jax.random.key(1), n, schedule, radius=(0.2, 1.0))
+  assert not np.allclose(other.coefficients, samples.coefficients)
+  other_front = mj.merge.map_pareto_front(mj.merge.map_surrogates(other.coefficients, other.losses), w)
+  np.testing.assert_allclose(other_front.coefficients, analytic.coefficients, rtol=1e-8, atol=1e-10)
+
+
+def test_bayesian_map_samples_where_the_surrogates_fit_worst():
+  # A quadratic plus a term that is 0 outside the first angular cell (phi < pi / 8: c_1 < tan(pi/8) c_0):
+  # the fit errs most there, and the next round samples mostly there.
+  p, m = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([0.3, 0.4])
+
+  def evaluate(c):
+    q = np.einsum("si,ik,sk->s", c - m, p, c - m)
+    return np.column_stack([q + 20 * np.maximum(0, np.tan(np.pi / 8) * c[:, 0] - c[:, 1]) ** 2, q])
+
+  samples = mj.merge.map_bayesian(evaluate, jax.random.key(2), 2, (12, 12), radius=(0.2, 1.0))
+  first = samples.rounds == 0
+  surrogates = mj.merge.map_surrogates(samples.coefficients[first], samples.losses[first])
+  probabilities = mj.merge.map_sampling_probabilities(surrogates, samples.coefficients[first],
+                                                      samples.losses[first])
+  assert np.argmax(probabilities) == 0 and probabilities[0] > 0.5
+  cells = np.floor(_angles(samples.coefficients)[:, 0] / (np.pi / 8)).astype(int)
+  assert np.mean(cells[~first] == 0) > 0.5 > np.mean(cells[first] == 0)
+
+
+def test_nested_map_on_four_exact_quadratics_merges_closest_pairs_by_their_fronts():
+  rng = np.random.default_rng(6)
+  t = 4
+  convex = [_convex(rng, t, rng.uniform(0.1, 0.6, t), k) for k in (0.1, 0.9, 0.15, 1.0)]
+  exact = _exact_losses(convex)
+  scored = []
+  evaluate = lambda c: scored.append(len(c)) or exact(c)
+  samples, bounds = 8, (-4.0, 4.0)
+  result = mj.merge.map_nested(evaluate, jax.random.key(0), t, samples=samples, divisions=12, bounds=bounds)
+  assert len(result.steps) == t - 1
+  assert result.evaluations == sum(scored) == t + (t - 1) * (samples + 1)
+  # Groups: (tasks, coefficients u, score), first each task's own model; each step merges the closest scores.
+  groups = [((i,), np.eye(t)[i], exact(np.eye(t))[i, i]) for i in range(t)]
+  for step in result.steps:
+    gaps = {(a[0], b[0]): abs(a[2] - b[2]) for k, a in enumerate(groups) for b in groups[k + 1:]}
+    assert step.groups == min(gaps, key=gaps.get)
+    (tasks_a, u_a, _), (tasks_b, u_b, _) = [next(g for g in groups if g[0] == s) for s in step.groups]
+    u = np.column_stack([u_a, u_b])  # c = u (a, b)
+    objectives = lambda ab, u=u, ta=tasks_a, tb=tasks_b: np.column_stack(
+        [exact(ab @ u.T)[:, list(ta)].mean(1), exact(ab @ u.T)[:, list(tb)].mean(1)])
+    front = step.front
+    # The surrogates are exact: the front's predicted losses are the groups' mean losses there, and no
+    # front point dominates another.
+    np.testing.assert_allclose(front.losses, objectives(front.coefficients), rtol=1e-8, atol=1e-8)
+    for k, row in enumerate(front.losses):
+      others = np.delete(front.losses, k, axis=0)
+      assert not np.any(np.all(others <= row, axis=1) & np.any(others < row, axis=1))
+    # Equal preferences: the chosen point minimises |A| O_A + |B| O_B (weights on the 12-division grid),
+    # in closed form as it lies inside the box.
+    q = np.isin(np.arange(t), tasks_a + tasks_b).astype(float)  # |A| mean_A + |B| mean_B = sum over A and B
+    hessian = sum(qj * pj for qj, (pj, _, _) in zip(q, convex))
+    ab = np.linalg.solve(u.T @ hessian @ u, u.T @ sum(qj * pj @ mj_ for qj, (pj, mj_, _) in zip(q, convex)))
+    assert np.all((ab > bounds[0]) & (ab < bounds[1]))
+    np.testing.assert_allclose(front.coefficients[step.chosen], ab, atol=1e-5)
+    np.testing.assert_allclose(step.coefficients, u @ front.coefficients[step.chosen], rtol=1e-12)
+    tasks = tasks_a + tasks_b
+    groups = [g for g in groups if g[0] not in step.groups] + [
+        (tasks, step.coefficients, exact(step.coefficients[None])[0, list(tasks)].mean())]
+  np.testing.assert_array_equal(result.coefficients, result.steps[-1].coefficients)
+  # The same key gives the same merge; another samples other pairs but finds the same exact fronts.
+  again = mj.merge.map_nested(evaluate, jax.random.key(0), t, samples=samples, divisions=12, bounds=bounds)
+  np.testing.assert_array_equal(again.coefficients, result.coefficients)
+  other = mj.merge.map_nested(evaluate, jax.random.key(1), t, samples=samples, divisions=12, bounds=bounds)
+  np.testing.assert_allclose(other.coefficients, result.coefficients, atol=1e-5)
+  # Preferences weigh the tasks: a heavy task pulls the final merge toward its own minimum.
+  heavy = mj.merge.map_nested(evaluate, jax.random.key(0), t, samples=samples, divisions=12, bounds=bounds,
+                              preferences=[20.0, 1.0, 1.0, 1.0])
+  assert exact(heavy.coefficients[None])[0, 0] < exact(result.coefficients[None])[0, 0]
+
+
+def test_adaptive_and_nested_bad_inputs():
+  key = jax.random.key(0)
+  evaluate = lambda c: np.zeros((len(c), 2))
+  with pytest.raises(ValueError, match="first round must evaluate at least 10"):
+    mj.merge.map_bayesian(evaluate, key, 3, (9, 5))
+  with pytest.raises(ValueError, match=r"schedule\[1\] must be an integer >= 1"):
+    mj.merge.map_bayesian(evaluate, key, 2, (6, 0))
+  with pytest.raises(ValueError, match="num_coefficients must be an integer >= 2"):
+    mj.merge.map_bayesian(evaluate, key, 1, (6,))
+  with pytest.raises(ValueError, match=r"radius must be finite with low < high and low >= 0.0"):
+    mj.merge.map_bayesian(evaluate, key, 2, (6,), radius=(0.5, 0.5))
+  with pytest.raises(ValueError, match=r"evaluate returned shape \(6,\) for 6 coefficient vectors"):
+    mj.merge.map_bayesian(lambda c: np.zeros(len(c)), key, 2, (6,))
+  with pytest.raises(ValueError, match="probabilities must be non-negative and sum to 1"):
+    mj.merge.map_sample(key, [0.5, 0.6], 3)
+  with pytest.raises(ValueError, match="one axis of bins per angle"):
+    mj.merge.map_sample(key, np.full((2, 3), 1 / 6), 3)
+  rng = np.random.default_rng(7)
+  c, y = rng.uniform(size=(10, 2)), rng.uniform(size=(10, 2))
+  surrogates = mj.merge.map_surrogates(c, y)
+  with pytest.raises(ValueError, match=r"losses have shape \(10, 3\); expected \(10, 2\)"):
+    mj.merge.map_sampling_probabilities(surrogates, c, rng.uniform(size=(10, 3)))
+  with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    mj.merge.map_sampling_probabilities(surrogates, c, y, temperature=0.0)
+  with pytest.raises(ValueError, match="samples must be an integer >= 6, got 5"):
+    mj.merge.map_nested(evaluate, key, 2, samples=5)
+  with pytest.raises(ValueError, match="preferences must be 2 finite values > 0"):
+    mj.merge.map_nested(evaluate, key, 2, samples=6, preferences=[1.0, 0.0])
+  with pytest.raises(ValueError, match=r"shape \(2, 3\) for 2 coefficient vectors; expected \(2, 2\)"):
+    mj.merge.map_nested(lambda c: np.zeros((len(c), 3)), key, 2, samples=6)
+  with pytest.raises(ValueError, match="bounds must be"):
+    mj.merge.map_nested(evaluate, key, 2, samples=6, bounds=(1.0, 0.0))

@@ -8,6 +8,7 @@ permuted) experts, which must merge to fewer experts with the same function;
 Eckart-Young for the low-rank part.
 """
 
+import functools
 import math
 import warnings
 
@@ -114,6 +115,105 @@ def test_layout_and_config_errors():
     mj.models.config("moe_mlp", num_experts=0)
   with pytest.raises(ValueError, match=r"MoE: top_k must be in \[1, num_experts=2\], got 3"):
     jax.eval_shape(moe.MoE(num_experts=2, features=3, top_k=3).init, jax.random.key(0), np.zeros((1, 4)))
+
+
+# The LM's moe option: every block's MLP an MoE block.
+
+LM_MOE = dict(embed_dim=8, depth=2, num_heads=4, head_dim=4, max_len=8, mlp_dim=5, moe=dict(num_experts=3, top_k=2))
+
+
+def _random_variables(model, x, seed, scale=0.3):
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def lm_ids():
+  return np.random.default_rng(11).integers(0, 256, (3, 6)).astype(np.int32)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_lm_moe_specs_give_one_permutation_per_expert_per_layer_and_keep_the_logits(style, lm_ids):
+  cfg = dict(LM_MOE, style=style)
+  model = mj.models.build("lm", **cfg)
+  variables = _random_variables(model, lm_ids, 12)
+  blk = variables["params"]["block1"]
+  assert "mlp_up" not in blk and blk["moe"]["w_in"].shape == (3, 8, 5) and blk["moe"]["w_out"].shape == (3, 5, 8)
+  hand = mj.models.permutation_spec("lm", variables, **cfg)
+  assert hand.batch_sizes == {"block0.experts": 3, "block1.experts": 3}
+  assert hand.names == tuple(mj.models.groups("lm", **cfg))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    traced = mj.permutation_spec(model.apply, variables, lm_ids)
+  assert _as_sets(traced) == _as_sets(hand)
+  router_biases = {("params", f"block{i}", "moe", "router", "bias") for i in range(2)}  # the expert axis is fixed
+  assert {r.path for refs in hand.groups.values() for r in refs} == set(mj.tree.leaves_by_path(variables)) - router_biases
+  apply = jax.jit(model.apply)
+  out = apply(variables, lm_ids)
+  for spec, seed in ((hand, 0), (traced, 1)):
+    perm = permute.random_permutation(spec, jax.random.key(seed))
+    np.testing.assert_allclose(apply(permute.apply_permutation(spec, perm, variables), lm_ids), out,
+                               rtol=1e-4, atol=1e-4)
+  # One expert of one layer permuted alone changes the logits: the groups are not vacuous.
+  broken = jax.tree.map(np.array, variables)
+  broken["params"]["block1"]["moe"]["w_in"][2] = broken["params"]["block1"]["moe"]["w_in"][2][:, [1, 2, 3, 4, 0]]
+  assert not np.allclose(apply(broken, lm_ids), out, atol=1e-4)
+
+
+def test_lm_moe_routes_every_token_and_merges_duplicated_experts_per_layer(lm_ids):
+  """Each layer's experts duplicated (permuted copies, k = E): M-SMoE per layer merges back to the same logits."""
+  dense = dict(LM_MOE, style="llama", moe=dict(num_experts=4, top_k=4))
+  model = mj.models.build("lm", **dense)
+  variables = _random_variables(model, lm_ids, 13)
+  params = dict(variables["params"])
+  assert moe.block_paths(params) == ["block0/moe", "block1/moe"]
+  rng = np.random.default_rng(14)
+  blocks = {}
+  for path in moe.block_paths(params):
+    blk = jax.tree.map(np.array, params[path.split("/")[0]]["moe"])
+    for src, dst in ((0, 2), (1, 3)):
+      p = rng.permutation(5)
+      blk["w_in"][dst], blk["b_in"][dst] = blk["w_in"][src][:, p], blk["b_in"][src][p]
+      blk["w_out"][dst], blk["b_out"][dst] = blk["w_out"][src][p], blk["b_out"][src]
+      blk["router"]["kernel"][:, dst], blk["router"]["bias"][dst] = blk["router"]["kernel"][:, src], blk[
+          "router"]["bias"][src]
+    blocks[path] = blk
+  v = {"params": moe.replace_blocks(params, blocks)}
+  out, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(v, lm_ids)
+  small = jax.jit(mj.models.build("lm", **dict(dense, moe=dict(num_experts=2, top_k=2))).apply)
+  merged = {}
+  split = lambda _, rows: (rows[..., :4], rows[..., 4:].reshape(*rows.shape[:-1], 4, 5))  # noqa: E731
+  stat = routing.routing_statistics(split, top_k=2, activations=True)  # one compilation for both layers
+  for path in moe.block_paths(v["params"]):
+    sown = state["intermediates"][path.split("/")[0]]["moe"]  # what routing_fn(model, path) returns
+    logits, hidden = sown["router_logits"][0], sown["expert_hidden"][0]  # f32[b, t, 4], f32[b, t, 4, 5]
+    r = mj.stats.accumulate(stat, None, [jnp.concatenate([logits, hidden.reshape(3, 6, 20)], -1)], progress=False)
+    assert float(r.count) == lm_ids.size  # every token a row
+    r = r._replace(frequency=jnp.array([0.4, 0.3, 0.2, 0.1]))  # a duplicate ties its original: split the pairs
+    merged[path], groups = merge_moe.msmoe(blocks[path], r, 2, matching="activation")
+    np.testing.assert_array_equal(groups.labels, [0, 1, 0, 1])
+  np.testing.assert_allclose(small({"params": moe.replace_blocks(v["params"], merged)}, lm_ids), out,
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(KeyError, match=r"\['block2/moe'\] are not MoE blocks"):
+    moe.replace_blocks(params, {"block2/moe": merged["block0/moe"]})
+
+
+def test_lm_moe_follows_a_layout_and_refuses_bad_options(lm_ids):
+  cfg = dict(LM_MOE, style="gpt2")
+  sizes = mj.models.groups("lm", **cfg)
+  layout = mj.MergeLayout.from_ratios(sizes, {g: 0.6 if g.endswith("experts") else 1.0 for g in sizes})
+  shapes = jax.eval_shape(mj.models.build("lm", layout, **cfg).init, jax.random.key(0), lm_ids)["params"]
+  widths = layout.widths()
+  assert widths["block0.experts"] == 7  # 5 units at ratio 0.6: 3 shared + 2 + 2
+  assert shapes["block0"]["moe"]["w_in"].shape == (3, widths["embed"], widths["block0.experts"])
+  for bad, message in ((dict(num_experts=2), "moe must be None or dict"), (dict(num_experts=2, top_k=3),
+                       "moe.top_k 3 exceeds moe.num_experts 2"), (dict(num_experts=0, top_k=1),
+                       "moe.num_experts must be a positive int")):
+    with pytest.raises(ValueError, match=message):
+      mj.models.config("lm", **dict(cfg, moe=bad))
+  with pytest.raises(ValueError, match="moe with scan=True is not supported"):
+    mj.models.config("lm", **dict(cfg, scan=True))
 
 
 # Routing statistics.

@@ -47,7 +47,7 @@ def _hidden(v, x):
 
 def _variables(seed):
   rng = np.random.default_rng(seed)
-  dense = lambda i, o: {"kernel": rng.standard_normal((i, o)).astype(np.float32) / np.sqrt(i),
+  dense = lambda i, o: {"kernel": (rng.standard_normal((i, o)) / np.sqrt(i)).astype(np.float32),
                         "bias": 0.1 * rng.standard_normal(o).astype(np.float32)}
   return {"params": {"l1": dense(4, 6), "head": dense(6, 3)}}
 

@@ -170,6 +170,8 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(mlp, x, monkeypatch):
     mj.merge.ot_fusion(narrow.apply, va, va, x, epsilon=-1.0)
   with pytest.raises(ValueError, match="t must be"):
     mj.merge.ot_fusion(narrow.apply, va, va, x, t=1.5)
+  with pytest.raises(TypeError, match="epslion"):  # ot_fusion passes its options to ot_align, which names them
+    mj.merge.ot_fusion(narrow.apply, va, va, x, epslion=0.1)
   with pytest.raises(ValueError, match="non-empty"):
     mj.merge.transport_plan(np.ones(3))
   with pytest.raises(ValueError, match="NaN or Inf"):

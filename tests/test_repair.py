@@ -13,6 +13,7 @@ from mergejax import repair
 from mergejax import trace
 from mergejax import tree
 from test_models import _init
+from tests.test_stats import backend_compiles
 
 
 def test_reset_batch_norm_gives_the_statistics_of_all_the_data():
@@ -37,33 +38,19 @@ def test_reset_batch_norm_gives_the_statistics_of_all_the_data():
     repair.reset_batch_norm(train_apply, {"params": variables["params"]}, batches)
 
 
-def _backend_compiles(fn, *args):
-  """(fn(*args), the number of XLA compilations it ran)."""
-  compiles = []
-  def listener(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(duration)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    return fn(*args), len(compiles)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_reset_batch_norm_compiles_once_per_architecture():
   config = dict(features=(3, "M", 4), dense=(), num_classes=2)
   build = lambda **c: functools.partial(models.build("vgg", **c).apply, train=True, mutable=["batch_stats"])
   variables, _ = _init(models.build("vgg", **config), (4, 4, 2))
   batches = [np.random.default_rng(1).standard_normal((6, 4, 4, 2)).astype(np.float32)] * 2
-  first, compiles = _backend_compiles(repair.reset_batch_norm, build(**config), variables, batches)
+  first, compiles = backend_compiles(repair.reset_batch_norm, build(**config), variables, batches)
   assert compiles >= 1
   other = jax.tree.map(lambda a: a * 1.5, variables)  # a rebuilt model of the same layout: nothing compiles
-  second, compiles = _backend_compiles(repair.reset_batch_norm, build(**config), other, batches)
+  second, compiles = backend_compiles(repair.reset_batch_norm, build(**config), other, batches)
   assert compiles == 0
   assert not np.allclose(first["batch_stats"]["bn_0"]["var"], second["batch_stats"]["bn_0"]["var"])
   wider = dict(config, features=(5, "M", 4))
-  _, compiles = _backend_compiles(repair.reset_batch_norm, build(**wider),
+  _, compiles = backend_compiles(repair.reset_batch_norm, build(**wider),
                                   _init(models.build("vgg", **wider), (4, 4, 2))[0], batches)
   assert compiles >= 1
 

@@ -216,7 +216,8 @@ def _scaled(params, x, scale):
   return [scale * jnp.tanh(x @ params["w"])]
 
 
-def _backend_compiles(fn, *args, **kwargs):
+def backend_compiles(fn, *args, **kwargs):
+  """(fn(*args, **kwargs), the number of XLA compilations it ran)."""
   compiles = []
   def listener(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -243,11 +244,11 @@ def test_by_value_functions_share_one_compiled_pass():
   pa, pb, x = _data(n=12)
   run = lambda scale: stats.accumulate(stats.gram(by_value(scale), chunk=3), (pa, pb), _batches(x, 6),
                                        progress=False)
-  first, compiles = _backend_compiles(run, 2.0)
+  first, compiles = backend_compiles(run, 2.0)
   assert compiles >= 1
-  second, compiles = _backend_compiles(run, 2.0)
+  second, compiles = backend_compiles(run, 2.0)
   assert compiles == 0
   np.testing.assert_array_equal(first[0].gram, second[0].gram)
-  third, compiles = _backend_compiles(run, 3.0)
+  third, compiles = backend_compiles(run, 3.0)
   assert compiles >= 1
   np.testing.assert_allclose(third[0].gram, 2.25 * np.asarray(first[0].gram), rtol=1e-5)

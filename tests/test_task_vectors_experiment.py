@@ -42,7 +42,10 @@ def _small_config():
       "lora_lego": {"rank": (4,), "merged_rank": (4,), "scale": (1.0,)},
       "reversible_lora": {"rank": (4,), "num_basis": (5,)},
       "fw_merging": {"fw_steps": (3,), "fw_soft": (0,), "fw_line_search": (1,)},
+      "fw_merging_soft": {"fw_steps": (2,), "fw_ada_lr": (0.01,), "fw_ada_steps": (10,)},
       "map": {"map_samples": (24,), "map_divisions": (2,)},
+      "map_bayesian": {"map_samples": (24,), "map_rounds": (1,), "map_divisions": (2,)},
+      "map_nested": {"map_samples": (6,), "map_divisions": (2,)},
       "adamerging_task": {"ada_lr": (0.01,), "ada_steps": (0, 20)},
       "adamerging_layer": {"ada_lr": (0.01,), "ada_steps": (20,)},
       "concrete_task_arithmetic": {"mask_lr": (0.1,), "mask_steps": (10,), "scale": (0.3,)},
@@ -98,9 +101,21 @@ def test_every_method_has_a_row_chosen_on_validation(tmp_path, capsys):
   assert "OPCM over 2 task orders" in table
   # FW-merging lowers the tasks' summed training loss from the base; MAP's merge is a front point.
   losses = by("FW-merging", fw_steps=3.0, fw_soft=0.0, fw_line_search=1.0)["fw_losses"]
+  # FW-Soft: as many tasks as task models, so every step picks all five and learns a weight for each.
+  soft = by("FW-merging (soft)", fw_steps=2.0, fw_ada_lr=0.01, fw_ada_steps=10.0)
+  assert [sorted(picks) for picks in soft["fw_chosen"]] == [sorted(members)] * 2
+  assert [len(w) for w in soft["fw_weights"]] == [5, 5] and soft["fw_losses"][-1] < soft["fw_losses"][0]
   assert len(losses) == 4 and losses[-1] < losses[0]
   map_run = by("MAP (front point chosen on validation)", map_samples=24.0, map_divisions=2.0)
   assert 1 <= map_run["map_front_size"] <= 15 and len(map_run["map_coefficients"]) == len(members)
+  # Bayesian MAP spends MAP's 24 merges: a quadratic's 21 terms, then one adaptive round of 3; nested MAP
+  # scores each task model, then 6 + 1 merges for each of its 4 pairs.
+  bayesian = by("MAP (Bayesian, front point chosen on validation)", map_samples=24.0, map_rounds=1.0,
+                map_divisions=2.0)
+  assert bayesian["map_evaluations"] == map_run["map_evaluations"] == 24 and bayesian["map_schedule"] == [21, 3]
+  nested = by("MAP (nested, equal preferences)", map_samples=6.0, map_divisions=2.0)
+  assert nested["map_evaluations"] == 5 + 4 * 7 and len(nested["map_pairs"]) == 4
+  assert sorted(sum(nested["map_pairs"][-1], [])) == sorted(members)
   # AdaMerging starts every coefficient at 0.3 and learns them on the fitting inputs; layer-wise has
   # one per task and leaf; Concrete's masks are in [0, 1].
   assert by("AdaMerging (task-wise)", ada_lr=0.01, ada_steps=0.0)["coefficients"] == [pytest.approx(0.3)] * 5

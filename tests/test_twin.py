@@ -20,19 +20,22 @@ def mlp_np(p, x):
   return h @ p["dense1"]["kernel"] + p["dense1"]["bias"]
 
 
+MLP_SHAPES = {"dense0": {"kernel": (4, 8), "bias": (8,)}, "dense1": {"kernel": (8, 3), "bias": (3,)}}
+
+
+def mlp_params(rng, scale, like=None):
+  """`mlp`'s variables: scale * standard normal leaves from rng, added to `like`'s when given."""
+  noise = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32) * scale, MLP_SHAPES,
+                       is_leaf=lambda s: isinstance(s, tuple))
+  return {"params": noise if like is None else jax.tree.map(np.add, like["params"], noise)}
+
+
 @pytest.fixture(scope="module")
 def setting():
   """(base, [3 tuned models], shared = their task arithmetic, inputs f32[6, 4])."""
   rng = np.random.default_rng(0)
-  shapes = {"dense0": {"kernel": (4, 8), "bias": (8,)}, "dense1": {"kernel": (8, 3), "bias": (3,)}}
-
-  def params(scale, like=None):
-    noise = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32) * scale, shapes,
-                         is_leaf=lambda s: isinstance(s, tuple))
-    return {"params": noise if like is None else jax.tree.map(np.add, like["params"], noise)}
-
-  base = params(1.0)
-  tuned = [params(0.5, base) for _ in range(3)]
+  base = mlp_params(rng, 1.0)
+  tuned = [mlp_params(rng, 0.5, base) for _ in range(3)]
   shared = mj.merge.task_arithmetic(base, tuned, scale=0.4)
   return base, tuned, shared, rng.normal(size=(6, 4)).astype(np.float32)
 

@@ -55,3 +55,20 @@ def pleas_config(**overrides) -> ml_collections.ConfigDict:
       "free_transforms": (("blur", {"sigma": 2.0}), ("noise", {"std": 0.5})),
       **overrides,
   })
+
+
+def heldout_config(*, dataset: str, validation_fraction: float = 0.2, seeds=(0, 1, 2),
+                   **data_options) -> ml_collections.ConfigDict:
+  """The data block of a per-seed experiment (`experiments.evaluate.run_seeds`).
+
+  Fields: dataset, data_seed, data_options (the loader's keyword arguments),
+  seeds, validation_fraction (the share of the training examples held out
+  of training, to choose settings on).
+  """
+  c = ml_collections.ConfigDict()
+  c.dataset = dataset
+  c.data_seed = 0
+  c.data_options = data_options
+  c.seeds = tuple(seeds)
+  c.validation_fraction = validation_fraction
+  return c

@@ -9,22 +9,18 @@ on 4 of the 10 classes (from class 10 i // 6 on, cyclically), evolved for
 CPU minutes.
 """
 
-import ml_collections
+from experiments.configs import common
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.dataset = "digits"
-  c.data_seed = 0
-  c.seeds = (0, 1, 2)
+  # validation_fraction: the training examples held out of training, evolution's fitness data.
+  c = common.heldout_config(dataset="digits", validation_fraction=0.2)
   c.features = (64,)
   c.num_models = 6
   c.classes_per_model = 4
   c.num_steps = 600
   c.batch_size = 32
   c.learning_rate = 3e-3
-  # The fraction of the training examples held out of training: evolution's fitness data.
-  c.validation_fraction = 0.2
   c.generations = 300
   c.archive_size = 6
   c.alpha = 1.0  # resource competition's strength

@@ -12,19 +12,17 @@ CPU minutes.
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.dataset = "digits"
-  c.data_seed = 0
-  c.seeds = (0, 1, 2)
+  # validation_fraction: the training examples held out of training, to choose the matching on.
+  c = common.heldout_config(dataset="digits", validation_fraction=0.2)
   c.model = ml_collections.ConfigDict({"features": (64,), "num_experts": 8, "expert_features": 32, "top_k": 2})
   c.num_steps = 2000
   c.batch_size = 64
   c.learning_rate = 3e-3
   c.balance_loss = 0.01  # Switch Transformer's load-balancing loss, scaled
-  # The fraction of the training examples held out of training, to choose the matching on.
-  c.validation_fraction = 0.2
   c.merge_batch_size = 256  # the routing statistics' batches (training inputs, unlabelled)
   c.num_groups = (4, 2)
   c.matchings = ("weight", "activation")

@@ -59,10 +59,15 @@ def get_config():
           "lora_arithmetic": {"rank": (4, 16), "scale": (0.2, 0.4, 0.6, 1.0)},
           "lora_lego": {"rank": (16,), "merged_rank": (16, 32), "scale": (0.5, 1.0, 2.0)},
           "reversible_lora": {"rank": (16,), "num_basis": (2, 3, 5)},
-          # FW-Soft without AdaMerging: with one task vector per task, every step moves toward the
-          # task models' average (mergejax.merge.frank_wolfe); only the hard variant is swept.
+          # FW-Hard here; FW-Soft (every task model picked each step, the weights learned by fw_ada_steps
+          # Adam steps at fw_ada_lr on the same labelled loss) is its own row.
           "fw_merging": {"fw_steps": (5, 10, 20), "fw_soft": (0,), "fw_line_search": (0, 1)},
+          "fw_merging_soft": {"fw_steps": (1, 5), "fw_ada_lr": (0.01, 0.03), "fw_ada_steps": (100, 300)},
           "map": {"map_samples": (30, 60), "map_divisions": (4,)},
+          # Bayesian MAP: MAP's budget, a quadratic's 21 terms then map_rounds adaptive rounds; nested MAP:
+          # map_samples merges per pair of its 4 pairwise fronts (5 + 4 (map_samples + 1) in all).
+          "map_bayesian": {"map_samples": (30, 60), "map_rounds": (1, 3), "map_divisions": (4,)},
+          "map_nested": {"map_samples": (6, 12), "map_divisions": (10,)},
           # Entropy minimisation on each task's fitting inputs (unlabelled), over its own classes; the
           # layer-wise coefficients are one per leaf. Concrete AdaMerging: ada_steps steps for the mask,
           # then as many for the coefficients.

@@ -40,14 +40,16 @@ steps, the learning rate, the initial coefficients and the key are traced:
 and whether to clip are traced: changing them compiles nothing; `apply_fn`, the
 optimizer, the groups and the batch size are static). Task vectors are computed once, in float32 (or
 wider), stacked per leaf as f32[T, *leaf.shape]; the merged leaves keep the
-base's dtypes.
+base's dtypes. The same loop, on any objective of the merged model in place
+of the entropy (`_fit_to_objective`), learns FW-Soft's weights
+(`mergejax.merge.frank_wolfe`).
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -316,6 +318,22 @@ def _project(coefficients: jax.Array, clip: jax.Array) -> jax.Array:
   return jnp.where(clip, jnp.clip(coefficients, 0.0, 1.0), coefficients)
 
 
+def _optimise(loss: Callable[[jax.Array, jax.Array], jax.Array], coefficients: jax.Array,
+              learning_rate: jax.Array, steps: jax.Array, clip: jax.Array, optimizer: Optimizer) -> jax.Array:
+  """(Inside jit) f32[T, G]: the coefficients after `steps` optimiser steps on `loss(c, step)`,
+  projected onto [0, 1] after each where `clip`."""
+  transform = optimizer(learning_rate)
+
+  def step(i, carry):
+    c, state = carry
+    updates, state = transform.update(jax.grad(loss)(c, i), state, c)
+    return _project(optax.apply_updates(c, updates), clip), state
+
+  coefficients = _project(coefficients, clip)
+  coefficients, _ = jax.lax.fori_loop(0, steps, step, (coefficients, transform.init(coefficients)))
+  return coefficients
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "groups", "optimizer", "batch_size"))
 def _fit_coefficients(
     base: PyTree,
@@ -335,20 +353,55 @@ def _fit_coefficients(
     batch_size: int | None,
 ) -> jax.Array:
   """f32[T, G]: the coefficients after `steps` optimiser steps on the entropy loss."""
-  transform = optimizer(learning_rate)
 
-  def loss(c, batches):
+  def loss(c, i):
+    batches = _draw(inputs, None if key is None else jax.random.fold_in(key, i), batch_size)
     return entropy_loss(apply_fn, _merge(base, taus, c, groups, masks), batches, classes)
 
-  def step(i, carry):
-    c, state = carry
-    batches = _draw(inputs, None if key is None else jax.random.fold_in(key, i), batch_size)
-    updates, state = transform.update(jax.grad(loss)(c, batches), state, c)
-    return _project(optax.apply_updates(c, updates), clip), state
+  return _optimise(loss, coefficients, learning_rate, steps, clip, optimizer)
 
-  coefficients = _project(coefficients, clip)
-  coefficients, _ = jax.lax.fori_loop(0, steps, step, (coefficients, transform.init(coefficients)))
-  return coefficients
+
+@functools.partial(jax.jit, static_argnames=("objective", "groups", "optimizer"))
+def _fit_to_objective(
+    objective: Callable[[PyTree, Any], jax.Array],
+    base: PyTree,
+    taus: PyTree,
+    data: Any,
+    coefficients: jax.Array,
+    learning_rate: jax.Array,
+    steps: jax.Array,
+    clip: jax.Array,
+    *,
+    groups: tuple[int, ...],
+    optimizer: Optimizer,
+) -> jax.Array:
+  """f32[T, G]: the coefficients after `steps` full-batch optimiser steps on `objective(merged, data)`
+  (AdaMerging's optimisation on another loss: FW-Soft's, `frank_wolfe`)."""
+  return _optimise(lambda c, i: objective(_merge(base, taus, c, groups, None), data),
+                   coefficients, learning_rate, steps, clip, optimizer)
+
+
+class _Fit(NamedTuple):
+  """Checked optimisation settings: each leaf's column, initial f32[T, G], steps, rate, clip, optimizer."""
+
+  groups: tuple[int, ...]
+  coefficients: jax.Array
+  steps: int
+  learning_rate: float
+  clip: bool
+  optimizer: Optimizer
+
+
+def _check_fit(base: PyTree, num_models: int, *, granularity: str = "task", blocks: Blocks | None = None,
+               steps: int = 1000, learning_rate: float = 1e-3, init: float | Sequence[float] = 0.3,
+               clip: bool = False, optimizer: Optimizer = optax.adam) -> _Fit:
+  """`adamerging`'s optimisation keywords, checked (its defaults), for `num_models` task vectors."""
+  granularity = _check_granularity(granularity, blocks)
+  steps = _check_steps("steps", steps)
+  learning_rate = _check_positive("learning_rate", learning_rate)
+  optimizer = _check_optimizer(optimizer)
+  groups, columns = _leaf_groups(base, granularity, blocks)
+  return _Fit(groups, _initial_coefficients(init, num_models, columns), steps, learning_rate, bool(clip), optimizer)
 
 
 _merge_jit = jax.jit(_merge, static_argnames="groups")
@@ -359,21 +412,18 @@ def _learn(
     batch_size, classes, key, optimizer, masks=None,
 ) -> tuple[PyTree, jax.Array, jax.Array, tuple[int, ...]]:
   """Checked-argument core: (merged, coefficients f32[T, G], task vectors, groups)."""
-  granularity = _check_granularity(granularity, blocks)
+  _check_granularity(granularity, blocks)
   models = tv._check_models(base, models)
-  steps = _check_steps("steps", steps)
-  learning_rate = _check_positive("learning_rate", learning_rate)
-  optimizer = _check_optimizer(optimizer)
-  groups, columns = _leaf_groups(base, granularity, blocks)
-  coefficients = _initial_coefficients(init, len(models), columns)
+  fit = _check_fit(base, len(models), granularity=granularity, blocks=blocks, steps=steps,
+                   learning_rate=learning_rate, init=init, clip=clip, optimizer=optimizer)
   inputs, classes = _check_inputs(apply_fn, base, inputs, classes, batch_size, key)
   taus = _task_vectors(base, models)
   coefficients = _fit_coefficients(
-      base, taus, masks, inputs, classes, coefficients, jnp.float32(learning_rate), steps, bool(clip),
+      base, taus, masks, inputs, classes, fit.coefficients, jnp.float32(fit.learning_rate), fit.steps, fit.clip,
       None if batch_size is None else key,
-      apply_fn=apply_fn, groups=groups, optimizer=optimizer, batch_size=batch_size,
+      apply_fn=apply_fn, groups=fit.groups, optimizer=fit.optimizer, batch_size=batch_size,
   )
-  return _merge_jit(base, taus, coefficients, groups, masks), coefficients, taus, groups
+  return _merge_jit(base, taus, coefficients, fit.groups, masks), coefficients, taus, fit.groups
 
 
 def adamerging(

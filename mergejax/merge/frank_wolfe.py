@@ -31,17 +31,28 @@ The FW gap <g_t, theta_t - s> >= f(theta_t) - min_C f for convex f is
 recorded per step, a certificate of how far theta_t can be from the best
 point of C (none for non-convex losses).
 
-`variant="soft"` is FW-Soft's data use: each task j (in order) takes the
-gradient of its own loss and picks its own vertex, distinct from those the
-earlier tasks picked at this step (at most K vertices, as FusionBench stops
-when the pool is used up), and theta moves toward their mean,
-theta + gamma (mean_j s_j - theta), which stays in C for gamma <= 1.
-FusionBench's soft merge without AdaMerging adds 0.3 gamma (s_j - theta) per
-selected vertex, i.e. steps 0.3 J times as far toward their mean (J
-selected; beyond C when 0.3 J > 1). Its AdaMerging-weighted combination of
-the selected vertices is not implemented, so with as many tasks as task
-vectors every step selects them all and moves toward the uniform average of
-the fine-tuned models.
+`variant="soft"` is FW-Soft: each task j (in order) takes the gradient of
+its own loss and picks its own vertex s_j, distinct from those the earlier
+tasks picked at this step (at most K vertices, as FusionBench stops when the
+pool is used up), and the step is the soft combination
+
+    theta_{t+1} = theta_t + sum_j lambda_j (s_j - theta_t)
+
+whose weights lambda are learned as AdaMerging learns task-arithmetic
+coefficients (`mergejax.merge.adamerging`'s optimisation, with theta_t as
+the base and the picked models as the fine-tuned ones; `soft` takes its
+keywords: steps, learning_rate, init, granularity, blocks, clip,
+optimizer), minimising the same f on the same data; `granularity="layer"`
+learns one lambda per pick and leaf (or block). This is FusionBench's
+`FrankWolfeSoftAlgorithm` with `merge_fn="adamerging"` and its
+cross-entropy `ada_loss` (by default it learns the weights on the prediction
+entropy of unlabelled inputs while its oracle reads the labelled loss; here
+both read `loss_fn` and `data`); there is no step-size
+rule, and as there (clamping off) the weights are not constrained, so a soft
+step may leave C. When every vertex is picked (as many tasks as task
+vectors), an exact soft step minimises f over the affine hull of theta_t and
+the pool, which holds the hard step's segment: from one theta it ends no
+higher than a hard step. With fewer tasks no such order holds.
 FusionBench's hard merge starts from task arithmetic (pass it as `init`)
 and adds the initial model to the pool.
 
@@ -52,7 +63,7 @@ the whole tree; the loop and the line search run on the host. Every leaf
 keeps its dtype.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import functools
 import math
 import numbers
@@ -63,11 +74,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import tree
+from mergejax.merge.adamerging import _check_fit, _fit_to_objective, _merge_jit
+from mergejax.merge import task_vectors as tv
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
 
 VARIANTS = ("hard", "soft")
+SOFT_OPTIONS = frozenset({"steps", "learning_rate", "init", "granularity", "blocks", "clip", "optimizer"})
 ALIGNMENTS = ("inner", "cosine")
 STEP_SIZES = ("harmonic", "line_search")
 
@@ -77,16 +91,21 @@ class FWTrace(NamedTuple):
 
   chosen: per step, the pool indices of the vertices moved toward (one for
     "hard", one per task that picked for "soft").
-  step_sizes: f64[T], gamma_t.
+  step_sizes: f64[T], gamma_t; for "soft", the weights' sum sum_j lambda_j
+    (mean over the columns layer-wise): the step toward their weighted mean.
   losses: f64[T + 1], f(theta_t) for t = 0..T (the last: the returned model).
-  gaps: f64[T], the FW gap <g_t, theta_t - s_t> (s_t the direction's vertex,
-    the selected vertices' mean for "soft").
+  gaps: f64[T], the FW gap <g_t, theta_t - s_t>, s_t the oracle's vertex for
+    the summed gradient g_t (the textbook certificate, for either variant).
+  weights: per step, the weight of each chosen vertex's direction s_j -
+    theta_t: f64[1] = [gamma_t] for "hard"; for "soft" the learned lambda,
+    f64[J] task-wise, f64[J, G] layer-wise.
   """
 
   chosen: list[tuple[int, ...]]
   step_sizes: np.ndarray
   losses: np.ndarray
   gaps: np.ndarray
+  weights: list[np.ndarray]
 
 
 @jax.jit
@@ -119,7 +138,7 @@ def fw_alignments(gradient: PyTree, pool: Sequence[PyTree], *, alignment: str = 
       cos(g_leaf, tau_k leaf), 0 for a zero leaf).
   """
   _check_choice("alignment", alignment, ALIGNMENTS)
-  pool = _check_pool(pool, gradient, "gradient")
+  pool = tv._check_models(gradient, pool, "pool", "gradient", "task vector")
   fn = _inner_alignments if alignment == "inner" else _cosine_alignments
   return fn(gradient, pool)
 
@@ -155,9 +174,10 @@ def _step(theta: PyTree, base: PyTree, direction: PyTree, gamma: jax.Array) -> P
 
 
 @jax.jit
-def _mean(trees: Sequence[PyTree]) -> PyTree:
-  """The mean of several task vectors, in float32."""
-  return jax.tree.map(lambda *xs: sum(x.astype(jnp.float32) for x in xs) / len(xs), *trees)
+def _directions(theta: PyTree, base: PyTree, picked: Sequence[PyTree]) -> PyTree:
+  """A tree like theta of f32[J, *leaf.shape]: base + tau_j - theta for each picked task vector."""
+  return jax.tree.map(lambda x, b, *ts: jnp.stack([b.astype(jnp.float32) + t.astype(jnp.float32)
+                                                   - x.astype(jnp.float32) for t in ts]), theta, base, *picked)
 
 
 @jax.jit
@@ -184,7 +204,8 @@ def _task_losses(value_and_grad, theta: PyTree, data: Sequence[Sequence[Any]]):
 
 @functools.lru_cache(maxsize=8)
 def _compiled(loss_fn: LossFn):
-  """loss_fn's jitted value_and_grad and slope along a step; kept, so calls with one loss_fn compile once."""
+  """loss_fn's jitted value_and_grad, slope along a step, and f (the soft weights' objective); kept, so
+  calls with one loss_fn compile once."""
   @jax.jit
   def slope(theta, base, direction, gamma, batch):
     """d/dgamma loss_fn(theta + gamma (base + direction - theta), batch)."""
@@ -193,7 +214,11 @@ def _compiled(loss_fn: LossFn):
                                             - x.astype(jnp.float32)).astype(x.dtype), theta, base, direction)
     return jax.jvp(lambda v: loss_fn(v, batch), (point,), (tangent,))[1]
 
-  return jax.jit(jax.value_and_grad(loss_fn)), slope
+  def objective(theta, data):
+    """f(theta) = sum over tasks of the mean loss over the task's batches (traced)."""
+    return sum(sum(loss_fn(theta, b) for b in batches) / len(batches) for batches in data)
+
+  return jax.jit(jax.value_and_grad(loss_fn)), slope, objective
 
 
 def _line_search(slope_at: Callable[[float], float], iterations: int) -> float:
@@ -239,18 +264,6 @@ def _check_indices(indices: Sequence[int], size: int) -> list[int]:
   return out
 
 
-def _check_pool(pool: Sequence[PyTree], like: PyTree, like_name: str) -> list[PyTree]:
-  pool = list(pool)
-  if not pool:
-    raise ValueError("pool is empty: FW-merging needs at least one task vector")
-  for k, tau in enumerate(pool):
-    try:
-      tree.check_same_shapes(like, tau)
-    except ValueError as e:
-      raise ValueError(f"pool[{k}] does not match {like_name}: {e}") from None
-  return pool
-
-
 def _check_data(data: Sequence[Sequence[Any]]) -> list[list[Any]]:
   data = [list(batches) for batches in data]
   if not data:
@@ -274,6 +287,7 @@ def fw_merge(
     alignment: str = "inner",
     init: PyTree | None = None,
     line_search_iterations: int = 20,
+    soft: Mapping[str, Any] | None = None,
 ) -> tuple[PyTree, FWTrace]:
   """FW-merging (Chen et al. 2025): see the module docstring for the steps.
 
@@ -290,14 +304,19 @@ def fw_merge(
     steps: T >= 1, the FW steps.
     step_size: "harmonic" (gamma_t = step_scale * 2 / (t + 2)) or
       "line_search" (gamma in [0, 1] where f stops falling along the
-      direction, to 2^-line_search_iterations).
+      direction, to 2^-line_search_iterations); "hard" only.
     step_scale: the harmonic rule's factor, in (0, 1] (FusionBench's
-      `step_size`); ignored by line search.
+      `step_size`); ignored by line search and "soft".
     variant: "hard" (one vertex per step, on the summed loss's gradient) or
-      "soft" (one vertex per task on its own loss's gradient, their mean).
+      "soft" (one vertex per task on its own loss's gradient, combined with
+      weights learned on f).
     alignment: the oracle's score, "inner" or "cosine" (`fw_alignments`).
     init: theta_0, shaped like base (default: base).
     line_search_iterations: bisection halvings per step, >= 1.
+    soft: "soft" only: the weights' optimisation, `mj.merge.adamerging`'s
+      keywords steps, learning_rate, init, granularity, blocks, clip and
+      optimizer, each defaulting to adamerging's (1000 Adam steps at 1e-3
+      from 0.3, task-wise), run anew from `init` at every FW step.
 
   Returns:
     `(merged, FWTrace)`: theta_T (each leaf in the dtype of `init`'s, or
@@ -312,8 +331,17 @@ def fw_merge(
     raise ValueError(f"step_scale must be in (0, 1], got {step_scale}")
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be a callable (variables, batch) -> scalar, got {loss_fn!r}")
-  pool = _check_pool(pool, base, "base")
+  if soft is not None and variant != "soft":
+    raise ValueError(f"soft holds the soft variant's weight optimisation; got it with variant={variant!r}")
+  pool = tv._check_models(base, pool, "pool", "base", "task vector")
   data = _check_data(data)
+  fit = None
+  if variant == "soft":
+    unknown = sorted(set(soft or {}) - SOFT_OPTIONS)
+    if unknown:
+      raise ValueError(f"soft: unknown keys {unknown}; allowed {sorted(SOFT_OPTIONS)}")
+    fit = _check_fit(base, min(len(data), len(pool)), **(soft or {}))
+    task_wise = (soft or {}).get("granularity", "task") == "task"
   tree.check_finite(base, "base")
   for k, tau in enumerate(pool):
     tree.check_finite(tau, f"pool[{k}]")
@@ -326,29 +354,40 @@ def fw_merge(
     tree.check_finite(init, "init")
     theta = init
 
-  value_and_grad, slope = _compiled(loss_fn)
-  chosen, gammas, losses, gaps = [], [], [], []
+  value_and_grad, slope, objective = _compiled(loss_fn)
+  chosen, gammas, losses, gaps, weights = [], [], [], [], []
   for t in range(steps):
     task_losses, task_grads = _task_losses(value_and_grad, theta, data)
     losses.append(sum(task_losses))
     gradient = jax.tree.map(lambda *gs: sum(gs), *task_grads)
+    vertex = fw_select(gradient, pool, alignment=alignment)
+    gaps.append(float(_gap(gradient, theta, base, pool[vertex])))
     if variant == "hard":
-      picks = (fw_select(gradient, pool, alignment=alignment),)
+      picks = (vertex,)
+      if step_size == "harmonic":
+        gamma = step_scale * 2.0 / (t + 2)
+      else:
+        gamma = _line_search(
+            lambda s, th=theta, d=pool[vertex]: sum(float(slope(th, base, d, s, b)) / len(bs)
+                                                    for bs in data for b in bs),
+            line_search_iterations)
+      theta = _step(theta, base, pool[vertex], jnp.float32(gamma))
+      lam = np.array([gamma])
     else:
       picked: list[int] = []
       for g in task_grads[:len(pool)]:
         picked.append(fw_select(g, pool, alignment=alignment, exclude=picked))
       picks = tuple(picked)
-    direction = pool[picks[0]] if len(picks) == 1 else _mean([pool[k] for k in picks])
-    gaps.append(float(_gap(gradient, theta, base, direction)))
-    if step_size == "harmonic":
-      gamma = step_scale * 2.0 / (t + 2)
-    else:
-      gamma = _line_search(
-          lambda s, th=theta, d=direction: sum(float(slope(th, base, d, s, b)) / len(bs) for bs in data for b in bs),
-          line_search_iterations)
-    theta = _step(theta, base, direction, jnp.float32(gamma))
+      directions = _directions(theta, base, [pool[k] for k in picks])
+      lam = _fit_to_objective(
+          objective, theta, directions, data, fit.coefficients, jnp.float32(fit.learning_rate), fit.steps,
+          fit.clip, groups=fit.groups, optimizer=fit.optimizer)
+      theta = _merge_jit(theta, directions, lam, fit.groups, None)
+      lam = np.asarray(lam, np.float64)
+      lam = lam[:, 0] if task_wise else lam
+      gamma = float(lam.sum(0).mean())
     chosen.append(picks)
     gammas.append(gamma)
+    weights.append(lam)
   losses.append(sum(_task_losses(value_and_grad, theta, data)[0]))  # value_and_grad: compiled already
-  return theta, FWTrace(chosen, np.array(gammas), np.array(losses), np.array(gaps))
+  return theta, FWTrace(chosen, np.array(gammas), np.array(losses), np.array(gaps), weights)

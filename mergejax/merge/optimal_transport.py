@@ -141,23 +141,21 @@ def ot_fusion(
     x: Any,
     *,
     t: float = 0.5,
-    cost: str = "weight",
-    epsilon: float = 0.0,
-    apply_fn_b: Callable[..., Any] | None = None,
-    spec: spec_lib.PermutationSpec | None = None,
-    spec_b: spec_lib.PermutationSpec | None = None,
+    **options: Any,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
-  """Fuses B into A's widths: `(1 - t) A + t B'`, B' = `ot_align(...)`.
+  """Fuses B into A's widths: `(1 - t) A + t B'`, B' = `ot_align(apply_fn, va, vb, x, **options)`.
 
-  Args: as `ot_align`, and `t` in [0, 1], B's weight.
+  Args:
+    apply_fn, va, vb, x: as `ot_align`.
+    t: B's weight, in [0, 1].
+    **options: `ot_align`'s keywords (cost, epsilon, apply_fn_b, spec, spec_b).
 
   Returns:
     (fused variables with A's shapes and dtypes, plans {group: f32[n_b, n_a]}).
   """
   if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
     raise ValueError(f"ot_fusion: t must be a number in [0, 1], got {t!r}")
-  aligned, plans = ot_align(apply_fn, va, vb, x, cost=cost, epsilon=epsilon, apply_fn_b=apply_fn_b,
-                            spec=spec, spec_b=spec_b)
+  aligned, plans = ot_align(apply_fn, va, vb, x, **options)
   fused = jax.tree.map(lambda a, b: jnp.asarray((1 - t) * np.asarray(a, np.float32) + t * np.asarray(b, np.float32),
                                                 jnp.result_type(a)), va, aligned)
   return fused, plans
@@ -388,7 +386,7 @@ def _activation_costs(apply_fn, apply_fn_b, spec_a, spec_b, va, vb, x) -> dict[s
   averaged over the group's features (activation matching's features)."""
   plans = []
   for fn, spec, v in ((apply_fn, spec_a, va), (apply_fn_b, spec_b, vb)):
-    plans.append(align._feature_plan(spec, align._uses_for(fn, v, x, False)))  # pylint: disable=protected-access
+    plans.append(align.feature_plan(spec, align.traced_kernel_uses(fn, v, x)))
   plan_a, plan_b = plans
   if [(f.group, f.path, f.use, f.axis) for f in plan_a] != [(f.group, f.path, f.use, f.axis) for f in plan_b]:
     raise ValueError("ot_align: A's and B's kernels read their groups differently")
@@ -421,7 +419,7 @@ def _features(apply_fn: Callable[..., Any], plan: tuple) -> Callable[[PyTree, An
 
   def run(variables, x):
     uses = trace.kernel_uses(apply_fn)(variables, x)[1]
-    return [align._feature_rows(uses[f.path][f.use].output if f.is_output  # pylint: disable=protected-access
-                                else uses[f.path][f.use].input, f) for f in plan]
+    return [align.feature_rows(uses[f.path][f.use].output if f.is_output
+                               else uses[f.path][f.use].input, f) for f in plan]
 
   return jax.jit(run)

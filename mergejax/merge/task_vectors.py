@@ -259,16 +259,21 @@ def leaf_key(key: jax.Array, model_index: int, path: Sequence[Any]) -> jax.Array
   return jax.random.fold_in(jax.random.fold_in(key, model_index), _path_hash(path))
 
 
-def _check_models(base: PyTree, models: Sequence[PyTree]) -> list[PyTree]:
-  """The models as a list, after checking there is one and all match the base."""
+def _check_models(base: PyTree, models: Sequence[PyTree], name: str = "models", base_name: str = "the base",
+                  what: str = "model") -> list[PyTree]:
+  """The models as a list, after checking there is one and all match the base.
+
+  The errors name the argument (`name`, e.g. "pool"), the tree it must match
+  (`base_name`) and what one entry is (`what`, e.g. "task vector").
+  """
   models = list(models)
   if not models:
-    raise ValueError("models: need at least one model")
+    raise ValueError(f"{name}: need at least one {what}")
   for i, model in enumerate(models):
     try:
       tree.check_same_shapes(base, model)
     except ValueError as e:
-      raise ValueError(f"models[{i}] does not match the base: {e}") from None
+      raise ValueError(f"{name}[{i}] does not match {base_name}: {e}") from None
   return models
 
 

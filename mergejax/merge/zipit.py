@@ -46,13 +46,13 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
   """
   example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "zipit")
   unroll = bool(spec.batch_sizes)
-  uses = align._uses_for(apply_fn, va, example, unroll)
+  uses = align.traced_kernel_uses(apply_fn, va, example, unroll)
   flat_spec = align._flat_spec(spec, va, uses) if unroll else spec
-  plan = align._feature_plan(flat_spec, uses)
+  plan = align.feature_plan(flat_spec, uses)
 
   def features(variables, x):
     _, found = trace.kernel_uses(apply_fn, unroll_scans=unroll)(variables, x)
-    return [align._feature_rows(found[f.path][f.use].output if f.is_output else found[f.path][f.use].input, f)
+    return [align.feature_rows(found[f.path][f.use].output if f.is_output else found[f.path][f.use].input, f)
             for f in plan]
 
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)

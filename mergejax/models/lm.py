@@ -14,6 +14,14 @@ kernel or separate; biases or none; a head tied to the embedding
 (`logits = h @ E^T`) or separate; and `scan=True`, which runs the blocks under
 `nn.scan` with their params stacked on a leading layer axis
 (`variable_axes={"params": 0}`; `stack_layers`/`unstack_layers` convert).
+`moe=dict(num_experts=E, top_k=k)` makes every block's MLP the zoo's sparse
+mixture of experts (`mergejax.models.moe.MoE`, reused as it is: a router
+`block{i}/moe/router` and E ReLU experts with biases stacked on a leading
+axis, `w_in [E, d, f]`, `b_in [E, f]`, `w_out [E, f, d]`, `b_out [E, d]`, f =
+`mlp_dim`; the same in both styles), unrolled only (`scan=True` with `moe` is
+refused). `mergejax.models.moe.routing_fn(model, "block{i}/moe")` gives a
+block's router logits and expert activations (every token a row), and
+`mergejax.merge.msmoe` merges its experts.
 
 `style` picks the defaults of the architecture options (any can be given):
 
@@ -100,7 +108,11 @@ Groups (`groups()`, in forward order; block i of `depth`):
     queries/keys and of values/output projection; never widened (fixed
     groups). With RoPE the q/k units are fixed by the rotation's frequencies
     and pairing, so there is no `qk_dim` group;
-  `block{i}.mlp`: the MLP hidden units (SwiGLU: gate and up together).
+  `block{i}.mlp`: the MLP hidden units (SwiGLU: gate and up together);
+  `block{i}.experts` instead with `moe`: each expert's hidden units, a
+    batched group over the E experts (`AxisRef.batch = 0`, permutation
+    int[E, f]: one per expert, as `moe_mlp`'s `experts`); the router's
+    expert axis is fixed (top-k).
 
 With `scan=True` the block groups are `blocks.X`, one for all the layers
 (every layer has one set of widths): `groups()` is `embed` and `blocks.X`,
@@ -125,7 +137,7 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -134,6 +146,7 @@ import numpy as np
 
 from mergejax import spec as spec_lib
 from mergejax.models import config
+from mergejax.models import moe as moe_lib
 
 STYLES = {
     "gpt2": dict(positions="learned", norm="layer", mlp="gelu", fused_qkv=True, use_bias=True,
@@ -194,6 +207,8 @@ class Block(nn.Module):
   mlp: str
   fused_qkv: bool
   use_bias: bool
+  num_experts: int = 0  # > 0: the MLP is `moe.MoE` with mlp_dim hidden units per expert.
+  top_k: int = 0
   scanned: bool = False  # As a scan body: (x, None) -> (x, None).
 
   @nn.compact
@@ -214,6 +229,9 @@ class Block(nn.Module):
       q, k = rope(q, self.rope_base), rope(k, self.rope_base)
     x = x + dense(d, "attn_out")(causal_attention(q, k, v))
     y = _norm(self.norm, self.norm_epsilon, self.use_bias, "ln_mlp")(x)
+    if self.num_experts:
+      x = x + moe_lib.MoE(self.num_experts, self.mlp_dim, self.top_k, name="moe")(y)
+      return (x, None) if self.scanned else x
     if self.mlp == "swiglu":
       y = nn.silu(dense(self.mlp_dim, "mlp_gate")(y)) * dense(self.mlp_dim, "mlp_up")(y)
     else:
@@ -230,10 +248,12 @@ class LM(nn.Module):
     max_len: the position table's length (learned positions); longer inputs
       are refused.
     embed_dim: the residual stream's width.
-    num_heads, num_kv_heads, mlp_dims: per block.
+    num_heads, num_kv_heads, mlp_dims: per block (with experts: each
+      expert's hidden units).
     head_dim: the units of every head.
     positions, rope_base, norm, norm_epsilon, mlp, fused_qkv, use_bias,
       tie_embeddings, scan: as `LMConfig`.
+    num_experts, top_k: `LMConfig.moe` (0: dense MLPs).
   """
 
   vocab_size: int
@@ -252,13 +272,15 @@ class LM(nn.Module):
   use_bias: bool = True
   tie_embeddings: bool = True
   scan: bool = False
+  num_experts: int = 0
+  top_k: int = 0
 
   def _block_args(self, i: int) -> dict[str, Any]:
     return dict(
         num_heads=self.num_heads[i], num_kv_heads=self.num_kv_heads[i], head_dim=self.head_dim,
         mlp_dim=self.mlp_dims[i], positions=self.positions, rope_base=self.rope_base,
         norm=self.norm, norm_epsilon=self.norm_epsilon, mlp=self.mlp, fused_qkv=self.fused_qkv,
-        use_bias=self.use_bias,
+        use_bias=self.use_bias, num_experts=self.num_experts, top_k=self.top_k,
     )
 
   @nn.compact
@@ -286,6 +308,29 @@ class LM(nn.Module):
     if self.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)
     return nn.Dense(self.vocab_size, use_bias=False, kernel_init=_INIT, name="lm_head")(x).astype(jnp.float32)
+
+
+class MoEOptions(NamedTuple):
+  """`LMConfig.moe`: every block's MLP a top-k mixture of `num_experts` experts (`models.moe.MoE`)."""
+
+  num_experts: int
+  top_k: int
+
+
+def _moe_options(value: Any) -> MoEOptions | None:
+  """`LMConfig.moe` normalised: None, or a mapping with exactly num_experts and top_k."""
+  if value is None:
+    return None
+  if hasattr(value, "to_dict"):  # an ml_collections.ConfigDict
+    value = value.to_dict()
+  if isinstance(value, MoEOptions):
+    value = value._asdict()
+  if not isinstance(value, Mapping) or set(value) != set(MoEOptions._fields):
+    raise ValueError(f"lm: moe must be None or dict(num_experts=E, top_k=k), got {value!r}")
+  options = MoEOptions(**{k: config.positive_int(f"moe.{k}", value[k]) for k in MoEOptions._fields})
+  if options.top_k > options.num_experts:
+    raise ValueError(f"lm: moe.top_k {options.top_k} exceeds moe.num_experts {options.num_experts}")
+  return options
 
 
 def _choice(field: str, value: Any, options: Sequence[str]) -> str:
@@ -319,6 +364,12 @@ class LMConfig(config.ModelConfig):
     use_bias: biases in every Dense layer (and LayerNorm).
     tie_embeddings: the head is the embedding table transposed.
     scan: run the blocks under `nn.scan`, params stacked on a leading axis.
+    moe: None (dense MLPs), or `dict(num_experts=E, top_k=k)`: every block's
+      MLP is the zoo's mixture of experts (`models.moe.MoE`: a router and E
+      ReLU experts with biases, `mlp_dim` hidden units each, in either
+      style; `mlp` and `use_bias` then shape only the attention), params
+      `block{i}/moe/...`, group `block{i}.experts` (batched over the E
+      experts). Stored as a `MoEOptions`. Not with `scan=True`.
     num_classes: the head's width is `vocab_size`; leave it None.
   """
 
@@ -342,6 +393,7 @@ class LMConfig(config.ModelConfig):
   use_bias: bool | None = None
   tie_embeddings: bool | None = None
   scan: bool = False
+  moe: Mapping[str, int] | MoEOptions | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "max_len", "embed_dim", "depth", "head_dim"):
@@ -385,10 +437,18 @@ class LMConfig(config.ModelConfig):
       self._set("mlp_dim", config.per_layer("mlp_dim", self.mlp_dim, self.depth))
     if self.scan and (len(set(heads)) > 1 or len(set(kv)) > 1 or len(set(self.mlp_dim)) > 1):
       raise ValueError("lm: scan=True needs the same num_heads, num_kv_heads and mlp_dim in every block")
+    self._set("moe", _moe_options(self.moe))
+    if self.moe is not None and self.scan:
+      raise ValueError("lm: moe with scan=True is not supported (the experts' batched group would sit inside"
+                       " the layers' batched group); use scan=False")
 
   def _grouped(self, i: int) -> bool:
     """Whether block i is grouped-query (fewer kv heads than query heads)."""
     return self.num_kv_heads[i] < self.num_heads[i]
+
+  def _mlp_group(self, blk: str) -> str:
+    """The group of a block's MLP hidden units: `{blk}.mlp`, or `{blk}.experts` (batched) with moe."""
+    return f"{blk}.mlp" if self.moe is None else f"{blk}.experts"
 
   def _block_names(self) -> list[str]:
     """Each block's group prefix: `block{i}`, or `blocks` for every block under scan."""
@@ -405,7 +465,7 @@ class LMConfig(config.ModelConfig):
       if self.positions != "rope":
         out[f"{blk}.qk_dim"] = self.head_dim
       out[f"{blk}.vo_dim"] = self.head_dim
-      out[f"{blk}.mlp"] = self.mlp_dim[i]
+      out[self._mlp_group(blk)] = self.mlp_dim[i]
     return out
 
   def fixed_groups(self) -> frozenset[str]:
@@ -428,14 +488,15 @@ class LMConfig(config.ModelConfig):
       else:
         heads.append(widths[f"{blk}.heads"])
         kv_heads.append(widths[f"{blk}.heads"])
-    mlp_dims = tuple(widths[f"{blk}.mlp"] for blk in names)
+    mlp_dims = tuple(widths[self._mlp_group(blk)] for blk in names)
+    experts = (0, 0) if self.moe is None else self.moe
     return LM(
         vocab_size=self.vocab_size, max_len=self.max_len, embed_dim=widths["embed"],
         num_heads=tuple(heads), num_kv_heads=tuple(kv_heads), head_dim=self.head_dim,
         mlp_dims=mlp_dims, positions=self.positions, rope_base=float(self.rope_base),
         norm=self.norm, norm_epsilon=float(self.norm_epsilon), mlp=self.mlp,
         fused_qkv=self.fused_qkv, use_bias=self.use_bias, tie_embeddings=self.tie_embeddings,
-        scan=self.scan,
+        scan=self.scan, num_experts=experts[0], top_k=experts[1],
     )
 
   def permutation_spec(self, variables) -> spec_lib.PermutationSpec:
@@ -446,7 +507,11 @@ class LMConfig(config.ModelConfig):
     self._outer_refs(b)
     for i in range(self.depth):
       self._block_refs(b, f"block{i}", i)
-    return b.build()
+    if self.moe is None:
+      return b.build()
+    experts = {f"block{i}.experts" for i in range(self.depth)}
+    refs = {g: [r._replace(batch=0) for r in rs] if g in experts else rs for g, rs in b.refs.items()}
+    return spec_lib.PermutationSpec(refs, b.sizes, {g: self.moe.num_experts for g in sorted(experts)})
 
   def _outer_refs(self, b: config.SpecBuilder) -> None:
     """The stream axes of the leaves outside the blocks: embeddings, final norm, head."""
@@ -505,6 +570,13 @@ class LMConfig(config.ModelConfig):
     if self.use_bias:
       add("embed", (*out, "bias"), 0)
     self._norm_refs(b, [blk, "ln_mlp"], offset=offset)
+    if self.moe is not None:
+      moe = ("params", blk, "moe")
+      for leaf, axis in ((("router", "kernel"), 0), (("w_in",), 1), (("w_out",), 2), (("b_out",), 1)):
+        add("embed", (*moe, *leaf), axis)
+      for leaf, axis in (("w_in", 2), ("b_in", 1), ("w_out", 1)):
+        add(f"{blk}.experts", (*moe, leaf), axis)  # batched over the experts (permutation_spec)
+      return
     for name in ("mlp_gate", "mlp_up") if self.mlp == "swiglu" else ("mlp_up",):
       add("embed", ("params", blk, name, "kernel"), 0)
       add(f"{blk}.mlp", ("params", blk, name, "kernel"), 1)

@@ -3,6 +3,7 @@
     model = mj.models.build("moe_mlp", features=(64,), num_experts=8, expert_features=32, top_k=2)
     logits = model.apply(variables, x)               # x: f32[batch, ...] -> f32[batch, num_classes]
     routing = mj.models.moe.routing_fn(model)        # (variables, x) -> (router logits, expert hidden)
+    mj.models.moe.block_paths(variables["params"])   # ["moe"]; ["block0/moe", ...] for the LM's moe option
 
 `MoE` maps `x: f32[..., d]` to `sum_e gate_e(x) expert_e(x)`, where
 `expert_e(x) = relu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]` and the
@@ -142,6 +143,52 @@ def routing_fn(model: nn.Module, block: str = "moe") -> Callable[[Any, jax.Array
     return sown["router_logits"][0], sown["expert_hidden"][0]
 
   return fn
+
+
+_BLOCK_LEAVES = frozenset({"router", "w_in", "b_in", "w_out", "b_out"})
+
+
+def block_paths(params: Mapping[str, Any]) -> list[str]:
+  """The `/`-joined paths of every `MoE` block in a params tree, in the tree's (sorted) order.
+
+  A block is a mapping with the leaves `router`, `w_in`, `b_in`, `w_out`,
+  `b_out` (the module docstring's layout); e.g. `["moe"]` for `moe_mlp`,
+  `["block0/moe", "block1/moe"]` for `build("lm", moe=...)` of depth 2. Each
+  path is also the block's `routing_fn(model, path)` (sown intermediates
+  follow the params' module names).
+  """
+  out = []
+
+  def walk(node, prefix):
+    if _BLOCK_LEAVES <= set(node):
+      out.append("/".join(prefix))
+      return
+    for key in sorted(node):
+      if isinstance(node[key], Mapping):
+        walk(node[key], (*prefix, key))
+
+  walk(params, ())
+  return out
+
+
+def replace_blocks(params: Mapping[str, Any], blocks: Mapping[str, Any]) -> dict[str, Any]:
+  """`params` with the block at each `/`-joined path of `blocks` replaced (`block_paths` names them).
+
+  Raises:
+    KeyError: naming a path of `blocks` that is not a block of `params`.
+  """
+  known = block_paths(params)
+  unknown = sorted(set(blocks) - set(known))
+  if unknown:
+    raise KeyError(f"replace_blocks: {unknown} are not MoE blocks of the params (blocks: {known})")
+
+  def put(node, keys, value):
+    return value if not keys else {**node, keys[0]: put(node[keys[0]], keys[1:], value)}
+
+  out = dict(params)
+  for path, block in blocks.items():
+    out = put(out, path.split("/"), block)
+  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
