@@ -68,8 +68,10 @@ def test_merging_a_permuted_copy_of_itself_gives_the_model(seed, ratio):
   va = _mlp_init(jax.random.key(seed), (3, 5, 4, 2))
   x = jax.random.normal(jax.random.key(seed + 2), (5, 3))
   spec = mj.permutation_spec(_mlp, va, x)
-  vb = mj.apply_permutation(spec, mj.random_permutation(spec, jax.random.key(seed + 3)), va)
-  vb = mj.apply_permutation(spec, mj.weight_matching(spec, va, vb, key=jax.random.key(0)).perm, vb)
+  perm = mj.random_permutation(spec, jax.random.key(seed + 3))
+  # Aligned by the inverse permutation: weight matching's coordinate descent can stop short of it on units this
+  # few (seed 87: two hidden units of 4 left swapped), which is weight matching's property, not combine's.
+  vb = mj.apply_permutation(spec, mj.invert_permutation(perm), mj.apply_permutation(spec, perm, va))
   rng = np.random.default_rng(seed)
   full = {g: combine.partial_map(np.ones(n, bool)) for g, n in spec.sizes.items()}
   merged = combine.combine(spec, full, va, vb, inputs=_inputs(_mlp, va, x))
