@@ -19,7 +19,9 @@ cost analysis) plus every Gram's three blocks `2 rows 3 d^2` (d the kernel's
 input features in one model); solves, per kernel the system's products (`4 (2 d^2
 k + 2 d k^2)`, k its output features in one model) and per block a Cholesky
 factorisation (`p^3 / 3`) and two triangular solves (`2 p^2 q`), p its input
-rows and q its output columns; repair, the merged model's forward passes
+rows and q its output columns, except for a layer kept whole (inputs and
+outputs: its blocks keep their weights, `least_squares._own_solution`), which
+costs only `||Y||^2`'s products `G_ss W_s` (`2 d^2 k` per model); repair, the merged model's forward passes
 (cost analysis). Match and allocation have no floor here (weight matching's
 is in the weight matching section of RESULTS.md; the allocation is a MILP and
 gathers).
@@ -120,6 +122,9 @@ def stage_flops(apply_fn, va, merged, merged_apply, kernels, report, x) -> dict[
     gram += 2 * n * positions * 3 * d**2  # the symmetric Gram's blocks X_a^T X_a, X_a^T X_b, X_b^T X_b
     shape = np.shape(leaves[layer.path])
     d_merged = int(np.prod([shape[a] for a in k.plan.in_axes]))
+    if layer.blocks[0] == 0 and d_merged == 2 * d:  # kept whole: only ||Y||^2 of each model's block, G_ss W_s
+      solves += 2 * (2 * d**2 * outputs)
+      continue
     solves += 4 * (2 * d**2 * outputs + 2 * d * outputs**2)
     for rows, columns in zip((d_merged, d, d), layer.blocks):
       if columns:
