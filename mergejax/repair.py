@@ -14,6 +14,7 @@ originals' ones.
 """
 
 from collections.abc import Callable, Iterable
+import dataclasses
 import functools
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import align
 from mergejax import spec as spec_lib
 from mergejax import stacked
 from mergejax import stats
@@ -208,13 +210,7 @@ def repair(
 def _uses_in_order(apply_fn, variables, x, unroll_scans) -> list[tuple[tuple[str, ...], tuple[int, int]]]:
   """Kernels used once with one produced axis: (path, (output axis, kernel axis)); with
   `unroll_scans`, each copy of a kernel stacked under a scan (`path + (str(l),)`, its axes)."""
-  found = {}
-
-  def probe(v, x):
-    found.update(trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(v, x)[1])
-    return 0
-
-  jax.eval_shape(probe, variables, x)
+  found = align.traced_kernel_uses(apply_fn, variables, x, unroll_scans)
   return [(path, uses[0].output_axes[0]) for path, uses in found.items()
           if len(uses) == 1 and len(uses[0].output_axes) == 1]
 
@@ -246,20 +242,30 @@ def _write(leaves, located, value) -> dict:
   return {leaf: value if index is None else jnp.asarray(leaves[leaf]).at[index].set(value)}
 
 
-def _unit_stats(apply_fn, variables, batches, layers, eps, mesh, unroll_scans) -> list[tuple[jax.Array, jax.Array]]:
-  """Per layer: mean and std of each output unit (bias included) over the data, one streamed pass."""
+@dataclasses.dataclass(frozen=True)
+class _UnitOutputs:
+  """`(variables, x) -> [f32[..., units]]`: each layer's output units, bias included; a value (`stats.ByValue`
+  of `apply_fn`, the layers), so `repair` of one architecture compiles each pass once."""
 
-  def features(variables, x):
-    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(variables, x)
+  apply_fn: stats.ByValue
+  layers: tuple[tuple[tuple[str, ...], int, int], ...]
+  unroll_scans: bool
+
+  def __call__(self, variables, x):
+    _, uses = trace.kernel_uses(self.apply_fn, unroll_scans=self.unroll_scans)(variables, x)
     leaves = tree.leaves_by_path(variables)
     out = []
-    for path, out_axis, _ in layers:
+    for path, out_axis, _ in self.layers:
       y = jnp.moveaxis(uses[path][0].output, out_axis, -1)
       at = _bias(leaves, path)
       bias = None if at is None else _read(leaves, at)
       out.append(y + bias if bias is not None and bias.shape == y.shape[-1:] else y)
     return out
 
+
+def _unit_stats(apply_fn, variables, batches, layers, eps, mesh, unroll_scans) -> list[tuple[jax.Array, jax.Array]]:
+  """Per layer: mean and std of each output unit (bias included) over the data, one streamed pass."""
+  features = _UnitOutputs(stats.ByValue(apply_fn), tuple(tuple(layer) for layer in layers), unroll_scans)
   result = stats.accumulate(stats.unit_moments(features), variables, batches, mesh=mesh, progress=False)
   return [(r["mean"], jnp.sqrt(r["var"] + eps)) for r in result]
 

@@ -185,21 +185,31 @@ def unit_moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Ac
   the variance over rows (population: / count).
   """
 
-  def init(variables, x):
-    return [(jnp.float32(0), jnp.zeros(s.shape[-1]), jnp.zeros(s.shape[-1]))
-            for s in jax.eval_shape(feature_fn, variables, x)]
+  return Accumulator(functools.partial(_unit_moments_init, feature_fn), _UnitMomentsUpdate(feature_fn),
+                     _unit_moments_finalize)
 
-  def update(state, variables, x, mask, axis_name=None):
+
+def _unit_moments_init(feature_fn, variables, x):
+  return [(jnp.float32(0), jnp.zeros(s.shape[-1]), jnp.zeros(s.shape[-1]))
+          for s in jax.eval_shape(feature_fn, variables, x)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnitMomentsUpdate:
+  """`unit_moments`' update, a value: equal feature functions make equal updates (one compilation)."""
+
+  feature_fn: Callable[..., Sequence[jax.Array]]
+
+  def __call__(self, state, variables, x, mask, axis_name=None):
     out = []
-    for (n1, m1, c1), f in zip(state, feature_fn(variables, x)):
+    for (n1, m1, c1), f in zip(state, self.feature_fn(variables, x)):
       rows, w = _rows(f, mask)
       out.append(_merge_units((n1, m1, c1), _unit_batch(rows, w, axis_name)))
     return out
 
-  def finalize(state):
-    return [{"count": n, "mean": m, "var": c / jnp.maximum(n, 1.0)} for n, m, c in state]
 
-  return Accumulator(init, update, finalize)
+def _unit_moments_finalize(state):
+  return [{"count": n, "mean": m, "var": c / jnp.maximum(n, 1.0)} for n, m, c in state]
 
 
 def cross_moments(feature_fn: Callable[[PyTree, Any], Sequence[jax.Array]]) -> Accumulator:

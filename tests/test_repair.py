@@ -77,6 +77,12 @@ def test_repair_restores_interpolated_unit_statistics():
     np.testing.assert_allclose(s, 0.7 * sa + 0.3 * sb, rtol=1e-3, atol=1e-3)
   # The head is an output, not a group: left alone.
   np.testing.assert_array_equal(fixed["params"]["head"]["kernel"], merged["params"]["head"]["kernel"])
+  # A second repair of the architecture (another interpolation) reuses every compiled pass.
+  other, compiles = backend_compiles(repair.repair, spec, model.apply, va, vb, tree.lerp(va, vb, 0.6), [x], t=0.6)
+  assert compiles == 0
+  m, _ = _unit_moments(model, other, x, "hidden_0")
+  np.testing.assert_allclose(m, 0.4 * _unit_moments(model, va, x, "hidden_0")[0]
+                             + 0.6 * _unit_moments(model, vb, x, "hidden_0")[0], rtol=1e-3, atol=1e-3)
 
 
 def test_repair_of_a_model_with_itself_changes_nothing():

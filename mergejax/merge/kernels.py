@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import fractions
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,14 +58,7 @@ def model_kernels(apply_fn, variables, example, *, unroll_scans: bool = False) -
   With `unroll_scans`, copy l of a kernel stacked under a `scan` is a kernel
   of its own, at `path + (str(l),)` with the copy's shape (`trace.capture`).
   """
-  found = {}
-
-  def probe(v, x):
-    _, uses = trace.kernel_uses(apply_fn, unroll_scans=unroll_scans)(v, x)
-    found.update(uses)
-    return 0
-
-  jax.eval_shape(probe, variables, example)
+  found = align.traced_kernel_uses(apply_fn, variables, example, unroll_scans)
   leaves = tree.leaves_by_path(variables)
   out = []
   for path, uses in found.items():
