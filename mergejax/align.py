@@ -618,7 +618,7 @@ def activation_matching(
   example, batches = distributed.peek_any_process(mesh, peek, batches, "activation_matching")
   unroll = bool(spec.batch_sizes)
   uses = traced_kernel_uses(apply_fn, va, example, unroll)
-  batched, spec = spec, _flat_spec(spec, va, uses) if unroll else spec
+  batched, spec = spec, flat_spec(spec, va, uses) if unroll else spec
   plan = feature_plan(spec, uses)
   missing = sorted(g for g in set(spec.groups) - {f.group for f in plan} if spec.sizes[g] > 1)
   if missing:
@@ -643,8 +643,11 @@ def activation_matching(
   return _replicated_like(MatchResult(perm, jnp.reshape(total, (1,)), scores), va)
 
 
-def _flat_spec(spec: spec_lib.PermutationSpec, variables: PyTree, uses: Mapping) -> spec_lib.PermutationSpec:
-  """`stacked.unstack`'s flat spec, cutting every kernel the unrolled scans read by copy (`path + (l,)`)."""
+def flat_spec(spec: spec_lib.PermutationSpec, variables: PyTree, uses: Mapping) -> spec_lib.PermutationSpec:
+  """`stacked.unstack`'s flat spec, cutting every kernel the unrolled scans read by copy (`path + (l,)`).
+
+  `uses`: `traced_kernel_uses(..., unroll_scans=True)` of the model.
+  """
   return stacked.unstack(spec, variables, stacked=stacked.scanned_copies(variables, uses))[0]
 
 

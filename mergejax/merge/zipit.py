@@ -47,8 +47,8 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
   example, batches = distributed.peek_any_process(mesh, kernels_lib.peek, batches, "zipit")
   unroll = bool(spec.batch_sizes)
   uses = align.traced_kernel_uses(apply_fn, va, example, unroll)
-  flat_spec = align._flat_spec(spec, va, uses) if unroll else spec
-  plan = align.feature_plan(flat_spec, uses)
+  unrolled = align.flat_spec(spec, va, uses) if unroll else spec
+  plan = align.feature_plan(unrolled, uses)
 
   def features(variables, x):
     _, found = trace.kernel_uses(apply_fn, unroll_scans=unroll)(variables, x)
@@ -56,13 +56,13 @@ def correlations(spec, apply_fn, va, vb, batches, *, mesh=None, progress=True) -
             for f in plan]
 
   moments = stats.accumulate(stats.cross_moments(features), (va, vb), batches, mesh=mesh, progress=progress)
-  out = {g: 0.0 for g in flat_spec.groups}
+  out = {g: 0.0 for g in unrolled.groups}
   for f, m in zip(plan, moments):
     cov = np.block([[np.asarray(m.cov_aa), np.asarray(m.cov_ab)], [np.asarray(m.cov_ab).T, np.asarray(m.cov_bb)]])
     std = np.sqrt(np.diag(cov) + 1e-12)
     out[f.group] = out[f.group] + cov / np.outer(std, std) / sum(e.group == f.group for e in plan)
   # A group no feature reads (one unit no leaf names): its two units alike.
-  out = {g: np.asarray(c, np.float64) if np.ndim(c) else np.ones((2 * flat_spec.sizes[g],) * 2)
+  out = {g: np.asarray(c, np.float64) if np.ndim(c) else np.ones((2 * unrolled.sizes[g],) * 2)
          for g, c in out.items()}
   if not unroll:
     return out
