@@ -171,33 +171,47 @@ class Axis(NamedTuple):
   is_input: bool
 
 
-def _along(v: np.ndarray, axis: int, ndim: int) -> jax.Array:
-  return jnp.reshape(jnp.asarray(v), [-1 if d == axis else 1 for d in range(ndim)])
+def _along(xp, v: np.ndarray, axis: int, ndim: int):
+  return xp.reshape(xp.asarray(v), [-1 if d == axis else 1 for d in range(ndim)])
 
 
-def merge_parts(x: jax.Array, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[jax.Array, jax.Array]:
+def _segment_sum_jax(x: jax.Array, segments: np.ndarray, width: int) -> jax.Array:
+  return jax.ops.segment_sum(x, segments, num_segments=width, mode="promise_in_bounds")
+
+
+def _segment_sum_numpy(x: np.ndarray, segments: np.ndarray, width: int) -> np.ndarray:
+  """summed[segments[i]] += x[i]: a sparse 0/1 product (np.add.at is unbuffered, so slow)."""
+  n = x.shape[0]
+  scatter = scipy.sparse.csr_array((np.ones(n, x.dtype), (segments, np.arange(n))), shape=(width, n))
+  return (scatter @ x.reshape(n, -1)).reshape(width, *x.shape[1:])
+
+
+_SEGMENT_SUM = {jnp: _segment_sum_jax, np: _segment_sum_numpy}
+
+
+def merge_parts(x: jax.Array, axes: Sequence[tuple[int, ModelPart, bool]], xp=jnp) -> tuple[jax.Array, jax.Array]:
   """One model's contribution to the merged array, and its weight mass.
 
   Args:
     x: the model's array.
     axes: each grouped axis as `(axis, the model's part, is_input)`.
+    xp: the array namespace computing it: `jax.numpy` (traceable) or `numpy`
+      (on the host, nothing compiled); both do the same arithmetic.
 
   Returns:
     `(contribution, mass)`: the model's units merged along output axes and
     summed along input axes, and f32 broadcastable to it: the total weight
     the model has at each merged output position (the normaliser's share).
   """
-  mass = jnp.float32(1.0)
+  mass = xp.float32(1.0)
   for axis, part, is_input in axes:
     width, k = part.index.shape
     if is_input:
-      moved = jnp.moveaxis(x, axis, 0)
-      x = jnp.moveaxis(jax.ops.segment_sum(moved, part.unmerge, num_segments=width,
-                                                mode="promise_in_bounds"), 0, axis)
+      x = xp.moveaxis(_SEGMENT_SUM[xp](xp.moveaxis(x, axis, 0), part.unmerge, width), 0, axis)
     else:
-      x = sum(jnp.take(x, part.index[:, j], axis=axis, mode="clip") * _along(part.weight[:, j], axis, x.ndim)
+      x = sum(xp.take(x, part.index[:, j], axis=axis, mode="clip") * _along(xp, part.weight[:, j], axis, x.ndim)
               for j in range(k))
-      mass = mass * _along(part.weight.sum(1), axis, x.ndim)
+      mass = mass * _along(xp, part.weight.sum(1), axis, x.ndim)
   return x, mass
 
 
@@ -213,13 +227,13 @@ def combine_leaf(xs: Sequence[jax.Array], axes: Sequence[Axis], models: Sequence
 
 
 def combine_parts(xs: Sequence[jax.Array],
-                  sides: Mapping[int, Sequence[tuple[int, ModelPart, bool]]]) -> jax.Array:
-  """`combine_leaf` given, per model reaching the leaf, its `merge_parts` axes."""
+                  sides: Mapping[int, Sequence[tuple[int, ModelPart, bool]]], xp=jnp) -> jax.Array:
+  """`combine_leaf` given, per model reaching the leaf, its `merge_parts` axes (in namespace `xp`)."""
   total, norm = 0.0, 0.0
   for model, axes in sides.items():
-    part, mass = merge_parts(jnp.asarray(xs[model]), axes)
+    part, mass = merge_parts(xp.asarray(xs[model]), axes, xp)
     total, norm = total + part, norm + mass
-  return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0).astype(jnp.result_type(xs[0]))
+  return xp.where(norm > 0, total / xp.where(norm > 0, norm, 1.0), 0.0).astype(xp.result_type(xs[0]))
 
 
 class LeafView(NamedTuple):
@@ -428,7 +442,7 @@ def combine(
   used = {g for p in plan for _, g, _ in p.axes}
   parts = {g: (model_part(maps[g], 0), model_part(maps[g], 1)) for g in used}
   if pick_backend(backend, [*leaves_a.values(), *leaves_b.values()], "combine") == "host":
-    out = {p: jax.device_put(x) for p, x in _combine_leaves_host(plan, parts, leaves_a, leaves_b).items()}
+    out = {p: jax.device_put(x) for p, x in _combine_leaves_in(np, plan, parts, leaves_a, leaves_b).items()}
   else:
     out = _combine_leaves(tuple(plan), parts, leaves_a, leaves_b)
   return tree.replace_leaves(va, out)
@@ -475,60 +489,32 @@ class _LeafPlan(NamedTuple):
   merged_shape: tuple[int, ...]
 
 
+def _combine_leaves_in(xp, plan: Sequence[_LeafPlan], parts: Mapping[str, tuple[ModelPart, ModelPart]],
+                       leaves_a: Mapping[tuple[str, ...], Any],
+                       leaves_b: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+  """Every leaf combined, in array namespace `xp` (`jax.numpy` under jit, or `numpy` on the host)."""
+  pieces: dict[tuple[str, ...], list[tuple[int | None, Any]]] = {}
+  for p in plan:
+    sides = {m: [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes] for m in p.models}
+    xs = []
+    for leaves in (leaves_a, leaves_b):
+      x = xp.asarray(leaves[p.path])
+      if p.cut is not None:
+        axis, start, stop = p.cut
+        x = x[(slice(None),) * axis + (slice(start, stop),)]
+      xs.append(xp.reshape(x, p.split_shape))
+    merged = xp.reshape(combine_parts(xs, sides, xp), p.merged_shape)
+    pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged))
+  return {path: ps[0][1] if ps[0][0] is None else xp.concatenate([x for _, x in ps], axis=ps[0][0])
+          for path, ps in pieces.items()}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _combine_leaves(plan: tuple[_LeafPlan, ...], parts: Mapping[str, tuple[ModelPart, ModelPart]],
                     leaves_a: Mapping[tuple[str, ...], jax.Array],
                     leaves_b: Mapping[tuple[str, ...], jax.Array]) -> dict[tuple[str, ...], jax.Array]:
   """Every leaf combined, in one compiled program (compiled once per plan)."""
-  pieces: dict[tuple[str, ...], list[tuple[int | None, jax.Array]]] = {}
-  for p in plan:
-    sides = {m: [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes] for m in p.models}
-    cut = (lambda x: x) if p.cut is None else (
-        lambda x, c=p.cut: jax.lax.slice_in_dim(jnp.asarray(x), c[1], c[2], axis=c[0]))
-    xs = [jnp.reshape(cut(leaves[p.path]), p.split_shape) for leaves in (leaves_a, leaves_b)]
-    merged = jnp.reshape(combine_parts(xs, sides), p.merged_shape)
-    pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged))
-  return {path: ps[0][1] if ps[0][0] is None else jnp.concatenate([x for _, x in ps], axis=ps[0][0])
-          for path, ps in pieces.items()}
-
-
-def _combine_leaves_host(plan: Sequence[_LeafPlan], parts: Mapping[str, tuple[ModelPart, ModelPart]],
-                         leaves_a: Mapping[tuple[str, ...], Any],
-                         leaves_b: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
-  """`_combine_leaves` in NumPy, leaf by leaf: the same arithmetic, nothing compiled."""
-  pieces: dict[tuple[str, ...], list[tuple[int | None, np.ndarray]]] = {}
-  for p in plan:
-    xs = []
-    for leaves in (leaves_a, leaves_b):
-      x = np.asarray(leaves[p.path])
-      if p.cut is not None:
-        x = x.take(np.arange(p.cut[1], p.cut[2]), axis=p.cut[0])
-      xs.append(x.reshape(p.split_shape))
-    total, norm = 0.0, 0.0
-    for m in p.models:
-      part, mass = _merge_parts_host(xs[m], [(pos, parts[g][m], is_input) for pos, g, is_input in p.axes])
-      total, norm = total + part, norm + mass
-    merged = np.where(norm > 0, total / np.where(norm > 0, norm, 1.0), 0.0).astype(xs[0].dtype)
-    pieces.setdefault(p.path, []).append((None if p.cut is None else p.cut[0], merged.reshape(p.merged_shape)))
-  return {path: ps[0][1] if ps[0][0] is None else np.concatenate([x for _, x in ps], axis=ps[0][0])
-          for path, ps in pieces.items()}
-
-
-def _merge_parts_host(x: np.ndarray, axes: Sequence[tuple[int, ModelPart, bool]]) -> tuple[np.ndarray, Any]:
-  """`merge_parts` in NumPy."""
-  mass = np.float32(1.0)
-  along = lambda v, axis: np.reshape(v, [-1 if d == axis else 1 for d in range(x.ndim)])
-  for axis, part, is_input in axes:
-    width, k = part.index.shape
-    if is_input:  # summed[unmerge[i]] += x[i] along the axis: a sparse 0/1 product (np.add.at is unbuffered)
-      moved = np.moveaxis(x, axis, 0)
-      n = moved.shape[0]
-      scatter = scipy.sparse.csr_array((np.ones(n, x.dtype), (part.unmerge, np.arange(n))), shape=(width, n))
-      x = np.moveaxis((scatter @ moved.reshape(n, -1)).reshape(width, *moved.shape[1:]), 0, axis)
-    else:
-      x = sum(np.take(x, part.index[:, j], axis=axis) * along(part.weight[:, j], axis) for j in range(k))
-      mass = mass * along(part.weight.sum(1), axis)
-  return x, mass
+  return _combine_leaves_in(jnp, plan, parts, leaves_a, leaves_b)
 
 
 def _split_positions(view: LeafView, axis: int) -> range:
