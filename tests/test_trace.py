@@ -263,15 +263,16 @@ def test_flax_nnx_through_split():
   _assert_invariant(fn, state, spec, x)
 
 
-@pytest.mark.parametrize("op", [
-    lambda h: jnp.cumsum(h, axis=-1),
-    lambda h: jnp.sort(h, axis=-1),
-    lambda h: jnp.pad(h, ((0, 0), (1, 0)))[:, :-1],
-    lambda h: h[:, ::-1],
-    lambda h: h * jnp.arange(h.shape[-1]),
-    lambda h: h + jax.nn.one_hot(jnp.argmax(h, -1), h.shape[-1]),
+@pytest.mark.parametrize("op, why", [
+    (lambda h: jnp.cumsum(h, axis=-1), "cumsum"),
+    (lambda h: jnp.sort(h, axis=-1), "sort"),
+    (lambda h: jnp.pad(h, ((0, 0), (1, 0)))[:, :-1], "pad"),
+    (lambda h: h[:, ::-1], "rev"),
+    # iota is the function's structure (DESIGN.md, Tracer): fixed without a warning.
+    (lambda h: h * jnp.arange(h.shape[-1]), None),
+    (lambda h: h + jax.nn.one_hot(jnp.argmax(h, -1), h.shape[-1]), None),
 ])
-def test_operations_that_order_units_fix_them(op):
+def test_operations_that_order_units_fix_them(op, why):
   rng = np.random.default_rng(0)
   params = {"w1": rng.standard_normal((4, 6)).astype(np.float32),
             "w2": rng.standard_normal((6, 2)).astype(np.float32)}
@@ -279,8 +280,15 @@ def test_operations_that_order_units_fix_them(op):
   def fn(p, x):
     return op(jnp.tanh(x @ p["w1"])) @ p["w2"]
 
-  spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    spec = trace.permutation_spec(fn, params, np.ones((3, 4), np.float32))
   assert not spec.groups
+  messages = [str(w.message) for w in caught]
+  if why is None:
+    assert not messages
+  else:
+    assert len(messages) == 1 and f"{why} fixed axes of w1, w2" in messages[0]
 
 
 def test_slices_concatenated_back_are_parts_of_one_axis():
