@@ -56,7 +56,6 @@ import re
 from typing import Any
 
 from mergejax.io.convert import lm_table
-from mergejax.io.convert.base import Converter
 from mergejax.models import lm
 from mergejax.models import zoo
 
@@ -180,35 +179,5 @@ def rows(cfg: lm.LMConfig) -> list[lm_table.Row]:
   return out
 
 
-def expected_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  """`{LlamaForCausalLM name: shape}` of the zoo config `kwargs` (a tied head: no lm_head.weight)."""
-  return lm_table.expected_shapes(rows(_config(kwargs)))
-
-
-def to_variables(state: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """The zoo LM's variables (`{"params": ...}`, NumPy, the state's dtypes) of a Llama state dict.
-
-  Raises:
-    ValueError: before any tensor is read, naming every missing, unexpected
-      or misshapen key (`check_state`), or a zoo config HF Llama cannot hold.
-  """
-  cfg = _config(kwargs)
-  state = canonical_names(state)
-  return lm_table.lm_variables(
-      state, rows(cfg), scan=cfg.scan, where="llama state dict",
-      ignore=lambda k: bool(_BUFFER.match(k)) or (cfg.tie_embeddings and k == "lm_head.weight"))
-
-
-def from_variables(variables: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """`{LlamaForCausalLM name: np.ndarray}` of the zoo LM's variables (a tied head written once).
-
-  Raises:
-    ValueError: naming every leaf path missing, unexpected or misshapen for
-      the zoo config `kwargs`.
-  """
-  cfg = _config(kwargs)
-  return lm_table.lm_state(variables, rows(cfg), scan=cfg.scan, where="llama: zoo variables")
-
-
-CONVERTER = Converter(zoo_name="lm", infer_config=infer_config, expected_shapes=expected_shapes,
-                      to_variables=to_variables, from_variables=from_variables)
+CONVERTER = lm_table.lm_converter("llama", infer_config=infer_config, config=_config, rows=rows,
+                                   canonical_names=canonical_names, buffer=_BUFFER)

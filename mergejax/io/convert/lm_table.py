@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mergejax import tree as mt
+from mergejax.io.convert.base import Converter
 from mergejax.io.convert.base import check_state
 from mergejax.models import lm
 
@@ -116,17 +117,43 @@ class Renamed(Mapping):
     return len(self._names)
 
 
-def lm_variables(state: Mapping[str, Any], rows: Sequence[Row], *, scan: bool, where: str,
-                 ignore: Callable[[str], bool]) -> dict[str, Any]:
-  """The zoo LM's variables of `state` (checked first: `check_state`), stacked when `scan`."""
-  check_state(state, expected_shapes(rows), where=where, ignore=ignore)
-  variables = to_variables(state, rows)
-  return lm.stack_layers(variables) if scan else variables
+def lm_converter(library: str, *, infer_config: Callable[[Mapping[str, Any], Mapping[str, Any] | None], dict],
+                 config: Callable[[Mapping[str, Any]], lm.LMConfig], rows: Callable[[lm.LMConfig], Sequence[Row]],
+                 canonical_names: Callable[[Mapping[str, Any]], Mapping[str, Any]], buffer: re.Pattern) -> Converter:
+  """The `Converter` of an HF language model onto the zoo's "lm", from its table.
 
+  Args:
+    library: its name in messages ("gpt2", "llama").
+    infer_config: `Converter.infer_config`.
+    config: zoo kwargs -> the zoo config, refused where the library cannot hold it.
+    rows: the table of one config, in the library's canonical names.
+    canonical_names: a state dict in those names (e.g. a headless model's gains its prefix).
+    buffer: names of non-parameter buffers a state dict may hold, ignored on load.
 
-def lm_state(variables: PyTree, rows: Sequence[Row], *, scan: bool, where: str) -> dict[str, Any]:
-  """`lm_variables`' inverse: the zoo LM's variables (unstacked first when `scan`) as a state dict."""
-  return from_variables(lm.unstack_layers(variables) if scan else variables, rows, where=where)
+  The converter's `to_variables` checks every name and shape first (`check_state`;
+  with a tied head a `lm_head.weight` is ignored) and stacks the layers for a
+  scanned config; `from_variables` unstacks them and writes the table's names
+  (a tied head written once).
+  """
+
+  def expected(kwargs):
+    return expected_shapes(rows(config(kwargs)))
+
+  def load(state, kwargs):
+    cfg = config(kwargs)
+    state = canonical_names(state)
+    check_state(state, expected_shapes(rows(cfg)), where=f"{library} state dict",
+                ignore=lambda k: bool(buffer.match(k)) or (cfg.tie_embeddings and k == "lm_head.weight"))
+    variables = to_variables(state, rows(cfg))
+    return lm.stack_layers(variables) if cfg.scan else variables
+
+  def save(variables, kwargs):
+    cfg = config(kwargs)
+    return from_variables(lm.unstack_layers(variables) if cfg.scan else variables, rows(cfg),
+                          where=f"{library}: zoo variables")
+
+  return Converter(zoo_name="lm", infer_config=infer_config, expected_shapes=expected, to_variables=load,
+                   from_variables=save)
 
 
 def layer_count(names: Iterable[str], pattern: str, *, where: str) -> int:
