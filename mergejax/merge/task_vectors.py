@@ -852,6 +852,16 @@ def ties(
       non-finite, an unknown convention or aggregate, or a sign_balance that
       is not an integer or comes without the "majority" zero sign.
   """
+  models, density, scale, convention, aggregate = _check_ties(
+      base, models, density, scale, trim, thresholds, convention, aggregate, sign_balance)
+  return _ties_with_trim(
+      base, models, density, scale, trim, thresholds, None, 1.0,
+      convention, aggregate, sign_balance,
+  )
+
+
+def _check_ties(base, models, density, scale, trim, thresholds, convention, aggregate, sign_balance):
+  """`ties`'s argument checks: (models, density, scale, convention, aggregate), checked."""
   models = _check_models(base, models)
   density = _check_density(density)
   scale = _check_scale(scale)
@@ -859,10 +869,7 @@ def ties(
   convention = _check_convention(convention)
   aggregate = _check_aggregate(aggregate)
   _check_sign_balance(sign_balance, convention)
-  return _ties_with_trim(
-      base, models, density, scale, trim, thresholds, None, 1.0,
-      convention, aggregate, sign_balance,
-  )
+  return models, density, scale, convention, aggregate
 
 
 def dare(
@@ -951,14 +958,9 @@ def dare_ties(
   Raises:
     ValueError: as `ties` and `dare`.
   """
-  models = _check_models(base, models)
+  models, density, scale, convention, aggregate = _check_ties(
+      base, models, density, scale, trim, thresholds, convention, aggregate, sign_balance)
   keep = _keep_probability(drop, key)
-  density = _check_density(density)
-  scale = _check_scale(scale)
-  _check_trim(trim, thresholds, len(models))
-  convention = _check_convention(convention)
-  aggregate = _check_aggregate(aggregate)
-  _check_sign_balance(sign_balance, convention)
   return _ties_with_trim(
       base, models, density, scale, trim, thresholds, key, keep,
       convention, aggregate, sign_balance,
