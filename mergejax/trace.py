@@ -25,12 +25,14 @@ A `gather` that takes an axis whole passes it on (embedding tables join the
 residual stream); `cond` joins its branches' constraints.
 
 Fixed are the example arguments, the function's outputs (except outputs that
-are variables, like BatchNorm statistics under `mutable`), constants, `iota`,
-and every axis an operation does not treat alike for all its units: the
+are variables, like BatchNorm statistics under `mutable`), literals, `iota`,
+the axes along which a closed-over constant array varies (one it is alike
+along is a broadcast, free), and every axis an operation does not treat
+alike for all its units: the
 spatial window of a convolution, reductions other than sum/max/min/prod/and/
 or, cumulative ops, sorts, strided slices, pads, reversals, indexed axes of
 gathers, and `while`. What fixes variable axes beyond the function's
-structure (arguments, outputs, constants, windows, looked-up axes) is named
+structure (arguments, outputs, literals, `iota`, windows, looked-up axes) is named
 in one warning with the variables concerned, as are variables never read
 (which are in no group) and primitives the interpreter does not know (which
 fix every axis they touch): a coverage gap is visible, never unsound
@@ -58,6 +60,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
+import numpy as np
 
 from mergejax import spec as spec_lib
 from mergejax import tap_convolution
@@ -99,7 +102,7 @@ class _Classes:
   `split`, `slice` or `concatenate` of the axis, q | k | v of a fused
   projection). Every member of a class is split alike, corresponding pieces
   joined. `events` records what fixed which nodes (None: structure, e.g.
-  arguments, outputs, constants; else the construct), for the warning.
+  arguments, outputs, literals; else the construct), for the warning.
   """
 
   def __init__(self):
@@ -455,14 +458,23 @@ class _Interpreter:
   def fresh(self, shape: Sequence[int], fixed: bool = False, why: str | None = None) -> list[Axis]:
     return [self.classes.new(d, fixed, why) for d in shape]
 
+  def constant(self, shape: Sequence[int], value: Any | None) -> list[Axis]:
+    """A constant's axes: fixed ("a constant array"), but for those its known `value` is alike along."""
+    value = None if value is None or isinstance(value, jax.core.Tracer) else np.asarray(value)
+    return [self.classes.new(d, value is None or not _alike_along(value, a), "a constant array")
+            for a, d in enumerate(shape)]
+
   def value(self, env: dict, atom) -> list[Axis]:
     if isinstance(atom, jex_core.Literal):
       return self.fresh(getattr(atom.aval, "shape", ()), fixed=True)
     return env[atom]
 
-  def run(self, jaxpr, in_axes: Sequence[list[Axis]], in_srcs: Sequence[int | None] | None = None) -> list[list[Axis]]:
-    """Interprets an open jaxpr; its constants are fixed. Returns output axes."""
-    env = {v: self.fresh(v.aval.shape, fixed=True) for v in jaxpr.constvars}
+  def run(self, jaxpr, in_axes: Sequence[list[Axis]], in_srcs: Sequence[int | None] | None = None,
+          consts: Sequence[Any] | None = None) -> list[list[Axis]]:
+    """Interprets an open jaxpr; its constants are fixed (with their values `consts`, only the axes along
+    which a value varies: a constant alike along an axis is that axis broadcast). Returns output axes."""
+    values = consts if consts is not None else [None] * len(jaxpr.constvars)
+    env = {v: self.constant(v.aval.shape, c) for v, c in zip(jaxpr.constvars, values)}
     env.update(zip(jaxpr.invars, in_axes))
     src = {v: s for v, s in zip(jaxpr.invars, in_srcs or ()) if s is not None}
     plan = _indexed_reshapes(jaxpr)
@@ -925,6 +937,15 @@ for _name in CUMULATIVE:
   setattr(_Interpreter, f"rule_{_name}", _Interpreter._cumulative_op)
 
 
+def _alike_along(value: np.ndarray, axis: int) -> bool:
+  """Whether every slice of `value` along `axis` is the same (NaNs compare equal)."""
+  first = np.take(value, [0], axis=axis)
+  same = value == first
+  if np.issubdtype(value.dtype, np.inexact):
+    same |= np.isnan(value) & np.isnan(first)
+  return bool(same.all())
+
+
 def _paths(tree_: PyTree) -> list[tuple[str, ...]]:
   return list(tree.leaves_by_path(tree_))
 
@@ -937,7 +958,7 @@ class SpecReport(NamedTuple):
     fixed_by: construct -> the paths of the variables with an axis (or a
       part or component of one) that the construct alone fixed, e.g.
       `{"scan": (("params", "layers", "kernel"),)}`. Axes fixed by the
-      function's structure (arguments, outputs, constants, `iota`, the
+      function's structure (arguments, outputs, literals, `iota`, the
       spatial axes of convolutions and windows, the looked-up axis of an
       embedding) are not listed. An indexed reshape not read as a split
       lists its variables under "an index of a reshaped axis not read as
@@ -1021,7 +1042,7 @@ def spec_report(apply_fn: Callable[..., Any], variables: PyTree, *example_args: 
   interp.var_axes = var_axes
   arg_axes = [interp.fresh(s, fixed=True) for s in arg_shapes]
   sources = list(range(len(var_paths))) + [None] * len(arg_shapes)
-  outs = interp.run(closed.jaxpr, var_axes + arg_axes, sources)
+  outs = interp.run(closed.jaxpr, var_axes + arg_axes, sources, closed.consts)
 
   by_path = dict(zip(var_paths, var_axes))
   for out_path, axes in zip(_paths(out_shape), outs):

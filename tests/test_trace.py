@@ -291,6 +291,33 @@ def test_operations_that_order_units_fix_them(op, why):
     assert len(messages) == 1 and f"{why} fixed axes of w1, w2" in messages[0]
 
 
+def test_a_constant_array_fixes_only_the_axes_it_varies_along():
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.standard_normal((4, 6)).astype(np.float32),
+            "w2": rng.standard_normal((6, 2)).astype(np.float32)}
+  x = rng.standard_normal((3, 4)).astype(np.float32)
+  varying = rng.standard_normal((5, 6)).astype(np.float32)  # closed over: a constvar of the jaxpr
+  alike = np.tile(rng.standard_normal((5, 1)).astype(np.float32), (1, 6))  # varies along axis 0 only
+
+  def fn(table):
+    return lambda p, x: (jnp.tanh(x @ p["w1"])[:, None, :] * table).sum(1) @ p["w2"]
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    spec = trace.permutation_spec(fn(varying), params, x)
+  assert not spec.groups
+  assert len(caught) == 1 and "a constant array fixed axes of w1, w2" in str(caught[0].message)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    spec = trace.permutation_spec(fn(alike), params, x)
+  (group,) = spec.groups.values()
+  assert {(r.path, r.axis) for r in group} == {(("w1",), 1), (("w2",), 0)}
+  perm = np.array([3, 0, 5, 1, 4, 2])
+  moved = {"w1": params["w1"][:, perm], "w2": params["w2"][perm]}
+  np.testing.assert_allclose(fn(alike)(moved, x), fn(alike)(params, x), rtol=1e-5)
+
+
 def test_slices_concatenated_back_are_parts_of_one_axis():
   rng = np.random.default_rng(0)
   params = {"w1": rng.standard_normal((4, 6)).astype(np.float32),
