@@ -459,8 +459,11 @@ class _Interpreter:
     return [self.classes.new(d, fixed, why) for d in shape]
 
   def constant(self, shape: Sequence[int], value: Any | None) -> list[Axis]:
-    """A constant's axes: fixed ("a constant array"), but for those its known `value` is alike along."""
-    value = None if value is None or isinstance(value, jax.core.Tracer) else np.asarray(value)
+    """A constant's axes: fixed ("a constant array"), but for those its known `value` is alike along
+    (a value is known unless traced or spread over other processes)."""
+    if isinstance(value, jax.core.Tracer) or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+      value = None
+    value = None if value is None else np.asarray(value)
     return [self.classes.new(d, value is None or not _alike_along(value, a), "a constant array")
             for a, d in enumerate(shape)]
 
