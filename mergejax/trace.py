@@ -538,11 +538,12 @@ class _Interpreter:
     out_shapes = [v.aval.shape for v in eqn.outvars]
     p = eqn.params
     if name in CALLS and CALLS[name] in p:
-      inner = getattr(p[CALLS[name]], "jaxpr", p[CALLS[name]])
+      closed = p[CALLS[name]]
+      inner = getattr(closed, "jaxpr", closed)
       n = len(inner.invars)
       self.read.update(s for s in srcs[:len(ins) - n] if s is not None)
       self.count_reads(srcs[:len(ins) - n])
-      return self.run(inner, ins[len(ins) - n:], srcs[len(ins) - n:])
+      return self.run(inner, ins[len(ins) - n:], srcs[len(ins) - n:], getattr(closed, "consts", None))
     if name == "cond":
       return self.cond(eqn, ins, srcs)
     if name == "scan":
@@ -580,7 +581,8 @@ class _Interpreter:
     self.scope_parent[scope] = outer
     self.classes.scope = scope
     body = p["jaxpr"]
-    outs = self.run(body.jaxpr, ins[:nc + nk] + [axes[1:] for axes in xs], srcs[:nc] + [None] * (len(ins) - nc))
+    outs = self.run(body.jaxpr, ins[:nc + nk] + [axes[1:] for axes in xs], srcs[:nc] + [None] * (len(ins) - nc),
+                    body.consts)
     self.classes.scope = outer
     carry, ys = ins[nc:nc + nk], outs[nk:]
     for before, after in zip(carry, outs[:nk]):
@@ -644,7 +646,7 @@ class _Interpreter:
     self.classes.fix(ins[0])
     outs = None
     for branch in eqn.params["branches"]:
-      got = self.run(branch.jaxpr, ins[1:], srcs[1:])
+      got = self.run(branch.jaxpr, ins[1:], srcs[1:], branch.consts)
       if outs is None:
         outs = got
         continue

@@ -291,7 +291,8 @@ def test_operations_that_order_units_fix_them(op, why):
     assert len(messages) == 1 and f"{why} fixed axes of w1, w2" in messages[0]
 
 
-def test_a_constant_array_fixes_only_the_axes_it_varies_along():
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["closed_over", "inside_jit"])
+def test_a_constant_array_fixes_only_the_axes_it_varies_along(wrap):
   rng = np.random.default_rng(0)
   params = {"w1": rng.standard_normal((4, 6)).astype(np.float32),
             "w2": rng.standard_normal((6, 2)).astype(np.float32)}
@@ -299,8 +300,9 @@ def test_a_constant_array_fixes_only_the_axes_it_varies_along():
   varying = rng.standard_normal((5, 6)).astype(np.float32)  # closed over: a constvar of the jaxpr
   alike = np.tile(rng.standard_normal((5, 1)).astype(np.float32), (1, 6))  # varies along axis 0 only
 
-  def fn(table):
-    return lambda p, x: (jnp.tanh(x @ p["w1"])[:, None, :] * table).sum(1) @ p["w2"]
+  def fn(table):  # inside jit, the table is a constant of the inner jaxpr, not of the outer one
+    scaled = wrap(lambda h: (h[:, None, :] * table).sum(1))
+    return lambda p, x: scaled(jnp.tanh(x @ p["w1"])) @ p["w2"]
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
