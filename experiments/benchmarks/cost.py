@@ -15,6 +15,11 @@ PLeaS returns (masked blocks stored as zeros and run); ours is
 allocation reached (the budget's own count, at or below the budget), both
 forms' ratios to the original, the compact ratio over the budget, and the
 largest difference of the two forms' outputs (logits) on the same images.
+
+With `--time_batch=N`, each FLOPs row also prints the wall time of one jitted
+forward pass of N images (median of `--time_repeats`, compilation excluded)
+of the dense and the compact form over the original's: what the FLOPs buy on
+this device (on CPU, small layers are not bound by their FLOPs).
 """
 
 import functools
@@ -33,6 +38,8 @@ _MODELS = flags.DEFINE_list("models", ["resnet20", "vgg", "vit"], "Zoo models (3
 _BUDGETS = flags.DEFINE_list("budgets", ["1.2", "1.5", "1.8"], "Budgets.")
 _IMAGES = flags.DEFINE_integer("images", 32, "Images for the statistics and the output check.")
 _GRID = flags.DEFINE_integer("grid", 11, "Merge ratios a group may take: np.linspace(0, 1, grid) (PLeaS's default 11).")
+_TIME_BATCH = flags.DEFINE_integer("time_batch", 0, "Images per timed forward pass (0: no timing).")
+_TIME_REPEATS = flags.DEFINE_integer("time_repeats", 10, "Timed passes per form (the median is printed).")
 _LEAST_SQUARES = flags.DEFINE_bool("least_squares", False,
                                    "Fit the layers by least squares (the layout, so the cost, is the same).")
 
@@ -43,6 +50,18 @@ def _flops(fn, *args) -> float:
   return float(analysis["flops"])
 
 
+def _seconds(fn, *args) -> float:
+  """The median wall time of `--time_repeats` calls of `jax.jit(fn)(*args)`, compiled beforehand."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(_TIME_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -50,6 +69,7 @@ def main(argv):
   print(f"{'model':9s} {'counter':7s} {'budget':>6s} {'reached':>7s} {'dense':>6s} {'compact':>7s}"
         f" {'compact/budget':>14s} {'max |dy|':>9s} {'seconds':>7s}")
   x = jax.random.normal(jax.random.key(2), (_IMAGES.value, 32, 32, 3))
+  timed = jax.random.normal(jax.random.key(3), (_TIME_BATCH.value, 32, 32, 3)) if _TIME_BATCH.value else None
   for name in _MODELS.value:
     model = mj.models.build(name, num_classes=10)
     va = model.init(jax.random.key(0), x[:1])
@@ -58,6 +78,7 @@ def main(argv):
     apply = functools.partial(model.apply, train=False)
     inputs = compact.kernel_inputs(apply, va, x[:1])
     original = {"flops": _flops(apply, va, x[:1]), "params": mj.tree.num_params(va)}
+    original_seconds = _seconds(apply, va, timed) if timed is not None else None
     for budget in map(float, _BUDGETS.value):
       for counter in ("flops", "params"):
         start = time.perf_counter()
@@ -80,6 +101,10 @@ def main(argv):
         dense_ratio, compact_ratio = dense_cost / original[counter], compact_cost / original[counter]
         print(f"{name:9s} {counter:7s} {budget:6.2f} {report.allocation.cost:7.4f} {dense_ratio:6.4f}"
               f" {compact_ratio:7.4f} {compact_ratio / budget:14.4f} {diff:9.2e} {seconds:7.1f}", flush=True)
+        if original_seconds is not None and counter == "flops":
+          dense_time, compact_time = _seconds(merged_apply, merged, timed), _seconds(compact_apply, small, timed)
+          print(f"{'':9s} time of {_TIME_BATCH.value} images: original {original_seconds:.3f} s, dense"
+                f" {dense_time / original_seconds:.3f}x, compact {compact_time / original_seconds:.3f}x", flush=True)
         if not np.isfinite(diff):
           raise RuntimeError(f"{name} at {budget}: the outputs are not finite")
 
