@@ -141,10 +141,10 @@ def lm_converter(library: str, *, infer_config: Callable[[Mapping[str, Any], Map
 
   def load(state, kwargs):
     cfg = config(kwargs)
-    state = canonical_names(state)
-    check_state(state, expected_shapes(rows(cfg)), where=f"{library} state dict",
+    state, table = canonical_names(state), rows(cfg)
+    check_state(state, expected_shapes(table), where=f"{library} state dict",
                 ignore=lambda k: bool(buffer.match(k)) or (cfg.tie_embeddings and k == "lm_head.weight"))
-    variables = to_variables(state, rows(cfg))
+    variables = to_variables(state, table)
     return lm.stack_layers(variables) if cfg.scan else variables
 
   def save(variables, kwargs):
